@@ -1,0 +1,132 @@
+"""HTTP endpoints: jobs in, event streams out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+
+from .app import state
+from .errors import InvalidRequest, NotFound, Unavailable
+from .fanout import SubscribeTimeout
+from .streaming import stream_events
+from .validation import validate_chat_request
+
+api = Blueprint("relay", __name__)
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx buffers proxied responses unless told not to, which kills the typewriter effect.
+    "X-Accel-Buffering": "no",
+}
+
+
+def _json_body() -> Any:
+    try:
+        return orjson.loads(request.get_data(cache=False))
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be valid JSON.",
+            code="invalid_json",
+        ) from None
+
+
+def _create_job() -> str:
+    body = validate_chat_request(_json_body(), default_model=current_app.config["DEFAULT_MODEL"])
+    return state().store.create(body)
+
+
+def _last_event_id() -> int:
+    """The position to resume after: the ``Last-Event-ID`` header, else ``?lastEventId=``."""
+    raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or "0"
+    if not raw.isdigit() or len(raw) > 18:
+        raise InvalidRequest(
+            "Last-Event-ID must be a non-negative integer event id.",
+            param="Last-Event-ID",
+            code="invalid_value",
+        )
+    return int(raw)
+
+
+def _event_stream(job_id: str, after: int, headers: dict[str, str] | None = None) -> Response:
+    """Attach in the view (so failures are still a proper JSON error), then stream."""
+    relay = state()
+    try:
+        viewer = relay.hub.attach(job_id)
+    except SubscribeTimeout:
+        raise Unavailable("The relay could not subscribe to the job; try again.") from None
+    body = stream_events(
+        relay.store,
+        relay.hub,
+        viewer,
+        after,
+        keepalive=float(current_app.config["KEEPALIVE_SECONDS"]),
+        retry_ms=int(current_app.config["RETRY_MS"]),
+    )
+    response = Response(
+        body, mimetype="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})}
+    )
+    # An unstarted generator's finally never runs, so detach on close as well (idempotent).
+    response.call_on_close(lambda: relay.hub.detach(viewer))
+    return response
+
+
+def _job_links(job_id: str) -> dict[str, str]:
+    return {
+        "events_url": url_for("relay.job_events", job_id=job_id, _external=True),
+        "status_url": url_for("relay.job_status", job_id=job_id, _external=True),
+    }
+
+
+@api.post("/v1/jobs")
+def create_job():
+    job_id = _create_job()
+    links = _job_links(job_id)
+    body = {"id": job_id, "object": "relay.job", "status": "queued", **links}
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Location"] = links["status_url"]
+    return response
+
+
+@api.get("/v1/jobs/<job_id>")
+def job_status(job_id: str):
+    status = state().store.status(job_id)
+    if status is None:
+        raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
+    return jsonify({**status, **_job_links(job_id)})
+
+
+@api.get("/v1/jobs/<job_id>/events")
+def job_events(job_id: str):
+    after = _last_event_id()
+    if not state().store.exists(job_id):
+        raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
+    return _event_stream(job_id, after)
+
+
+@api.post("/v1/chat/completions")
+def chat_completions():
+    body = _json_body()
+    if isinstance(body, dict) and body.get("stream") is not True:
+        raise InvalidRequest(
+            'Only streaming is supported here: set "stream": true '
+            "(or create a job with POST /v1/jobs and read its status).",
+            param="stream",
+            code="unsupported_value",
+        )
+    validated = validate_chat_request(body, default_model=current_app.config["DEFAULT_MODEL"])
+    job_id = state().store.create(validated)
+    links = _job_links(job_id)
+    return _event_stream(
+        job_id, 0, {"X-Relay-Job-Id": job_id, "X-Relay-Events-Url": links["events_url"]}
+    )
+
+
+@api.get("/healthz")
+def healthz():
+    relay = state()
+    relay.redis.ping()
+    hub_viewers = relay.hub.viewer_count if relay._hub is not None else 0
+    return jsonify({"ok": True, "redis": "ok", "viewers": hub_viewers})

@@ -1,0 +1,93 @@
+"""The Flask application factory and the per-process state it owns."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, current_app
+from redis import Redis
+from werkzeug.exceptions import HTTPException
+
+from .config import DEFAULTS
+from .errors import RelayError, Unavailable, error_response, from_http_exception
+from .fanout import Hub
+from .jobs import JobStore
+from .redis_client import connect
+
+logger = logging.getLogger(__name__)
+
+
+class RelayState:
+    """Connections of one process, made on first use: gunicorn forks after ``create_app``."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._config = config
+        self._redis: Redis | None = None
+        self._store: JobStore | None = None
+        self._hub: Hub | None = None
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            self._redis = connect(
+                self._config["REDIS_URL"], max_connections=self._config["REDIS_MAX_CONNECTIONS"]
+            )
+        return self._redis
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            self._store = JobStore(
+                self.redis,
+                retention=int(self._config["RETENTION_SECONDS"]),
+                max_age=int(self._config["JOB_MAX_AGE_SECONDS"]),
+            )
+        return self._store
+
+    @property
+    def hub(self) -> Hub:
+        if self._hub is None:
+            self._hub = Hub(self.redis, queue_size=int(self._config["VIEWER_QUEUE_SIZE"]))
+        return self._hub
+
+
+def state() -> RelayState:
+    return current_app.extensions["relay"]
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Defaults, then ``RELAY_*`` environment variables, then ``config`` (for tests)."""
+    app = Flask(__name__)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("RELAY")
+    if config:
+        app.config.from_mapping(config)
+    app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["relay"] = RelayState(app.config)
+
+    from .api import api
+
+    app.register_blueprint(api)
+
+    @app.errorhandler(RelayError)
+    def _relay_error(error: RelayError):
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        return error_response(from_http_exception(exc))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        from redis.exceptions import RedisError
+
+        if isinstance(exc, RedisError):
+            logger.warning("redis unavailable: %s", exc)
+            return error_response(Unavailable("The relay cannot reach Redis; try again."))
+        logger.exception("unhandled error")
+        return error_response(RelayError("The relay had an internal error."))
+
+    return app

@@ -1,0 +1,67 @@
+"""The payloads of relayed events, shared by the worker (which writes them) and the relay.
+
+An event's data is the upstream's ``chat.completion.chunk`` JSON, relayed as received (compacted
+to one line), an error chunk in OpenAI's shape, or the literal ``[DONE]``. Its SSE id is its
+position in the job's replay log, counting from 1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+DONE = "[DONE]"
+DONE_BYTES = b"[DONE]"
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON: one line, so an event's data never spans several ``data:`` lines."""
+    return orjson.dumps(obj).decode()
+
+
+def loads(data: str | bytes) -> Any:
+    return orjson.loads(data)
+
+
+def error_body(
+    message: str, type: str = "server_error", code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_chunk(
+    job_id: str,
+    message: str,
+    *,
+    type: str = "server_error",
+    code: str | None = None,
+    model: str = "",
+) -> str:
+    """A terminal error event: a chunk with no choices and an OpenAI ``error`` object.
+
+    The ``error`` key makes the official SDKs raise ``APIError`` mid-stream, exactly as they do
+    for OpenAI's own mid-stream errors; ``object``/``choices`` keep chunk parsers happy.
+    """
+    chunk = {
+        "id": f"chatcmpl-{job_id}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+    }
+    chunk.update(error_body(message, type=type, code=code))
+    return dumps(chunk)
+
+
+def encode_live(seq: int, data: str) -> str:
+    """The pub/sub message for event ``seq`` (the Lua scripts build the same shape)."""
+    return f"{seq} {data}"
+
+
+def decode_live(message: bytes) -> tuple[int, bytes]:
+    """Inverse of :func:`encode_live`: ``(seq, data)``."""
+    seq, _, data = message.partition(b" ")
+    return int(seq), data

@@ -1,0 +1,48 @@
+"""Settings shared by the relay and the worker: defaults, overridden by ``RELAY_*`` variables.
+
+The README's configuration table lists each one. Values from the environment are parsed as
+JSON when they can be (``"30"`` becomes ``30``), exactly as Flask's ``from_prefixed_env`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_MAX_CONNECTIONS": 50,
+    "UPSTREAM_BASE_URL": "https://api.openai.com/v1",
+    "UPSTREAM_API_KEY": "",
+    "UPSTREAM_CONNECT_TIMEOUT": 10.0,
+    "UPSTREAM_READ_TIMEOUT": 60.0,
+    "UPSTREAM_MAX_RETRIES": 2,
+    "DEFAULT_MODEL": "gpt-4o-mini",
+    "LEASE_SECONDS": 30,
+    "RETENTION_SECONDS": 3600,
+    "JOB_MAX_AGE_SECONDS": 86400,
+    "MAX_BODY_BYTES": 1024 * 1024,
+    "KEEPALIVE_SECONDS": 15.0,
+    "RETRY_MS": 2000,
+    "VIEWER_QUEUE_SIZE": 1024,
+    "WORKER_CONCURRENCY": 256,
+}
+
+
+def _parse(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def from_env(environ: Mapping[str, str] | None = None, prefix: str = "RELAY_") -> dict[str, Any]:
+    """The defaults overridden by ``RELAY_*`` variables (for processes that are not Flask apps)."""
+    environ = os.environ if environ is None else environ
+    settings = dict(DEFAULTS)
+    for name, value in environ.items():
+        if name.startswith(prefix):
+            settings[name[len(prefix) :]] = _parse(value)
+    return settings

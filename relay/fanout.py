@@ -1,0 +1,212 @@
+"""Per-process fan-out: one Redis subscription shared by every local viewer.
+
+A gunicorn process holds one pub/sub connection, whatever the number of viewers. Each viewer
+has a bounded mailbox; the dispatcher greenlet formats each event once and offers it to every
+mailbox without ever blocking. A viewer that falls behind (full mailbox) or may have missed
+events (a reconnect) is marked *stale* and re-reads the replay log from its last id: the log is
+the truth, pub/sub only says "something new".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import gevent
+from gevent.event import Event
+from gevent.queue import Full, Queue
+from redis import Redis
+from redis.client import PubSub
+from redis.exceptions import RedisError
+
+from . import keys
+from .chunks import DONE_BYTES, decode_live
+from .sse import format_event
+
+logger = logging.getLogger(__name__)
+
+
+class LiveEvent(NamedTuple):
+    seq: int
+    frame: bytes  # the event already formatted as SSE, shared by every viewer
+    done: bool
+
+
+RESYNC = LiveEvent(0, b"", False)
+"""Put in a mailbox to wake its viewer so that it re-reads the log."""
+
+
+class SubscribeTimeout(Exception):
+    """The live subscription could not be confirmed in time (Redis unreachable)."""
+
+
+class Viewer:
+    """One stream's mailbox for the live events of one job."""
+
+    __slots__ = ("job_id", "channel", "queue", "stale")
+
+    def __init__(self, job_id: str, maxsize: int) -> None:
+        self.job_id = job_id
+        self.channel = keys.live(job_id).encode()
+        self.queue: Queue = Queue(maxsize)
+        self.stale = False
+
+    def offer(self, event: LiveEvent) -> None:
+        """Never blocks: a full mailbox marks the viewer stale instead of slowing the others."""
+        if self.stale:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except Full:
+            self.stale = True
+
+    def resync(self) -> None:
+        self.stale = True
+        try:
+            self.queue.put_nowait(RESYNC)
+        except Full:
+            pass  # a full mailbox wakes its reader anyway
+
+
+class Hub:
+    """The process's subscription and the viewers it serves, keyed by live channel."""
+
+    def __init__(self, redis: Redis, *, queue_size: int, subscribe_timeout: float = 5.0) -> None:
+        self._redis = redis
+        self._queue_size = queue_size
+        self._subscribe_timeout = subscribe_timeout
+        self._viewers: dict[bytes, set[Viewer]] = {}
+        self._ready: dict[bytes, Event] = {}
+        self._unacked: dict[bytes, int] = {}
+        self._resync: set[bytes] = set()
+        self._pubsub: PubSub | None = None
+        self._broken = False
+        self._runner: gevent.Greenlet | None = None
+
+    @property
+    def viewer_count(self) -> int:
+        return sum(len(v) for v in self._viewers.values())
+
+    def attach(self, job_id: str) -> Viewer:
+        """Register a viewer and return once its channel's subscription is confirmed.
+
+        Confirmation matters: only events published after it are sure to arrive live, so the
+        caller must read the replay log *after* this returns (DESIGN.md, invariant 2).
+        """
+        self._start()
+        viewer = Viewer(job_id, self._queue_size)
+        channel = viewer.channel
+        viewers = self._viewers.get(channel)
+        if viewers is None:
+            self._viewers[channel] = {viewer}
+            ready = self._ready[channel] = Event()
+            self._send("subscribe", channel)
+        else:
+            viewers.add(viewer)
+            ready = self._ready[channel]
+        if not ready.wait(self._subscribe_timeout):
+            self.detach(viewer)
+            raise SubscribeTimeout(f"could not subscribe to job {job_id}")
+        return viewer
+
+    def detach(self, viewer: Viewer) -> None:
+        """Forget a viewer (idempotent); the last one of a job unsubscribes its channel."""
+        viewers = self._viewers.get(viewer.channel)
+        if viewers is None or viewer not in viewers:
+            return
+        viewers.discard(viewer)
+        if not viewers:
+            del self._viewers[viewer.channel]
+            self._ready.pop(viewer.channel, None)
+            self._resync.discard(viewer.channel)
+            self._send("unsubscribe", viewer.channel)
+
+    # -- the dispatcher -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        # Lazily, in the process that serves viewers: gunicorn forks after the app is made.
+        if self._runner is None or self._runner.dead:
+            self._runner = gevent.spawn(self._run)
+
+    def _send(self, command: str, channel: bytes) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # the dispatcher subscribes every known channel when it (re)connects
+        try:
+            if command == "subscribe":
+                self._unacked[channel] = self._unacked.get(channel, 0) + 1
+                pubsub.subscribe(channel)
+            else:
+                pubsub.unsubscribe(channel)
+        except (RedisError, OSError) as exc:
+            logger.warning("pub/sub %s failed for %s: %s", command, channel, exc)
+            self._broken = True
+
+    def _connect(self) -> None:
+        self._pubsub = self._redis.pubsub()
+        self._broken = False
+        self._unacked = {}
+        channels = list(self._viewers)
+        if channels:
+            # Viewers already streaming may have missed events while disconnected.
+            self._resync = set(channels)
+            for channel in channels:
+                self._unacked[channel] = 1
+            self._pubsub.subscribe(*channels)
+            logger.info("pub/sub reconnected; re-subscribed %d channels", len(channels))
+
+    def _reset(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.reset()
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
+        # New viewers must wait for the next confirmed subscription.
+        self._ready = {channel: Event() for channel in self._viewers}
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                if self._pubsub is None:
+                    self._connect()
+                if self._broken:
+                    raise ConnectionError("a pub/sub command failed")
+                message = self._pubsub.get_message(timeout=1.0)  # type: ignore[union-attr]
+                if message is not None:
+                    self._dispatch(message)
+                backoff = 0.1
+            except (RedisError, OSError) as exc:
+                logger.warning("pub/sub connection lost (%s); retrying in %.1fs", exc, backoff)
+                self._reset()
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                logger.exception("fan-out dispatcher error")
+                gevent.sleep(0.1)
+
+    def _dispatch(self, message: dict) -> None:
+        kind = message["type"]
+        channel = message["channel"]
+        if kind == "message":
+            viewers = self._viewers.get(channel)
+            if not viewers:
+                return
+            seq, data = decode_live(message["data"])
+            event = LiveEvent(seq, format_event(data, id=seq), data == DONE_BYTES)
+            for viewer in viewers:
+                viewer.offer(event)
+        elif kind == "subscribe":
+            left = self._unacked.get(channel, 1) - 1
+            if left > 0:
+                self._unacked[channel] = left
+                return
+            self._unacked.pop(channel, None)
+            if channel in self._resync:
+                self._resync.discard(channel)
+                for viewer in self._viewers.get(channel, ()):
+                    viewer.resync()
+            ready = self._ready.get(channel)
+            if ready is not None:
+                ready.set()

@@ -1,0 +1,182 @@
+"""The job record: creating a job, reading its status and replay log, and the writes a worker
+makes while it runs one. Every write that adds events goes through :mod:`relay.scripts`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from redis import Redis
+
+from . import keys
+from .chunks import DONE, dumps, error_chunk, loads
+from .scripts import Scripts
+
+STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+_JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{24}")
+_PAGE = 500
+
+
+def new_job_id() -> str:
+    """An unguessable id: 144 random bits, URL-safe, never containing a hash-tag brace."""
+    return "job_" + secrets.token_urlsafe(18)
+
+
+def is_job_id(value: str) -> bool:
+    """Cheap shape check so that junk ids are answered 404 without a Redis round trip."""
+    return _JOB_ID.fullmatch(value) is not None
+
+
+def _now() -> str:
+    return f"{time.time():.3f}"
+
+
+class JobStore:
+    """Jobs in Redis, as seen by one process (the relay or a worker)."""
+
+    def __init__(self, redis: Redis, *, retention: int, max_age: int) -> None:
+        self.redis = redis
+        self.retention = retention
+        # Unfinished jobs still expire eventually, so an abandoned queue cannot fill Redis.
+        self.max_age = max_age
+        self.scripts = Scripts(redis)
+
+    # -- the relay's side ---------------------------------------------------------------------
+
+    def create(self, request: dict[str, Any]) -> str:
+        """Store a job and queue it, atomically, so a queued id always has a job behind it."""
+        job_id = new_job_id()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            keys.job(job_id),
+            mapping={
+                "request": dumps(request),
+                "model": str(request.get("model") or ""),
+                "status": "queued",
+                "created_at": _now(),
+                "seq": 0,
+                "attempt": 0,
+            },
+        )
+        pipe.expire(keys.job(job_id), self.max_age)
+        pipe.set(keys.text(job_id), "", ex=self.max_age)
+        pipe.lpush(keys.PENDING, job_id)
+        pipe.execute()
+        return job_id
+
+    def exists(self, job_id: str) -> bool:
+        return is_job_id(job_id) and bool(self.redis.exists(keys.job(job_id)))
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        """The job as ``GET /v1/jobs/<id>`` shows it, or None if unknown or expired."""
+        if not is_job_id(job_id):
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.job(job_id))
+        pipe.get(keys.text(job_id))
+        fields, text = pipe.execute()
+        if not fields:
+            return None
+        h = {k.decode(): v.decode() for k, v in fields.items()}
+
+        def stamp(name: str) -> float | None:
+            return float(h[name]) if h.get(name) else None
+
+        return {
+            "id": job_id,
+            "object": "relay.job",
+            "status": h.get("status"),
+            "model": h.get("model") or None,
+            "text": (text or b"").decode(),
+            "finish_reason": h.get("finish_reason") or None,
+            "usage": loads(h["usage"]) if h.get("usage") else None,
+            "error": loads(h["error"]) if h.get("error") else None,
+            "events": int(h.get("seq") or 0),
+            "attempts": int(h.get("attempt") or 0),
+            "created_at": stamp("created_at"),
+            "started_at": stamp("started_at"),
+            "finished_at": stamp("finished_at"),
+        }
+
+    def request(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(keys.job(job_id), "request")
+        return loads(raw) if raw else None
+
+    def read_events(self, job_id: str, after: int = 0) -> Iterator[tuple[int, bytes]]:
+        """Events with ids greater than ``after``, read in pages so memory stays bounded."""
+        start = after
+        while True:
+            page = self.redis.lrange(keys.events(job_id), start, start + _PAGE - 1)
+            yield from enumerate(page, start=start + 1)
+            if len(page) < _PAGE:
+                return
+            start += len(page)
+
+    # -- the worker's side --------------------------------------------------------------------
+
+    def claim(self, job_id: str, worker_id: str) -> int:
+        """Mark a job running for this worker; the attempt number fences later writes (0: skip)."""
+        return int(self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()]))
+
+    def publish(self, job_id: str, attempt: int, events: list[str], text_delta: str = "") -> int:
+        """Append and publish events; 0 means the job is no longer ours (ended or taken over)."""
+        return int(
+            self.scripts.publish(
+                keys=keys.job_keys(job_id),
+                args=[attempt, self.max_age, text_delta, *events],
+            )
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        attempt: int | None,
+        status: str,
+        events: list[str],
+        fields: dict[str, str] | None = None,
+    ) -> bool:
+        """End the job once: write its last events, its status and start its retention clock."""
+        pairs: list[str] = ["finished_at", _now()]
+        for name, value in (fields or {}).items():
+            pairs += [name, value]
+        args = ["" if attempt is None else attempt, status, self.retention, len(events)]
+        return bool(self.scripts.finish(keys=keys.job_keys(job_id), args=args + events + pairs))
+
+    def complete(
+        self, job_id: str, attempt: int, finish_reason: str | None, usage: dict | None
+    ) -> bool:
+        fields = {"finish_reason": finish_reason or ""}
+        if usage is not None:
+            fields["usage"] = dumps(usage)
+        return self.finish(job_id, attempt, "completed", [DONE], fields)
+
+    def fail(
+        self,
+        job_id: str,
+        attempt: int | None,
+        message: str,
+        *,
+        type: str = "server_error",
+        code: str | None = None,
+        model: str = "",
+    ) -> bool:
+        """End the job with an error event in OpenAI's shape, then ``[DONE]``."""
+        chunk = error_chunk(job_id, message, type=type, code=code, model=model)
+        error = dumps(loads(chunk)["error"])
+        return self.finish(job_id, attempt, "failed", [chunk, DONE], {"error": error})
+
+    def recover(self, job_id: str, worker_id: str, message: str) -> int:
+        """Handle a job claimed by a dead worker (see ``RECOVER`` in :mod:`relay.scripts`)."""
+        model = (self.redis.hget(keys.job(job_id), "model") or b"").decode()
+        chunk = error_chunk(job_id, message, type="server_error", code="worker_lost", model=model)
+        error = dumps(loads(chunk)["error"])
+        return int(
+            self.scripts.recover(
+                keys=[*keys.job_keys(job_id), keys.claimed(worker_id), keys.PENDING],
+                args=[job_id, self.retention, chunk, DONE, _now(), error],
+            )
+        )

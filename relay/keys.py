@@ -1,0 +1,57 @@
+"""Every Redis key and channel name chat-relay uses, in one place.
+
+Per-job keys carry the job id in a hash tag (``relay:{<id>}:...``) so that all of one job's
+keys live on the same Redis Cluster slot and a Lua script may touch them together. The queue
+and worker registry are global and do not name a job.
+"""
+
+from __future__ import annotations
+
+PREFIX = "relay"
+
+
+def job(job_id: str) -> str:
+    """Hash: the job's request, status, timestamps, event count and fencing attempt."""
+    return f"{PREFIX}:{{{job_id}}}:job"
+
+
+def events(job_id: str) -> str:
+    """List: the replay log; event ``n`` (its SSE id) is element ``n - 1``."""
+    return f"{PREFIX}:{{{job_id}}}:events"
+
+
+def text(job_id: str) -> str:
+    """String: the assistant text so far (appended with each delta)."""
+    return f"{PREFIX}:{{{job_id}}}:text"
+
+
+def live(job_id: str) -> str:
+    """Pub/sub channel: each new event as ``"<id> <data>"``."""
+    return f"{PREFIX}:{{{job_id}}}:live"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """The keys every job script receives, in the order the scripts expect."""
+    return [job(job_id), events(job_id), text(job_id), live(job_id)]
+
+
+def live_job_id(channel: str) -> str:
+    """Inverse of :func:`live`: the job id named by a live channel."""
+    return channel[len(PREFIX) + 2 : channel.index("}")]
+
+
+PENDING = f"{PREFIX}:queue:pending"
+"""List of job ids waiting for a worker (pushed left, claimed from the right)."""
+
+WORKERS = f"{PREFIX}:workers"
+"""Set of worker ids that may hold claimed jobs."""
+
+
+def claimed(worker_id: str) -> str:
+    """List: the jobs a worker has claimed and not yet finished."""
+    return f"{PREFIX}:worker:{worker_id}:claimed"
+
+
+def heartbeat(worker_id: str) -> str:
+    """String with a TTL: present while the worker is alive (its lease)."""
+    return f"{PREFIX}:worker:{worker_id}:heartbeat"

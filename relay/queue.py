@@ -1,0 +1,69 @@
+"""The reliable job queue: pending jobs, per-worker claimed lists, and worker leases.
+
+A worker claims a job by moving it atomically (``BLMOVE``) from the pending list onto its own
+claimed list, so a job is always in exactly one of them until it is acknowledged. A worker
+proves it is alive with a heartbeat key that expires after the lease; a janitor hands the
+claimed jobs of a worker whose heartbeat lapsed to :meth:`relay.jobs.JobStore.recover`.
+(Jobs are pushed to the pending list by :meth:`relay.jobs.JobStore.create`, in the same
+transaction that stores them.)
+"""
+
+from __future__ import annotations
+
+from redis import Redis
+
+from . import keys
+
+
+def claim_next(redis: Redis, worker_id: str, timeout: float) -> str | None:
+    """Wait up to ``timeout`` seconds for a pending job and claim it; its id, or None."""
+    job_id = redis.blmove(keys.PENDING, keys.claimed(worker_id), timeout, "RIGHT", "LEFT")
+    return job_id.decode() if job_id is not None else None
+
+
+def acknowledge(redis: Redis, worker_id: str, job_id: str) -> None:
+    """The job has ended (or was not ours to run): drop it from the worker's claimed list."""
+    redis.lrem(keys.claimed(worker_id), 1, job_id)
+
+
+def claimed_jobs(redis: Redis, worker_id: str) -> list[str]:
+    return [j.decode() for j in redis.lrange(keys.claimed(worker_id), 0, -1)]
+
+
+def pending_count(redis: Redis) -> int:
+    return int(redis.llen(keys.PENDING))
+
+
+def register_worker(redis: Redis, worker_id: str, ttl_ms: int) -> None:
+    pipe = redis.pipeline(transaction=True)
+    pipe.sadd(keys.WORKERS, worker_id)
+    pipe.set(keys.heartbeat(worker_id), "1", px=ttl_ms)
+    pipe.execute()
+
+
+def heartbeat(redis: Redis, worker_id: str, ttl_ms: int) -> None:
+    redis.set(keys.heartbeat(worker_id), "1", px=ttl_ms)
+
+
+def drop_heartbeat(redis: Redis, worker_id: str) -> None:
+    """Say at once that this worker is gone, so its leftover claims are recovered without delay."""
+    redis.delete(keys.heartbeat(worker_id))
+
+
+def unregister_worker(redis: Redis, worker_id: str) -> None:
+    pipe = redis.pipeline(transaction=True)
+    pipe.srem(keys.WORKERS, worker_id)
+    pipe.delete(keys.heartbeat(worker_id), keys.claimed(worker_id))
+    pipe.execute()
+
+
+def dead_workers(redis: Redis) -> list[str]:
+    """Registered workers whose heartbeat has lapsed."""
+    workers = [w.decode() for w in redis.smembers(keys.WORKERS)]
+    if not workers:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for worker_id in workers:
+        pipe.exists(keys.heartbeat(worker_id))
+    alive = pipe.execute()
+    return [w for w, is_alive in zip(workers, alive, strict=True) if not is_alive]

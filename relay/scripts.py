@@ -1,0 +1,111 @@
+"""Lua scripts that change a job atomically, so that every viewer sees one sequence.
+
+Appending an event, bumping the job's event count and publishing it happen in one step: the
+replay log and the live channel can never disagree about an event's id. Every script that
+writes events first checks the job's ``status`` and fencing ``attempt``, which makes the
+terminal events idempotent (two janitors, or a janitor and a late worker, cannot both write a
+``[DONE]``) and silences a worker whose claim was taken from it.
+
+Keys are passed in the order of :func:`relay.keys.job_keys`: job, events, text, live.
+"""
+
+from __future__ import annotations
+
+from redis import Redis
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+# Shared by every script that writes events: append to the log, publish "<id> <data>".
+_APPEND = """
+local function append_events(job, log, live, first, last_index)
+  local n = 0
+  for i = first, last_index do
+    n = redis.call('RPUSH', log, ARGV[i])
+    redis.call('PUBLISH', live, n .. ' ' .. ARGV[i])
+  end
+  if n > 0 then redis.call('HSET', job, 'seq', n) end
+  return n
+end
+
+local function is_terminal(status)
+  return status == 'completed' or status == 'failed' or status == 'cancelled'
+end
+"""
+
+# KEYS: job, events, text, live. ARGV: attempt, ttl, text delta, event data...
+# Returns the id of the last event written, or 0 when the caller no longer owns the job.
+PUBLISH = (
+    _APPEND
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if st[1] ~= 'running' or st[2] ~= ARGV[1] then return 0 end
+local first_write = redis.call('EXISTS', KEYS[2]) == 0
+if ARGV[3] ~= '' then redis.call('APPEND', KEYS[3], ARGV[3]) end
+local n = append_events(KEYS[1], KEYS[2], KEYS[4], 4, #ARGV)
+if first_write then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+return n
+"""
+)
+
+# KEYS: job, events, text, live. ARGV: attempt ('' = any running attempt), status, retention,
+# number of events k, k event data, then field/value pairs for the job hash.
+# Returns 1 if this call ended the job, 0 if it had already ended or was taken over.
+FINISH = (
+    _APPEND
+    + """
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if st[1] == false or is_terminal(st[1]) then return 0 end
+if ARGV[1] ~= '' and st[2] ~= ARGV[1] then return 0 end
+local k = tonumber(ARGV[4])
+append_events(KEYS[1], KEYS[2], KEYS[4], 5, 4 + k)
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 5 + k, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+)
+
+# KEYS: job. ARGV: worker id, now. Returns the new attempt number, or 0 if the job is gone or
+# no longer queued (expired, or already ended).
+CLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+return attempt
+"""
+
+# A dead worker's claimed job. KEYS: job, events, text, live, claimed list, pending list.
+# ARGV: job id, retention, error event, done event, finished_at, error object JSON.
+# Returns 0 (another janitor got there first), 1 (nothing to do), 2 (re-queued: nothing had been
+# published, so it can run again from the start), 3 (failed with an error event and [DONE]).
+RECOVER = (
+    _APPEND
+    + """
+if redis.call('LREM', KEYS[5], 1, ARGV[1]) == 0 then return 0 end
+local st = redis.call('HMGET', KEYS[1], 'status', 'seq')
+if st[1] == false or is_terminal(st[1]) then return 1 end
+if tonumber(st[2] or '0') == 0 then
+  -- Bumping the attempt fences the old worker off in case it was only paused, not dead.
+  redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('HDEL', KEYS[1], 'worker', 'started_at')
+  redis.call('RPUSH', KEYS[6], ARGV[1])
+  return 2
+end
+redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+append_events(KEYS[1], KEYS[2], KEYS[4], 3, 4)
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[5], 'error', ARGV[6])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+return 3
+"""
+)
+
+
+class Scripts:
+    """The scripts registered on one client (``EVALSHA`` with a transparent ``EVAL`` fallback)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.publish = redis.register_script(PUBLISH)
+        self.finish = redis.register_script(FINISH)
+        self.claim = redis.register_script(CLAIM)
+        self.recover = redis.register_script(RECOVER)

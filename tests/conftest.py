@@ -1,0 +1,259 @@
+"""Shared fixtures: real processes (redis-server, the simulator, gunicorn, workers) on free
+ports, each started, awaited by polling, and always stopped (the whole process group)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--redis-url", default=None, help="use this Redis instead of starting one")
+
+
+def free_port() -> int:
+    """A free TCP port (``redis-server --port 0`` would disable TCP instead)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - not ready yet
+            last_error = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+
+
+@dataclass
+class Proc:
+    """A child process in its own process group, with its output in a log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def start_process(
+    name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None
+) -> Proc:
+    log = log_dir / f"{name}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    with open(log, "ab") as out:
+        popen = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Proc(name, popen, log)
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(request: pytest.FixtureRequest, log_dir: Path) -> Iterator[str]:
+    """A real redis-server for the session (its base URL, without a database number)."""
+    given = request.config.getoption("--redis-url")
+    if given:
+        yield given.rstrip("/").rsplit("/", 1)[0] if given.count("/") > 2 else given
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run the tests with deploy/test.sh")
+    port = free_port()
+    proc = start_process(
+        "redis-server",
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--databases",
+            "256",
+        ],
+        log_dir,
+    )
+    url = f"redis://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: redis.Redis.from_url(url).ping(), 10, "redis-server")
+        yield url
+    finally:
+        proc.stop()
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """A fresh, empty database of the session's server for one test."""
+    db = next(_databases) % 256
+    url = f"{redis_server}/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def simulator(log_dir: Path) -> Iterator[str]:
+    """The upstream simulator over real HTTP; its ``/v1`` base URL."""
+    port = free_port()
+    proc = start_process(
+        "simulator",
+        [sys.executable, "-m", "relay.simulator", "--port", str(port), "--interval", "0.01"],
+        log_dir,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: requests.get(f"{base}/healthz", timeout=1).ok, 15, "simulator")
+        yield f"{base}/v1"
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Stack:
+    """Relay processes against one Redis database; everything started is stopped at teardown."""
+
+    redis_url: str
+    upstream: str
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+    _names: Iterator[int] = field(default_factory=itertools.count)
+
+    def settings(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {
+            "RELAY_REDIS_URL": self.redis_url,
+            "RELAY_UPSTREAM_BASE_URL": self.upstream,
+            "RELAY_LEASE_SECONDS": "3",
+            "RELAY_UPSTREAM_READ_TIMEOUT": "3",
+            "RELAY_UPSTREAM_MAX_RETRIES": "0",
+            "RELAY_KEEPALIVE_SECONDS": "2",
+            **self.env,
+            **(extra or {}),
+        }
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def start_web(self, workers: int = 1, env: dict[str, str] | None = None) -> str:
+        """A gunicorn -k gevent instance; its base URL once /healthz answers."""
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "gunicorn",
+            "-k", "gevent",
+            "-w", str(workers),
+            "-b", f"127.0.0.1:{port}",
+            "--graceful-timeout", "2",
+            "relay:create_app()",
+        ]  # fmt: skip
+        proc = start_process(f"gunicorn-{next(self._names)}", cmd, self.log_dir, self.settings(env))
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: requests.get(f"{url}/healthz", timeout=1).ok, 20, f"gunicorn ({proc.log})")
+        return url
+
+    def start_worker(self, env: dict[str, str] | None = None, concurrency: int = 64) -> Proc:
+        """A worker process; returns once it has registered in Redis."""
+        worker_id = f"test-worker-{next(self._names)}"
+        cmd = [
+            sys.executable, "-m", "worker",
+            "--worker-id", worker_id,
+            "--concurrency", str(concurrency),
+            "--grace", "2",
+        ]  # fmt: skip
+        proc = start_process(worker_id, cmd, self.log_dir, self.settings(env))
+        self.procs.append(proc)
+        client = self.redis()
+        wait_for(
+            lambda: client.exists(f"relay:worker:{worker_id}:heartbeat"),
+            20,
+            f"worker ({proc.log})",
+        )
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def stack(redis_url: str, simulator: str, log_dir: Path) -> Iterator[Stack]:
+    """An empty stack for one test: start the processes the test needs."""
+    s = Stack(redis_url, simulator, log_dir)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def running_stack(redis_server: str, simulator: str, log_dir: Path) -> Iterator[tuple[Stack, str]]:
+    """One gunicorn and one worker shared by a module's tests; (stack, base URL)."""
+    db = next(_databases) % 256
+    url = f"{redis_server}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    s = Stack(url, simulator, log_dir)
+    try:
+        base = s.start_web()
+        s.start_worker()
+        yield s, base
+    finally:
+        s.stop()

@@ -1,0 +1,89 @@
+"""Client-side helpers for tests: read an SSE stream with the worker's own strict decoder."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import requests
+
+from worker.sse_decoder import SSEDecoder
+
+
+@dataclass
+class Received:
+    ids: list[int]
+    data: list[str]
+    comments_or_retry_seen: bool = False
+
+    @property
+    def done(self) -> bool:
+        return bool(self.data) and self.data[-1] == "[DONE]"
+
+    @property
+    def chunks(self) -> list[dict]:
+        return [json.loads(d) for d in self.data if d != "[DONE]"]
+
+    @property
+    def text(self) -> str:
+        """The assistant text reassembled from the chunks' deltas."""
+        out = []
+        for chunk in self.chunks:
+            for choice in chunk.get("choices") or ():
+                out.append((choice.get("delta") or {}).get("content") or "")
+        return "".join(out)
+
+    @property
+    def errors(self) -> list[dict]:
+        return [c["error"] for c in self.chunks if c.get("error")]
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [
+            ch["finish_reason"]
+            for c in self.chunks
+            for ch in c.get("choices") or ()
+            if ch.get("finish_reason")
+        ]
+
+
+def read_stream(
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    max_events: int | None = None,
+    timeout: float = 20.0,
+    method: str = "GET",
+    json_body: dict | None = None,
+) -> tuple[Received, requests.Response]:
+    """Read events until ``[DONE]``, ``max_events``, or the end; bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    response = requests.request(
+        method, url, headers=headers, json=json_body, stream=True, timeout=(5, timeout)
+    )
+    received = Received([], [])
+    if response.status_code != 200:
+        response.close()
+        return received, response
+    decoder = SSEDecoder()
+    try:
+        for block in response.iter_content(chunk_size=None):
+            for event in decoder.feed(block):
+                received.ids.append(int(event.id) if event.id else -1)
+                received.data.append(event.data)
+                if event.data == "[DONE]" or (max_events and len(received.data) >= max_events):
+                    return received, response
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream {url} did not end within {timeout}s: {received}")
+    finally:
+        response.close()
+    return received, response
+
+
+def chat_body(content: str = "Hello", **simulator: object) -> dict:
+    """A Chat Completions request; ``simulator`` options steer the test upstream."""
+    body: dict = {"model": "simulator", "messages": [{"role": "user", "content": content}]}
+    if simulator:
+        body["simulator"] = simulator
+    return body

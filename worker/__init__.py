@@ -1,0 +1,1 @@
+"""chat-relay worker: pulls jobs from Redis, streams the upstream, publishes every chunk."""

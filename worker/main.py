@@ -1,0 +1,154 @@
+"""The worker process: claims jobs from the queue and runs many at once on gevent greenlets."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import socket
+from typing import Any
+
+import gevent
+import requests
+from gevent.event import Event
+from gevent.pool import Pool
+from redis.exceptions import RedisError
+
+from relay import queue
+from relay.jobs import JobStore
+from relay.redis_client import connect
+
+from . import janitor
+from .runner import JobContext, run_job
+from .upstream import Upstream
+
+logger = logging.getLogger(__name__)
+
+
+def _session(pool_size: int) -> requests.Session:
+    """One HTTP session whose connection pool fits every concurrent stream."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class Worker:
+    def __init__(self, settings: dict[str, Any], worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        )
+        self.concurrency = int(settings["WORKER_CONCURRENCY"])
+        lease = float(settings["LEASE_SECONDS"])
+        # A dead worker's heartbeat lapses after half a lease and a janitor looks every quarter
+        # lease, so its jobs are recovered within the lease (DESIGN.md invariant 4).
+        self.heartbeat_ttl_ms = int(lease * 500)
+        self.heartbeat_every = lease / 6
+        self.janitor_every = lease / 4
+        self.redis = connect(
+            settings["REDIS_URL"],
+            max_connections=int(settings["REDIS_MAX_CONNECTIONS"]),
+        )
+        self.store = JobStore(
+            self.redis,
+            retention=int(settings["RETENTION_SECONDS"]),
+            max_age=int(settings["JOB_MAX_AGE_SECONDS"]),
+        )
+        self.ctx = JobContext(
+            store=self.store,
+            session=_session(self.concurrency),
+            upstream=Upstream(
+                base_url=settings["UPSTREAM_BASE_URL"],
+                api_key=settings["UPSTREAM_API_KEY"] or "",
+                connect_timeout=float(settings["UPSTREAM_CONNECT_TIMEOUT"]),
+                read_timeout=float(settings["UPSTREAM_READ_TIMEOUT"]),
+            ),
+            worker_id=self.worker_id,
+            max_retries=int(settings["UPSTREAM_MAX_RETRIES"]),
+            default_model=settings["DEFAULT_MODEL"] or "",
+        )
+        self.pool = Pool(self.concurrency)
+        self.stopping = Event()
+
+    def request_stop(self) -> None:
+        """Stop claiming new jobs; running ones finish (SIGTERM)."""
+        if not self.stopping.is_set():
+            logger.info("worker %s stopping: no new jobs", self.worker_id)
+            self.stopping.set()
+
+    def _every(self, seconds: float, action: Any, name: str) -> None:
+        while not self.stopping.wait(seconds * random.uniform(0.8, 1.0)):
+            try:
+                action()
+            except RedisError as exc:
+                logger.warning("%s failed: %s", name, exc)
+            except Exception:
+                logger.exception("%s failed", name)
+
+    def _heartbeat(self) -> None:
+        queue.register_worker(self.redis, self.worker_id, self.heartbeat_ttl_ms)
+
+    def _sweep(self) -> None:
+        janitor.sweep(self.store)
+
+    def work(self, grace: float = 30.0) -> None:
+        """Claim and run jobs until asked to stop, then let running jobs finish (up to grace)."""
+        backoff = 0.1
+        helpers: list[gevent.Greenlet] = []
+        try:
+            while True:
+                try:
+                    self._heartbeat()
+                    break
+                except RedisError as exc:
+                    logger.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    if self.stopping.wait(backoff):
+                        return
+                    backoff = min(backoff * 2, 5.0)
+            helpers = [
+                gevent.spawn(self._every, self.heartbeat_every, self._heartbeat, "heartbeat"),
+                gevent.spawn(self._every, self.janitor_every, self._sweep, "janitor"),
+            ]
+            logger.info(
+                "worker %s ready: concurrency %d, upstream %s",
+                self.worker_id,
+                self.concurrency,
+                self.ctx.upstream.chat_url,
+            )
+            backoff = 0.1
+            while not self.stopping.is_set():
+                self.pool.wait_available(timeout=1.0)
+                if self.pool.full():
+                    continue
+                try:
+                    job_id = queue.claim_next(self.redis, self.worker_id, timeout=1)
+                    backoff = 0.1
+                except RedisError as exc:
+                    logger.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if job_id is not None:
+                    self.pool.spawn(run_job, self.ctx, job_id)
+        finally:
+            self.teardown(helpers, grace)
+
+    def teardown(self, helpers: list[gevent.Greenlet], grace: float) -> None:
+        self.stopping.set()
+        if len(self.pool):
+            logger.info("waiting up to %.0fs for %d running jobs", grace, len(self.pool))
+            self.pool.join(timeout=grace)
+            self.pool.kill(timeout=1)
+        gevent.killall(helpers, timeout=1)
+        try:
+            if queue.claimed_jobs(self.redis, self.worker_id):
+                # Unfinished claims: let a janitor recover them right away.
+                queue.drop_heartbeat(self.redis, self.worker_id)
+            else:
+                queue.unregister_worker(self.redis, self.worker_id)
+        except RedisError as exc:
+            logger.warning("could not unregister: %s", exc)
+        logger.info("worker %s stopped", self.worker_id)

@@ -1,0 +1,147 @@
+"""Running one job: claim it, stream the upstream into the replay log, and always end it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import requests
+
+from relay import queue
+from relay.jobs import JobStore
+
+from .upstream import Upstream, UpstreamError, iter_chunks, open_stream
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS_OK = ("stop", "length", "content_filter", "tool_calls", "function_call")
+
+
+class JobLost(Exception):
+    """The job is no longer ours to write (it ended elsewhere or a janitor took it over)."""
+
+
+@dataclass
+class JobContext:
+    store: JobStore
+    session: requests.Session
+    upstream: Upstream
+    worker_id: str
+    max_retries: int = 2
+    default_model: str = ""
+
+
+def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
+    """The first choice's new text and its finish_reason, if any."""
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if isinstance(delta, dict) else None
+            return (content if isinstance(content, str) else ""), choice.get("finish_reason")
+    return "", None
+
+
+def _open_with_retries(ctx: JobContext, job_id: str, body: dict) -> requests.Response:
+    """Retry what may pass (refused, 429, 5xx), only before anything was published."""
+    attempt = 0
+    while True:
+        try:
+            return open_stream(ctx.session, ctx.upstream, body)
+        except UpstreamError as exc:
+            if not exc.retryable or attempt >= ctx.max_retries:
+                raise
+            delay = min(exc.retry_after if exc.retry_after is not None else 0.5 * 2**attempt, 10.0)
+            logger.info("job %s: upstream %s, retrying in %.1fs", job_id, exc.code, delay)
+            attempt += 1
+            gevent.sleep(delay)
+
+
+def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict) -> None:
+    """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job."""
+    store = ctx.store
+    response = _open_with_retries(ctx, job_id, body)
+    finish_reason: str | None = None
+    usage: dict | None = None
+    try:
+        for data, chunk in iter_chunks(response):
+            text, reason = _delta_text(chunk)
+            finish_reason = reason or finish_reason
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if not store.publish(job_id, attempt, [data], text):
+                raise JobLost(job_id)
+    finally:
+        response.close()
+    if finish_reason is None:
+        # DESIGN.md: a stream that ends with neither a finish_reason nor [DONE] is a failure.
+        raise UpstreamError(
+            "The upstream closed the stream before it finished.", code="upstream_incomplete"
+        )
+    if not store.complete(job_id, attempt, finish_reason, usage):
+        raise JobLost(job_id)
+
+
+def handle_job_failure(
+    ctx: JobContext, job_id: str, attempt: int, error: UpstreamError, model: str = ""
+) -> None:
+    """End a failed job for every viewer.
+
+    1. Write an error chunk in OpenAI's shape, then ``[DONE]``, and mark the job ``failed`` —
+       all in one script, which does nothing if the job already ended or is no longer ours, so
+       a failure can never add a second ``[DONE]``.
+    2. Log it with the job id.
+    """
+    ended = ctx.store.fail(
+        job_id, attempt, error.message, type=error.type, code=error.code, model=model
+    )
+    logger.warning(
+        "job %s failed (%s): %s%s",
+        job_id,
+        error.code,
+        error.message,
+        "" if ended else " [already ended]",
+    )
+
+
+def run_job(ctx: JobContext, job_id: str) -> None:
+    """Run a claimed job to its end, then acknowledge it.
+
+    If the greenlet is killed (shutdown past its grace) the claim is kept on purpose: once
+    this worker's heartbeat is gone, a janitor re-queues or fails the job.
+    """
+    try:
+        _run(ctx, job_id)
+    except Exception:
+        logger.exception("job %s: could not be run; left for the janitor", job_id)
+        return
+    try:
+        queue.acknowledge(ctx.store.redis, ctx.worker_id, job_id)
+    except Exception:
+        logger.exception("job %s: could not acknowledge", job_id)
+
+
+def _run(ctx: JobContext, job_id: str) -> None:
+    store = ctx.store
+    attempt = store.claim(job_id, ctx.worker_id)
+    if not attempt:
+        logger.info("job %s is no longer queued; skipping", job_id)
+        return
+    body = store.request(job_id) or {}
+    if not body.get("model") and ctx.default_model:
+        body["model"] = ctx.default_model
+    logger.info("job %s started (attempt %d)", job_id, attempt)
+    try:
+        _stream(ctx, job_id, attempt, body)
+        logger.info("job %s completed", job_id)
+    except UpstreamError as exc:
+        handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""))
+    except JobLost:
+        logger.info("job %s ended elsewhere; stopped relaying", job_id)
+    except Exception:
+        logger.exception("job %s: internal error", job_id)
+        error = UpstreamError(
+            "The relay worker had an internal error.", type="server_error", code="internal_error"
+        )
+        handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""))

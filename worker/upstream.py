@@ -1,0 +1,183 @@
+"""Talking to the upstream: one streaming Chat Completions call, read as parsed SSE chunks.
+
+Everything that can go wrong on the upstream side ends up as :class:`UpstreamError`, carrying
+a message fit for the viewer and whether trying again could help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import requests
+import urllib3.exceptions
+
+from relay.chunks import DONE, dumps
+
+from .sse_decoder import SSEDecoder, SSEProtocolError
+
+_ERROR_BODY_LIMIT = 64 * 1024
+_READ_SIZE = 64 * 1024
+
+
+class UpstreamError(Exception):
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str = "upstream_error",
+        code: str | None = None,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = type
+        self.code = code
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    base_url: str
+    api_key: str = ""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+def _error_from_json(payload: Any, fallback: str) -> tuple[str, str, str | None]:
+    """(message, type, code) from an OpenAI-style ``{"error": ...}`` payload, or a fallback."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return (
+            str(error.get("message") or fallback),
+            str(error.get("type") or "upstream_error"),
+            error.get("code") if isinstance(error.get("code"), str) else None,
+        )
+    if isinstance(error, str):  # some servers send {"error": "text"}
+        return error, "upstream_error", None
+    return fallback, "upstream_error", None
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    try:
+        return float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+def _read_error_body(response: requests.Response) -> Any:
+    try:
+        raw = response.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
+        return orjson.loads(raw)
+    except Exception:  # noqa: BLE001 - any unreadable body gets the generic message
+        return None
+
+
+def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> requests.Response:
+    """POST the request with ``stream: true``; the open response, or :class:`UpstreamError`."""
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    try:
+        response = session.post(
+            upstream.chat_url,
+            data=dumps({**body, "stream": True}),
+            headers=headers,
+            stream=True,
+            timeout=(upstream.connect_timeout, upstream.read_timeout),
+        )
+    except requests.Timeout:
+        raise UpstreamError(
+            f"The upstream did not answer within {upstream.read_timeout:g}s.",
+            code="upstream_timeout",
+            retryable=True,
+        ) from None
+    except requests.RequestException as exc:
+        raise UpstreamError(
+            f"Could not reach the upstream: {exc.__class__.__name__}.",
+            code="upstream_unreachable",
+            retryable=True,
+        ) from None
+
+    status = response.status_code
+    if status >= 400:
+        payload = _read_error_body(response)
+        response.close()
+        message, type_, code = _error_from_json(payload, f"HTTP {status}")
+        raise UpstreamError(
+            f"The upstream answered {status}: {message}",
+            type=type_,
+            code=code or f"upstream_http_{status}",
+            status=status,
+            retryable=status in (408, 409, 429) or status >= 500,
+            retry_after=_retry_after(response),
+        )
+    if "json" in response.headers.get("Content-Type", ""):
+        # An error (or a non-streamed answer) sent as plain JSON in place of a stream.
+        payload = _read_error_body(response)
+        response.close()
+        message, type_, code = _error_from_json(payload, "expected an event stream, got JSON")
+        raise UpstreamError(f"The upstream answered: {message}", type=type_, code=code)
+    return response
+
+
+def iter_chunks(response: requests.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each ``data`` payload with its parsed JSON, up to ``[DONE]`` (not included).
+
+    Raises :class:`UpstreamError` for an error object, malformed data, a read timeout, or a
+    connection that breaks; returns normally at ``[DONE]`` or at a clean end of the body (the
+    caller decides whether an end without ``[DONE]`` is acceptable).
+    """
+    decoder = SSEDecoder()
+    raw = response.raw
+    try:
+        while True:
+            block = raw.read1(_READ_SIZE)
+            if not block:
+                return
+            for event in decoder.feed(block):
+                data = event.data
+                if data == DONE:
+                    return
+                if not data.strip():
+                    continue
+                try:
+                    chunk = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError(
+                        "The upstream sent malformed data (not JSON).", code="upstream_malformed"
+                    ) from None
+                if not isinstance(chunk, dict):
+                    raise UpstreamError(
+                        "The upstream sent malformed data (not an object).",
+                        code="upstream_malformed",
+                    )
+                if chunk.get("error") or event.event == "error":
+                    message, type_, code = _error_from_json(chunk, "error event")
+                    raise UpstreamError(
+                        f"The upstream failed mid-stream: {message}", type=type_, code=code
+                    )
+                yield (data if "\n" not in data else dumps(chunk)), chunk
+    except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+        raise UpstreamError(
+            "The upstream stopped sending (read timeout).", code="upstream_timeout"
+        ) from None
+    except SSEProtocolError as exc:
+        raise UpstreamError(
+            f"The upstream sent a malformed stream: {exc}", code="upstream_malformed"
+        ) from None
+    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+        raise UpstreamError(
+            f"The upstream connection broke mid-stream ({exc.__class__.__name__}).",
+            code="upstream_disconnected",
+        ) from None
