@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run the test suite on a fresh Debian machine: installs what the tests need, then pytest.
+# Extra arguments go to pytest (e.g. deploy/test.sh -k fanout -x).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+ensure_command redis-server redis-server   # the integration tests start their own on a free port
+ensure_venv dev
+say "running the tests"
+exec "$PY" -m pytest "$@"

@@ -1,0 +1,117 @@
+"""Fan-out races forced deterministically, run in a gevent-patched subprocess against a real
+Redis: ``python tests/relay/fanout_scenarios.py REDIS_URL SCENARIO``. Prints the SSE ids one
+viewer received, as JSON, for tests/relay/test_fanout.py to check.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+import redis  # noqa: E402
+
+from relay.fanout import Hub  # noqa: E402
+from relay.jobs import JobStore  # noqa: E402
+from relay.streaming import stream_events  # noqa: E402
+
+REQUEST = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+
+def ids_of(frames: list[bytes]) -> list[int]:
+    return [int(line[4:]) for f in frames for line in f.split(b"\n") if line.startswith(b"id: ")]
+
+
+class RacingStore(JobStore):
+    """Publishes events just before and just after the viewer's first backlog read."""
+
+    def __init__(self, *args, on_read, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_read = on_read
+        self.reads = 0
+
+    def read_events(self, job_id, after=0):
+        self.reads += 1
+        first = self.reads == 1
+        if first:
+            self.on_read("before")
+        events = list(super().read_events(job_id, after))
+        if first:
+            self.on_read("after")
+        yield from events
+
+
+def backlog_live_race(url: str) -> list[int]:
+    """Events land between subscribing and reading the log, and between the log and live."""
+    client = redis.Redis.from_url(url)
+    writer = JobStore(client, retention=60, max_age=600)
+    job_id = writer.create(REQUEST)
+    attempt = writer.claim(job_id, "w")
+    for _ in range(3):
+        writer.publish(job_id, attempt, ["{}"])
+
+    def on_read(when: str) -> None:
+        # "before": in the log AND live (must not repeat). "after": live only (must not be lost).
+        for _ in range(3):
+            writer.publish(job_id, attempt, ["{}"])
+        if when == "after":
+            writer.complete(job_id, attempt, "stop", None)
+
+    store = RacingStore(client, retention=60, max_age=600, on_read=on_read)
+    hub = Hub(client, queue_size=64)
+    viewer = hub.attach(job_id)
+    frames = list(stream_events(store, hub, viewer, 0, keepalive=30, retry_ms=1000))
+    assert hub.viewer_count == 0
+    return ids_of(frames)
+
+
+def slow_viewer(url: str) -> list[int]:
+    """A viewer whose mailbox overflows catches up from the log, losing nothing."""
+    client = redis.Redis.from_url(url)
+    store = JobStore(client, retention=60, max_age=600)
+    job_id = store.create(REQUEST)
+    attempt = store.claim(job_id, "w")
+    hub = Hub(client, queue_size=4)
+    viewer = hub.attach(job_id)
+    stream = stream_events(store, hub, viewer, 0, keepalive=30, retry_ms=1000)
+    frames = [next(stream)]  # the retry hint; the viewer now stops reading
+    for _ in range(50):
+        store.publish(job_id, attempt, ["{}"])
+    store.complete(job_id, attempt, "stop", None)
+    gevent.sleep(0.2)  # let the dispatcher overflow the mailbox
+    assert viewer.stale, "the mailbox should have overflowed"
+    assert viewer.queue.qsize() <= 4
+    frames += list(stream)
+    return ids_of(frames)
+
+
+def pubsub_reconnect(url: str) -> list[int]:
+    """The shared subscription is killed mid-stream; the viewer still gets every event once."""
+    client = redis.Redis.from_url(url)
+    store = JobStore(client, retention=60, max_age=600)
+    job_id = store.create(REQUEST)
+    attempt = store.claim(job_id, "w")
+    hub = Hub(client, queue_size=64)
+    viewer = hub.attach(job_id)
+    frames: list[bytes] = []
+
+    def consume() -> None:
+        frames.extend(stream_events(store, hub, viewer, 0, keepalive=30, retry_ms=1000))
+
+    reader = gevent.spawn(consume)
+    for i in range(30):
+        store.publish(job_id, attempt, ["{}"])
+        if i == 10:
+            client.client_kill_filter(_type="pubsub")
+        gevent.sleep(0.01)
+    store.complete(job_id, attempt, "stop", None)
+    reader.join(timeout=10)
+    assert reader.dead, "the viewer never finished"
+    return ids_of(frames)
+
+
+if __name__ == "__main__":
+    redis_url, scenario = sys.argv[1], sys.argv[2]
+    print(json.dumps(globals()[scenario](redis_url)))

@@ -1,0 +1,196 @@
+"""The HTTP API against real processes: gunicorn -k gevent, a worker, redis-server, and the
+simulator over HTTP."""
+
+from __future__ import annotations
+
+import threading
+
+import openai
+import pytest
+import requests
+
+from relay.simulator import reply_text
+from tests.helpers import chat_body, read_stream
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@pytest.fixture(scope="module")
+def base(running_stack):
+    return running_stack[1]
+
+
+def create(base: str, body: dict) -> dict:
+    response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_three_viewers_start_mid_stream_and_resume_see_the_same_sequence(base):
+    body = chat_body("three viewers", tokens=40, interval=0.03)
+    job = create(base, body)
+    url = job["events_url"]
+    results: dict[str, object] = {}
+
+    def watch(name: str, **kwargs) -> None:
+        results[name] = read_stream(url, **kwargs)[0]
+
+    first = threading.Thread(target=watch, args=("first",))
+    first.start()
+    # The mid-stream viewer joins once the stream is well under way.
+    partial, _ = read_stream(url, max_events=15)
+    late = threading.Thread(target=watch, args=("late",))
+    late.start()
+    # The third drops after a few events and reconnects with Last-Event-ID.
+    dropped, _ = read_stream(url, max_events=5)
+    resumed, _ = read_stream(url, headers={"Last-Event-ID": str(dropped.ids[-1])})
+    first.join(30)
+    late.join(30)
+
+    expected = reply_text(body)
+    whole = results["first"]
+    assert whole.done and whole.text == expected
+    assert whole.ids == list(range(1, len(whole.ids) + 1))
+    assert results["late"].ids == whole.ids and results["late"].data == whole.data
+    assert dropped.ids + resumed.ids == whole.ids
+    assert dropped.data + resumed.data == whole.data
+    assert partial.ids == whole.ids[:15]
+    assert whole.finish_reasons == ["stop"]
+
+
+def test_a_viewer_after_completion_gets_the_whole_stream_and_status(base):
+    body = chat_body("late", tokens=8)
+    job = create(base, body)
+    first, _ = read_stream(job["events_url"])
+    again, _ = read_stream(job["events_url"])
+    assert again.data == first.data and again.ids == first.ids and again.done
+    status = requests.get(job["status_url"], timeout=5).json()
+    assert status["status"] == "completed"
+    assert status["text"] == reply_text(body)
+    assert status["finish_reason"] == "stop"
+    assert status["created_at"] <= status["started_at"] <= status["finished_at"]
+
+
+def test_last_event_id_query_parameter_resumes_a_first_connect(base):
+    job = create(base, chat_body("query resume", tokens=6))
+    whole, _ = read_stream(job["events_url"])
+    resumed, _ = read_stream(job["events_url"] + "?lastEventId=3")
+    assert resumed.ids == whole.ids[3:] and resumed.data == whole.data[3:]
+    # The header wins over the query parameter, as for a reconnecting EventSource.
+    header, _ = read_stream(job["events_url"] + "?lastEventId=1", headers={"Last-Event-ID": "5"})
+    assert header.ids == whole.ids[5:]
+
+
+def test_stream_headers_and_retry_hint(base):
+    job = create(base, chat_body("headers", tokens=3))
+    with requests.get(job["events_url"], stream=True, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        body = b"".join(response.iter_content(chunk_size=None))
+    assert body.startswith(b"retry: ")
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert all(block.startswith((b"id: ", b"retry: ")) for block in body.strip().split(b"\n\n")), (
+        "every event carries an id"
+    )
+
+
+def test_keep_alive_comments_while_idle(base):
+    # The stack's keep-alive is 2 s; the upstream waits 5 s before its first chunk.
+    job = create(base, chat_body("idle", tokens=2, first_delay=5))
+    with requests.get(job["events_url"], stream=True, timeout=10) as response:
+        body = b"".join(response.iter_content(chunk_size=None))
+    assert b": keep-alive\n\n" in body
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+def test_unknown_jobs_are_404_in_openai_shape(base):
+    for path in ("/v1/jobs/job_" + "A" * 24, "/v1/jobs/nope/events", "/v1/jobs/job_x/events"):
+        response = requests.get(base + path, timeout=5)
+        assert response.status_code == 404
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_openai_sdk_streams_through_chat_completions(base):
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    body = chat_body("sdk", tokens=12)
+    raw = client.chat.completions.with_raw_response.create(
+        model="simulator",
+        messages=body["messages"],
+        stream=True,
+        extra_body={"simulator": body["simulator"]},
+    )
+    job_id = raw.headers["X-Relay-Job-Id"]
+    text, reasons = "", []
+    for chunk in raw.parse():
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.finish_reason:
+                reasons.append(choice.finish_reason)
+    assert text == reply_text(body)
+    assert reasons == ["stop"]
+    # Others can watch the same job by its id.
+    watched, _ = read_stream(f"{base}/v1/jobs/{job_id}/events")
+    assert watched.text == text and watched.done
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[]", 400, None),
+        (b'{"model": "m"}', 400, "messages"),
+        (b'{"model": "m", "messages": []}', 400, "messages"),
+        (
+            b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}',
+            400,
+            "messages[0].role",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "x"}',
+            400,
+            "temperature",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "'
+            + b"x" * 2_000_000
+            + b'"}]}',
+            413,
+            None,
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/chat/completions"])
+def test_malformed_requests_get_json_errors_and_the_service_keeps_working(
+    base, path, payload, status, param
+):
+    if path.endswith("completions") and status == 400 and param is not None:
+        payload = payload[:-1] + b', "stream": true}'
+    response = requests.post(
+        base + path, data=payload, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    assert requests.get(f"{base}/healthz", timeout=5).ok
+
+
+def test_chat_completions_without_stream_is_a_clear_400(base):
+    response = requests.post(f"{base}/v1/chat/completions", json=chat_body("x"), timeout=5)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream"
+
+
+def test_unknown_route_and_method_are_json(base):
+    assert requests.get(f"{base}/v2/nothing", timeout=5).json()["error"]["code"] == "not_found"
+    response = requests.delete(f"{base}/v1/jobs", timeout=5)
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_bad_last_event_id_is_a_400(base):
+    job = create(base, chat_body("x", tokens=1))
+    response = requests.get(job["events_url"], headers={"Last-Event-ID": "abc"}, timeout=5)
+    assert response.status_code == 400

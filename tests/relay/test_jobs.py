@@ -1,0 +1,107 @@
+"""The job record's scripts, on fakeredis (with Lua): ordering, fencing, idempotent ends."""
+
+import fakeredis
+import pytest
+
+from relay import keys, queue
+from relay.jobs import JobStore, is_job_id
+
+REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def store():
+    return JobStore(fakeredis.FakeRedis(), retention=60, max_age=600)
+
+
+def events(store, job_id, after=0):
+    return [(seq, data.decode()) for seq, data in store.read_events(job_id, after)]
+
+
+def test_job_ids_are_unguessable_and_well_formed(store):
+    ids = {store.create(REQUEST) for _ in range(50)}
+    assert len(ids) == 50
+    assert all(is_job_id(i) and len(i) == 28 for i in ids)  # "job_" + 144 bits in base64url
+    assert not is_job_id("job_{evil}")
+
+
+def test_create_stores_and_queues_atomically(store):
+    job_id = store.create(REQUEST)
+    assert store.redis.lrange(keys.PENDING, 0, -1) == [job_id.encode()]
+    status = store.status(job_id)
+    assert status["status"] == "queued" and status["text"] == "" and status["events"] == 0
+    assert store.request(job_id) == REQUEST
+    assert 0 < store.redis.ttl(keys.job(job_id)) <= 600
+
+
+def test_publish_appends_numbered_events_and_the_text(store):
+    job_id = store.create(REQUEST)
+    attempt = store.claim(job_id, "w1")
+    assert attempt == 1 and store.status(job_id)["status"] == "running"
+    assert store.publish(job_id, attempt, ['{"a":1}'], "Hel") == 1
+    assert store.publish(job_id, attempt, ['{"a":2}', '{"a":3}'], "lo") == 3
+    assert events(store, job_id) == [(1, '{"a":1}'), (2, '{"a":2}'), (3, '{"a":3}')]
+    assert events(store, job_id, after=2) == [(3, '{"a":3}')]
+    assert store.status(job_id)["text"] == "Hello"
+
+
+def test_complete_ends_once_with_done_and_starts_retention(store):
+    job_id = store.create(REQUEST)
+    attempt = store.claim(job_id, "w1")
+    store.publish(job_id, attempt, ["{}"], "x")
+    assert store.complete(job_id, attempt, "stop", {"total_tokens": 3})
+    assert not store.complete(job_id, attempt, "stop", None)
+    assert not store.fail(job_id, None, "late janitor")
+    assert events(store, job_id) == [(1, "{}"), (2, "[DONE]")]
+    status = store.status(job_id)
+    assert (status["status"], status["finish_reason"], status["usage"]) == (
+        "completed",
+        "stop",
+        {"total_tokens": 3},
+    )
+    assert 0 < store.redis.ttl(keys.events(job_id)) <= 60
+
+
+def test_a_fenced_worker_can_no_longer_write(store):
+    job_id = store.create(REQUEST)
+    old = store.claim(job_id, "w1")
+    store.redis.hincrby(keys.job(job_id), "attempt", 1)  # what a janitor's takeover does
+    assert store.publish(job_id, old, ["{}"], "x") == 0
+    assert not store.complete(job_id, old, "stop", None)
+    assert events(store, job_id) == []
+
+
+def test_failure_writes_an_openai_error_chunk_then_done(store):
+    job_id = store.create(REQUEST)
+    attempt = store.claim(job_id, "w1")
+    assert store.fail(job_id, attempt, "boom", code="upstream_http_500", model="m")
+    (_, chunk), (_, done) = events(store, job_id)
+    assert done == "[DONE]"
+    assert '"error":{"message":"boom","type":"server_error","param":null' in chunk
+    assert store.status(job_id)["error"]["code"] == "upstream_http_500"
+
+
+def test_recover_requeues_a_job_that_published_nothing(store):
+    job_id = store.create(REQUEST)
+    claimed = queue.claim_next(store.redis, "dead", timeout=1)
+    assert claimed == job_id
+    attempt = store.claim(job_id, "dead")
+    assert store.recover(job_id, "dead", "lost") == 2
+    assert store.recover(job_id, "dead", "lost") == 0  # a second janitor finds nothing to do
+    assert store.redis.lrange(keys.PENDING, 0, -1) == [job_id.encode()]
+    assert store.status(job_id)["status"] == "queued"
+    assert store.publish(job_id, attempt, ["{}"], "") == 0  # the old worker is fenced off
+    assert store.claim(job_id, "w2") == attempt + 2
+
+
+def test_recover_fails_a_started_job_exactly_once(store):
+    job_id = store.create(REQUEST)
+    queue.claim_next(store.redis, "dead", timeout=1)
+    attempt = store.claim(job_id, "dead")
+    store.publish(job_id, attempt, ["{}"], "x")
+    assert store.recover(job_id, "dead", "worker lost") == 3
+    assert not store.complete(job_id, attempt, "stop", None)  # late worker: no second [DONE]
+    data = [d for _, d in events(store, job_id)]
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
+    assert "worker lost" in data[-2]
+    assert store.status(job_id)["status"] == "failed"

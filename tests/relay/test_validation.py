@@ -1,0 +1,59 @@
+import pytest
+
+from relay.errors import InvalidRequest
+from relay.validation import validate_chat_request
+
+OK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_valid_request_passes_through_with_unknown_fields():
+    body = {**OK, "temperature": 0.5, "vendor_option": {"x": 1}}
+    assert validate_chat_request(body) == body
+
+
+def test_default_model_fills_a_missing_model():
+    body = {"messages": OK["messages"]}
+    assert validate_chat_request(body, default_model="gpt")["model"] == "gpt"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ([], None),
+        ({"model": "m"}, "messages"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": "hi"}, "messages"),
+        ({"model": "m", "messages": ["hi"]}, "messages[0]"),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({**OK, "temperature": "hot"}, "temperature"),
+        ({**OK, "temperature": True}, "temperature"),
+        ({**OK, "temperature": 3}, "temperature"),
+        ({**OK, "max_tokens": 1.5}, "max_tokens"),
+        ({**OK, "max_tokens": 0}, "max_tokens"),
+        ({**OK, "stream": "yes"}, "stream"),
+        ({**OK, "n": 2}, "n"),
+        ({**OK, "stop": ["a", 1]}, "stop"),
+        ({**OK, "model": 5}, "model"),
+        ({"messages": OK["messages"]}, "model"),
+    ],
+)
+def test_invalid_requests_name_the_parameter(body, param):
+    with pytest.raises(InvalidRequest) as info:
+        validate_chat_request(body)
+    error = info.value.to_dict()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+
+
+def test_assistant_tool_call_may_omit_content():
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"id": "1"}]},
+        ],
+    }
+    assert validate_chat_request(body) == body

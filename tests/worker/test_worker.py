@@ -1,0 +1,119 @@
+"""The worker against real processes: upstream failures, and workers killed mid-job."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from relay.simulator import reply_text
+from tests.conftest import wait_for
+from tests.helpers import chat_body, read_stream
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+@pytest.fixture(scope="module")
+def base(running_stack):
+    return running_stack[1]
+
+
+def create(base: str, body: dict) -> dict:
+    response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def status_of(job: dict) -> dict:
+    return requests.get(job["status_url"], timeout=5).json()
+
+
+@pytest.mark.parametrize(
+    ("simulator", "code"),
+    [
+        ({"fail": "status_500"}, "upstream_http_500"),
+        ({"fail": "json_error"}, None),
+        ({"fail": "hang", "fail_after": 0}, "upstream_timeout"),
+        ({"fail": "hang", "fail_after": 3}, "upstream_timeout"),
+        ({"fail": "drop_after", "fail_after": 3}, "upstream_disconnected"),
+        ({"fail": "error_after", "fail_after": 3}, "simulated"),
+    ],
+    ids=["500", "json-error", "hang-before-first", "hang-mid-stream", "drop", "error-mid-stream"],
+)
+def test_upstream_failures_end_in_an_error_event_and_done(base, simulator, code):
+    job = create(base, chat_body("fail", tokens=10, **simulator))
+    started = time.monotonic()
+    received, _ = read_stream(job["events_url"], timeout=30)
+    assert received.done, received
+    assert received.data.count("[DONE]") == 1
+    (error,) = received.errors
+    assert set(error) == {"message", "type", "param", "code"}
+    if code:
+        assert error["code"] == code
+    assert received.chunks[-1].get("error"), "the error is the last event before [DONE]"
+    # The read timeout is 3 s in the test stack: a hang must not last longer than that.
+    assert time.monotonic() - started < 10
+    status = status_of(job)
+    assert status["status"] == "failed"
+    assert status["error"]["message"] == error["message"]
+
+
+@pytest.mark.parametrize("reason", ["length", "content_filter"])
+def test_finish_reasons_reach_viewers_and_status(base, reason):
+    body = chat_body("finish", tokens=5, finish_reason=reason)
+    received, _ = read_stream(create(base, body)["events_url"])
+    assert received.finish_reasons == [reason]
+
+
+def test_max_tokens_truncation_is_length(base):
+    body = {**chat_body("long", tokens=20), "max_tokens": 4}
+    job = create(base, body)
+    received, _ = read_stream(job["events_url"])
+    assert received.finish_reasons == ["length"]
+    assert status_of(job)["finish_reason"] == "length"
+    assert status_of(job)["text"] == reply_text(body)
+
+
+def test_worker_killed_before_the_first_chunk_another_worker_completes_the_job(stack):
+    base = stack.start_web()
+    doomed = stack.start_worker()
+    body = chat_body("rerun", tokens=6, first_delay=2)
+    job = create(base, body)
+    wait_for(lambda: status_of(job)["status"] == "running", 10, "the job to be claimed")
+    doomed.signal(signal.SIGKILL)
+    stack.start_worker()
+    received, _ = read_stream(job["events_url"], timeout=30)
+    assert received.done and received.text == reply_text(body) and not received.errors
+    status = status_of(job)
+    assert status["status"] == "completed"
+    assert status["attempts"] >= 2  # the first claim was fenced off, the job ran again
+
+
+def test_worker_killed_mid_stream_viewers_get_an_error_and_done_within_the_lease(stack):
+    lease = 3.0
+    base = stack.start_web()
+    doomed = stack.start_worker()
+    job = create(base, chat_body("lost", tokens=400, interval=0.05))
+    first, _ = read_stream(job["events_url"], max_events=5)
+    assert len(first.ids) == 5
+    result: dict = {}
+
+    def watch() -> None:
+        result["r"] = read_stream(job["events_url"], headers={"Last-Event-ID": "5"}, timeout=30)[0]
+        result["at"] = time.monotonic()
+
+    viewer = threading.Thread(target=watch)
+    viewer.start()
+    doomed.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    stack.start_worker()  # the janitor runs in any live worker
+    viewer.join(30)
+    received = result["r"]
+    assert received.done and received.data.count("[DONE]") == 1
+    assert received.errors[0]["code"] == "worker_lost"
+    assert result["at"] - killed_at <= lease + 0.5
+    assert received.ids == list(range(6, 6 + len(received.ids)))
+    assert status_of(job)["status"] == "failed"
