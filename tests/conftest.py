@@ -185,7 +185,7 @@ class Stack:
             "RELAY_LEASE_SECONDS": "3",
             "RELAY_UPSTREAM_READ_TIMEOUT": "3",
             "RELAY_UPSTREAM_MAX_RETRIES": "0",
-            "RELAY_KEEPALIVE_SECONDS": "2",
+            "RELAY_KEEPALIVE_SECONDS": "1",
             **self.env,
             **(extra or {}),
         }

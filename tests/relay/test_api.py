@@ -96,8 +96,8 @@ def test_stream_headers_and_retry_hint(base):
 
 
 def test_keep_alive_comments_while_idle(base):
-    # The stack's keep-alive is 2 s; the upstream waits 5 s before its first chunk.
-    job = create(base, chat_body("idle", tokens=2, first_delay=5))
+    # The stack's keep-alive is 1 s (read timeout 3 s); the upstream waits 2.5 s to start.
+    job = create(base, chat_body("idle", tokens=2, first_delay=2.5))
     with requests.get(job["events_url"], stream=True, timeout=10) as response:
         body = b"".join(response.iter_content(chunk_size=None))
     assert b": keep-alive\n\n" in body

@@ -66,12 +66,13 @@ def connections(client: redis.Redis, db: int) -> int:
 def test_200_viewers_on_one_process_share_a_fixed_number_of_redis_connections(stack):
     # A small pool makes the bound visible: connections may not grow with viewers.
     base = stack.start_web(workers=1, env={"RELAY_REDIS_MAX_CONNECTIONS": "8"})
-    stack.start_worker()
+    # The upstream is silent for 5 s while the viewers connect: allow for it.
+    stack.start_worker(env={"RELAY_UPSTREAM_READ_TIMEOUT": "15"})
     probe = stack.redis()
     probe.client_setname("probe")
     db = probe.connection_pool.connection_kwargs["db"]
     viewers = 200
-    body = chat_body("fan-out", tokens=30, interval=0.02, first_delay=4)
+    body = chat_body("fan-out", tokens=30, interval=0.02, first_delay=5)
     job = requests.post(f"{base}/v1/jobs", json=body, timeout=5).json()
     results: list = [None] * viewers
     barrier_seen: dict[str, int] = {}
