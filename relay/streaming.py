@@ -29,15 +29,20 @@ def stream_events(
     """
     job_id = viewer.job_id
     last = after
+    # The retry hint rides on the first real event: a retry-only event is a blank event to
+    # the openai SDK, which then fails to parse its empty data.
+    retry = b"retry: %d\n" % retry_ms
 
     def from_log() -> Iterator[tuple[bytes, bool]]:
         nonlocal last
+        nonlocal retry
         for seq, data in store.read_events(job_id, last):
             last = seq
-            yield format_event(data, id=seq), data == DONE_BYTES
+            yield retry + format_event(data, id=seq), data == DONE_BYTES
+            retry = b""
 
     try:
-        yield format_event(retry=retry_ms)
+        yield format_comment("stream open")  # sends the headers now, whatever the backlog
         for frame, done in from_log():
             yield frame
             if done:
@@ -58,7 +63,8 @@ def stream_events(
                 continue
             if event.seq <= last:
                 continue
-            yield event.frame
+            yield retry + event.frame if retry else event.frame
+            retry = b""
             last = event.seq
             if event.done:
                 return

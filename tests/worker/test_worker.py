@@ -32,7 +32,7 @@ def status_of(job: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("simulator", "code"),
+    ("sim_options", "code"),
     [
         ({"fail": "status_500"}, "upstream_http_500"),
         ({"fail": "json_error"}, None),
@@ -43,8 +43,8 @@ def status_of(job: dict) -> dict:
     ],
     ids=["500", "json-error", "hang-before-first", "hang-mid-stream", "drop", "error-mid-stream"],
 )
-def test_upstream_failures_end_in_an_error_event_and_done(base, simulator, code):
-    job = create(base, chat_body("fail", tokens=10, **simulator))
+def test_upstream_failures_end_in_an_error_event_and_done(base, sim_options, code):
+    job = create(base, chat_body("fail", tokens=10, **sim_options))
     started = time.monotonic()
     received, _ = read_stream(job["events_url"], timeout=30)
     assert received.done, received
