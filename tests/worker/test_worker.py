@@ -117,3 +117,30 @@ def test_worker_killed_mid_stream_viewers_get_an_error_and_done_within_the_lease
     assert result["at"] - killed_at <= lease + 0.5
     assert received.ids == list(range(6, 6 + len(received.ids)))
     assert status_of(job)["status"] == "failed"
+
+
+@pytest.mark.parametrize("fmt", ["crlf", "multiline", "comments", ["crlf", "multiline"]])
+def test_upstream_stream_formats_relay_the_exact_text(base, fmt):
+    body = chat_body("formats", tokens=8, format=fmt)
+    received, _ = read_stream(create(base, body)["events_url"])
+    assert received.done and not received.errors
+    assert received.text == reply_text(body)
+
+
+def test_one_worker_process_runs_200_streaming_jobs_at_once(stack):
+    base = stack.start_web()
+    stack.start_worker(concurrency=256)
+    stats_url = stack.upstream.removesuffix("/v1") + "/_sim/stats"
+    # Each job streams for 4 s: run one after another, 200 would take over 13 minutes.
+    bodies = [chat_body(f"job {i}", tokens=20, interval=0.2) for i in range(200)]
+    jobs = [create(base, body) for body in bodies]
+    peak = wait_for(
+        lambda: (n := requests.get(stats_url, timeout=5).json()["active_streams"]) >= 200 and n,
+        20,
+        "200 upstream streams open at once",
+    )
+    assert peak >= 200
+    for job, body in zip(jobs, bodies, strict=True):
+        wait_for(lambda job=job: status_of(job)["status"] != "running", 20, "job end")
+        status = status_of(job)
+        assert status["status"] == "completed" and status["text"] == reply_text(body)

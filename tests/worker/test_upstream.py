@@ -1,0 +1,152 @@
+"""The worker's upstream client against a raw HTTP server that sends exactly the bytes a test
+chooses: the stream shapes real servers produce, and the broken ones."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from worker.upstream import Upstream, UpstreamError, iter_chunks, open_stream
+
+pytestmark = pytest.mark.timeout(30)
+
+CHUNK = b'{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
+
+
+class Script:
+    """What the server answers: status, headers, and body pieces with pauses between them."""
+
+    status = 200
+    headers: dict[str, str] = {"Content-Type": "text/event-stream"}
+    pieces: list[bytes | float] = []
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(Script.status)
+        for name, value in Script.headers.items():
+            self.send_header(name, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for piece in Script.pieces:
+            if isinstance(piece, float):
+                time.sleep(piece)
+            else:
+                self.wfile.write(piece)
+                self.wfile.flush()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def answer(pieces: list[bytes | float], status: int = 200, content_type: str = "text/event-stream"):
+    Script.status = status
+    Script.headers = {"Content-Type": content_type}
+    Script.pieces = pieces
+
+
+def relay(server: str, read_timeout: float = 5.0) -> list[dict]:
+    upstream = Upstream(base_url=server, read_timeout=read_timeout)
+    with requests.Session() as session:
+        response = open_stream(session, upstream, {"model": "m", "messages": []})
+        try:
+            return [chunk for _, chunk in iter_chunks(response)]
+        finally:
+            response.close()
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"data: " + CHUNK + b"\n\n", b"data: [DONE]\n\n"],
+        [b"data: " + CHUNK + b"\r\n\r\n", b"data: [DONE]\r\n\r\n"],
+        [b"data: " + CHUNK + b"\r", b"\n\r\ndata: [DONE]\r\n\r\n"],  # CRLF split across reads
+        [b": keep-alive\n\nevent: message\nid: 1\ndata: " + CHUNK + b"\n\ndata: [DONE]\n\n"],
+        [b'data: {"choices":\ndata: [{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'],
+        [b"data: " + CHUNK[:20], 0.05, CHUNK[20:] + b"\n\n", b"data: [DONE]\n\n"],
+    ],
+    ids=["lf", "crlf", "crlf-split", "comments-event-id", "multi-line-data", "split-json"],
+)
+def test_stream_shapes_all_yield_the_same_chunk(server, pieces):
+    answer(pieces)
+    chunks = relay(server)
+    assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["hi"]
+
+
+def test_multi_line_data_is_relayed_as_one_compact_line(server):
+    answer([b'data: {"choices":\ndata: []}\n\ndata: [DONE]\n\n'])
+    upstream = Upstream(base_url=server)
+    with requests.Session() as session:
+        response = open_stream(session, upstream, {})
+        (data, _), *_ = list(iter_chunks(response))
+    assert data == '{"choices":[]}'
+
+
+def test_an_end_without_done_returns_so_the_caller_can_judge_it(server):
+    answer([b"data: " + CHUNK + b"\n\n"])
+    assert len(relay(server)) == 1
+
+
+@pytest.mark.parametrize(
+    ("pieces", "status", "content_type", "code", "message"),
+    [
+        ([b'{"error": {"message": "bad key", "type": "auth", "code": "invalid_api_key"}}'], 401,
+         "application/json", "invalid_api_key", "bad key"),
+        ([b"<html>oops</html>"], 502, "text/html", "upstream_http_502", "502"),
+        ([b'{"error": {"message": "quota", "type": "x"}}'], 200, "application/json", None, "quota"),
+        ([b"data: " + CHUNK + b"\n\n", b'data: {"error": {"message": "overloaded"}}\n\n'], 200,
+         "text/event-stream", None, "overloaded"),
+        ([b'event: error\ndata: {"message": "x"}\n\n'], 200, "text/event-stream", None, "error"),
+        ([b"data: not json\n\n"], 200, "text/event-stream", "upstream_malformed", "malformed"),
+        ([b"data: [1, 2]\n\n"], 200, "text/event-stream", "upstream_malformed", "malformed"),
+    ],
+    ids=["401-json", "502-html", "200-json-error", "mid-stream-error", "error-event",
+         "not-json", "not-object"],
+)  # fmt: skip
+def test_upstream_errors_become_upstream_error(server, pieces, status, content_type, code, message):
+    answer(pieces, status=status, content_type=content_type)
+    with pytest.raises(UpstreamError) as info:
+        relay(server)
+    if code:
+        assert info.value.code == code
+    assert message in info.value.message
+
+
+def test_silence_longer_than_the_read_timeout_is_a_timeout(server):
+    answer([b"data: " + CHUNK + b"\n\n", 3.0, b"data: [DONE]\n\n"])
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as info:
+        relay(server, read_timeout=0.5)
+    assert info.value.code == "upstream_timeout"
+    assert time.monotonic() - started < 2.5
+
+
+def test_connection_refused_is_retryable():
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with pytest.raises(UpstreamError) as info:
+        relay(url)
+    assert info.value.code == "upstream_unreachable" and info.value.retryable
