@@ -1,0 +1,68 @@
+"""The README's set-up, as a new user runs it: a fresh clone and ``bash deploy/run.sh``.
+
+(``bash deploy/test.sh`` is what CI itself runs, so it is proven by every CI run.) The clone is
+of the committed HEAD; the stack gets free ports and a Redis URL where nothing listens, so the
+script must start its own redis-server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to clone the project")
+def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
+    clone = tmp_path / "chat-relay"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=60)
+    port, sim_port, redis_port = free_port(), free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        "RELAY_PORT": str(port),
+        "RELAY_SIM_PORT": str(sim_port),
+        "RELAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+    }
+    proc = subprocess.Popen(
+        ["bash", "deploy/run.sh"],
+        cwd=clone,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 500
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if "the stack is running" in line or time.monotonic() > deadline:
+                break
+        text = "".join(output)
+        assert "the stack is running" in text, text[-3000:]
+        assert "The quick brown fox" in text  # the demo reply streamed from the simulator
+        assert f"The relay is up at http://127.0.0.1:{port}" in text
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.json()["redis"] == "ok"
+        # Ctrl-C stops everything the script started.
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
