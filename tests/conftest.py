@@ -257,3 +257,9 @@ def running_stack(redis_server: str, simulator: str, log_dir: Path) -> Iterator[
         yield s, base
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def base(running_stack: tuple[Stack, str]) -> str:
+    """The base URL of the module's shared gunicorn."""
+    return running_stack[1]

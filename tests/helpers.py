@@ -87,3 +87,10 @@ def chat_body(content: str = "Hello", **simulator: object) -> dict:
     if simulator:
         body["simulator"] = simulator
     return body
+
+
+def create_job(base: str, body: dict) -> dict:
+    """POST /v1/jobs and return the 202 answer."""
+    response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()

@@ -9,6 +9,7 @@ monkey.patch_all()
 
 import json  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import gevent  # noqa: E402
 import redis  # noqa: E402
@@ -43,6 +44,23 @@ class RacingStore(JobStore):
         yield from events
 
 
+def running_job(client: redis.Redis, queue_size: int = 64):
+    """A claimed job and a viewer attached to it: (store, hub, job id, attempt, viewer)."""
+    store = JobStore(client, retention=60, max_age=600)
+    job_id = store.create(REQUEST)
+    attempt = store.claim(job_id, "w")
+    hub = Hub(client, queue_size=queue_size)
+    return store, hub, job_id, attempt, hub.attach(job_id)
+
+
+def until(condition, timeout: float = 5.0) -> None:
+    """Yield to the dispatcher greenlet until ``condition()`` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        gevent.sleep(0.005)
+
+
 def backlog_live_race(url: str) -> list[int]:
     """Events land between subscribing and reading the log, and between the log and live."""
     client = redis.Redis.from_url(url)
@@ -69,19 +87,13 @@ def backlog_live_race(url: str) -> list[int]:
 
 def slow_viewer(url: str) -> list[int]:
     """A viewer whose mailbox overflows catches up from the log, losing nothing."""
-    client = redis.Redis.from_url(url)
-    store = JobStore(client, retention=60, max_age=600)
-    job_id = store.create(REQUEST)
-    attempt = store.claim(job_id, "w")
-    hub = Hub(client, queue_size=4)
-    viewer = hub.attach(job_id)
+    store, hub, job_id, attempt, viewer = running_job(redis.Redis.from_url(url), queue_size=4)
     stream = stream_events(store, hub, viewer, 0, keepalive=30, retry_ms=1000)
     frames = [next(stream)]  # the retry hint; the viewer now stops reading
     for _ in range(50):
         store.publish(job_id, attempt, ["{}"])
     store.complete(job_id, attempt, "stop", None)
-    gevent.sleep(0.2)  # let the dispatcher overflow the mailbox
-    assert viewer.stale, "the mailbox should have overflowed"
+    until(lambda: viewer.stale)  # the dispatcher overflowed the mailbox
     assert viewer.queue.qsize() <= 4
     frames += list(stream)
     return ids_of(frames)
@@ -90,11 +102,7 @@ def slow_viewer(url: str) -> list[int]:
 def pubsub_reconnect(url: str) -> list[int]:
     """The shared subscription is killed mid-stream; the viewer still gets every event once."""
     client = redis.Redis.from_url(url)
-    store = JobStore(client, retention=60, max_age=600)
-    job_id = store.create(REQUEST)
-    attempt = store.claim(job_id, "w")
-    hub = Hub(client, queue_size=64)
-    viewer = hub.attach(job_id)
+    store, hub, job_id, attempt, viewer = running_job(client)
     frames: list[bytes] = []
 
     def consume() -> None:

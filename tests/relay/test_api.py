@@ -10,25 +10,14 @@ import pytest
 import requests
 
 from relay.simulator import reply_text
-from tests.helpers import chat_body, read_stream
+from tests.helpers import chat_body, create_job, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
-@pytest.fixture(scope="module")
-def base(running_stack):
-    return running_stack[1]
-
-
-def create(base: str, body: dict) -> dict:
-    response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
 def test_three_viewers_start_mid_stream_and_resume_see_the_same_sequence(base):
     body = chat_body("three viewers", tokens=40, interval=0.03)
-    job = create(base, body)
+    job = create_job(base, body)
     url = job["events_url"]
     results: dict[str, object] = {}
 
@@ -60,7 +49,7 @@ def test_three_viewers_start_mid_stream_and_resume_see_the_same_sequence(base):
 
 def test_a_viewer_after_completion_gets_the_whole_stream_and_status(base):
     body = chat_body("late", tokens=8)
-    job = create(base, body)
+    job = create_job(base, body)
     first, _ = read_stream(job["events_url"])
     again, _ = read_stream(job["events_url"])
     assert again.data == first.data and again.ids == first.ids and again.done
@@ -72,7 +61,7 @@ def test_a_viewer_after_completion_gets_the_whole_stream_and_status(base):
 
 
 def test_last_event_id_query_parameter_resumes_a_first_connect(base):
-    job = create(base, chat_body("query resume", tokens=6))
+    job = create_job(base, chat_body("query resume", tokens=6))
     whole, _ = read_stream(job["events_url"])
     resumed, _ = read_stream(job["events_url"] + "?lastEventId=3")
     assert resumed.ids == whole.ids[3:] and resumed.data == whole.data[3:]
@@ -82,7 +71,7 @@ def test_last_event_id_query_parameter_resumes_a_first_connect(base):
 
 
 def test_stream_headers_and_retry_hint(base):
-    job = create(base, chat_body("headers", tokens=3))
+    job = create_job(base, chat_body("headers", tokens=3))
     with requests.get(job["events_url"], stream=True, timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
         assert response.headers["Cache-Control"] == "no-cache"
@@ -97,7 +86,7 @@ def test_stream_headers_and_retry_hint(base):
 
 def test_keep_alive_comments_while_idle(base):
     # The stack's keep-alive is 1 s (read timeout 3 s); the upstream waits 2.5 s to start.
-    job = create(base, chat_body("idle", tokens=2, first_delay=2.5))
+    job = create_job(base, chat_body("idle", tokens=2, first_delay=2.5))
     with requests.get(job["events_url"], stream=True, timeout=10) as response:
         body = b"".join(response.iter_content(chunk_size=None))
     assert b": keep-alive\n\n" in body
@@ -191,6 +180,6 @@ def test_unknown_route_and_method_are_json(base):
 
 
 def test_bad_last_event_id_is_a_400(base):
-    job = create(base, chat_body("x", tokens=1))
+    job = create_job(base, chat_body("x", tokens=1))
     response = requests.get(job["events_url"], headers={"Last-Event-ID": "abc"}, timeout=5)
     assert response.status_code == 400

@@ -11,20 +11,9 @@ import requests
 
 from relay.simulator import reply_text
 from tests.conftest import wait_for
-from tests.helpers import chat_body, read_stream
+from tests.helpers import chat_body, create_job, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture(scope="module")
-def base(running_stack):
-    return running_stack[1]
-
-
-def create(base: str, body: dict) -> dict:
-    response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
-    assert response.status_code == 202, response.text
-    return response.json()
 
 
 def status_of(job: dict) -> dict:
@@ -44,7 +33,7 @@ def status_of(job: dict) -> dict:
     ids=["500", "json-error", "hang-before-first", "hang-mid-stream", "drop", "error-mid-stream"],
 )
 def test_upstream_failures_end_in_an_error_event_and_done(base, sim_options, code):
-    job = create(base, chat_body("fail", tokens=10, **sim_options))
+    job = create_job(base, chat_body("fail", tokens=10, **sim_options))
     started = time.monotonic()
     received, _ = read_stream(job["events_url"], timeout=30)
     assert received.done, received
@@ -64,13 +53,13 @@ def test_upstream_failures_end_in_an_error_event_and_done(base, sim_options, cod
 @pytest.mark.parametrize("reason", ["length", "content_filter"])
 def test_finish_reasons_reach_viewers_and_status(base, reason):
     body = chat_body("finish", tokens=5, finish_reason=reason)
-    received, _ = read_stream(create(base, body)["events_url"])
+    received, _ = read_stream(create_job(base, body)["events_url"])
     assert received.finish_reasons == [reason]
 
 
 def test_max_tokens_truncation_is_length(base):
     body = {**chat_body("long", tokens=20), "max_tokens": 4}
-    job = create(base, body)
+    job = create_job(base, body)
     received, _ = read_stream(job["events_url"])
     assert received.finish_reasons == ["length"]
     assert status_of(job)["finish_reason"] == "length"
@@ -81,7 +70,7 @@ def test_worker_killed_before_the_first_chunk_another_worker_completes_the_job(s
     base = stack.start_web()
     doomed = stack.start_worker()
     body = chat_body("rerun", tokens=6, first_delay=2)
-    job = create(base, body)
+    job = create_job(base, body)
     wait_for(lambda: status_of(job)["status"] == "running", 10, "the job to be claimed")
     doomed.signal(signal.SIGKILL)
     stack.start_worker()
@@ -96,7 +85,7 @@ def test_worker_killed_mid_stream_viewers_get_an_error_and_done_within_the_lease
     lease = 3.0
     base = stack.start_web()
     doomed = stack.start_worker()
-    job = create(base, chat_body("lost", tokens=400, interval=0.05))
+    job = create_job(base, chat_body("lost", tokens=400, interval=0.05))
     first, _ = read_stream(job["events_url"], max_events=5)
     assert len(first.ids) == 5
     result: dict = {}
@@ -122,7 +111,7 @@ def test_worker_killed_mid_stream_viewers_get_an_error_and_done_within_the_lease
 @pytest.mark.parametrize("fmt", ["crlf", "multiline", "comments", ["crlf", "multiline"]])
 def test_upstream_stream_formats_relay_the_exact_text(base, fmt):
     body = chat_body("formats", tokens=8, format=fmt)
-    received, _ = read_stream(create(base, body)["events_url"])
+    received, _ = read_stream(create_job(base, body)["events_url"])
     assert received.done and not received.errors
     assert received.text == reply_text(body)
 
@@ -133,7 +122,7 @@ def test_one_worker_process_runs_200_streaming_jobs_at_once(stack):
     stats_url = stack.upstream.removesuffix("/v1") + "/_sim/stats"
     # Each job streams for 4 s: run one after another, 200 would take over 13 minutes.
     bodies = [chat_body(f"job {i}", tokens=20, interval=0.2) for i in range(200)]
-    jobs = [create(base, body) for body in bodies]
+    jobs = [create_job(base, body) for body in bodies]
     peak = wait_for(
         lambda: (n := requests.get(stats_url, timeout=5).json()["active_streams"]) >= 200 and n,
         20,
