@@ -128,5 +128,4 @@ def chat_completions():
 def healthz():
     relay = state()
     relay.redis.ping()
-    hub_viewers = relay.hub.viewer_count if relay._hub is not None else 0
-    return jsonify({"ok": True, "redis": "ok", "viewers": hub_viewers})
+    return jsonify({"ok": True, "redis": "ok", "viewers": relay.viewer_count})

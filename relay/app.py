@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Flask, current_app
 from redis import Redis
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from .config import DEFAULTS
@@ -47,6 +48,11 @@ class RelayState:
         return self._store
 
     @property
+    def viewer_count(self) -> int:
+        """Viewers this process serves (without starting the hub just to count them)."""
+        return self._hub.viewer_count if self._hub is not None else 0
+
+    @property
     def hub(self) -> Hub:
         if self._hub is None:
             self._hub = Hub(self.redis, queue_size=int(self._config["VIEWER_QUEUE_SIZE"]))
@@ -82,8 +88,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
-        from redis.exceptions import RedisError
-
         if isinstance(exc, RedisError):
             logger.warning("redis unavailable: %s", exc)
             return error_response(Unavailable("The relay cannot reach Redis; try again."))

@@ -31,6 +31,13 @@ def is_job_id(value: str) -> bool:
     return _JOB_ID.fullmatch(value) is not None
 
 
+def as_text(value: bytes | str | None) -> str:
+    """A Redis reply as text (the clients here do not decode responses)."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _now() -> str:
     return f"{time.time():.3f}"
 
@@ -143,7 +150,7 @@ class JobStore:
         pairs: list[str] = ["finished_at", _now()]
         for name, value in (fields or {}).items():
             pairs += [name, value]
-        args = ["" if attempt is None else attempt, status, self.retention, len(events)]
+        args: list[Any] = ["" if attempt is None else attempt, status, self.retention, len(events)]
         return bool(self.scripts.finish(keys=keys.job_keys(job_id), args=args + events + pairs))
 
     def complete(
@@ -171,7 +178,7 @@ class JobStore:
 
     def recover(self, job_id: str, worker_id: str, message: str) -> int:
         """Handle a job claimed by a dead worker (see ``RECOVER`` in :mod:`relay.scripts`)."""
-        model = (self.redis.hget(keys.job(job_id), "model") or b"").decode()
+        model = as_text(self.redis.hget(keys.job(job_id), "model"))
         chunk = error_chunk(job_id, message, type="server_error", code="worker_lost", model=model)
         error = dumps(loads(chunk)["error"])
         return int(

@@ -13,12 +13,13 @@ from __future__ import annotations
 from redis import Redis
 
 from . import keys
+from .jobs import as_text
 
 
-def claim_next(redis: Redis, worker_id: str, timeout: float) -> str | None:
+def claim_next(redis: Redis, worker_id: str, timeout: int) -> str | None:
     """Wait up to ``timeout`` seconds for a pending job and claim it; its id, or None."""
     job_id = redis.blmove(keys.PENDING, keys.claimed(worker_id), timeout, "RIGHT", "LEFT")
-    return job_id.decode() if job_id is not None else None
+    return as_text(job_id) or None
 
 
 def acknowledge(redis: Redis, worker_id: str, job_id: str) -> None:
@@ -27,7 +28,7 @@ def acknowledge(redis: Redis, worker_id: str, job_id: str) -> None:
 
 
 def claimed_jobs(redis: Redis, worker_id: str) -> list[str]:
-    return [j.decode() for j in redis.lrange(keys.claimed(worker_id), 0, -1)]
+    return [as_text(j) for j in redis.lrange(keys.claimed(worker_id), 0, -1)]
 
 
 def pending_count(redis: Redis) -> int:
@@ -59,7 +60,7 @@ def unregister_worker(redis: Redis, worker_id: str) -> None:
 
 def dead_workers(redis: Redis) -> list[str]:
     """Registered workers whose heartbeat has lapsed."""
-    workers = [w.decode() for w in redis.smembers(keys.WORKERS)]
+    workers = [as_text(w) for w in redis.smembers(keys.WORKERS)]
     if not workers:
         return []
     pipe = redis.pipeline(transaction=False)

@@ -280,7 +280,7 @@ class Simulator:
         if plan.fail == "json_error":
             error = _error("simulated error in a 200 answer", "server_error")
             return _json(start_response, 200, error)
-        model = body.get("model") if isinstance(body.get("model"), str) else "simulator"
+        model = body["model"] if isinstance(body.get("model"), str) else "simulator"
         if body.get("stream"):
             write = start_response(
                 "200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]

@@ -61,7 +61,7 @@ def _check_param(name: str, value: Any) -> None:
         raise InvalidRequest(f"'{name}' must be {described}.", param=name, code="invalid_type")
     if name in _RANGES:
         low, high = _RANGES[name]
-        if not low <= value <= high:
+        if not low <= value <= high:  # type: ignore[operator]  # a number, checked above
             hint = " (the relay streams one choice per job)" if name == "n" else ""
             raise InvalidRequest(
                 f"'{name}' must be between {low} and {high}{hint}.",

@@ -16,8 +16,6 @@ from .upstream import Upstream, UpstreamError, iter_chunks, open_stream
 
 logger = logging.getLogger(__name__)
 
-FINISH_REASONS_OK = ("stop", "length", "content_filter", "tool_calls", "function_call")
-
 
 class JobLost(Exception):
     """The job is no longer ours to write (it ended elsewhere or a janitor took it over)."""
