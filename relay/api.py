@@ -8,7 +8,7 @@ import orjson
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
 from .app import state
-from .errors import InvalidRequest, NotFound, Unavailable
+from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
 from .fanout import SubscribeTimeout
 from .streaming import stream_events
 from .validation import validate_chat_request
@@ -22,9 +22,24 @@ STREAM_HEADERS = {
 }
 
 
+def _body_bytes() -> bytes:
+    """The request body, refusing one over the limit also when it comes chunked.
+
+    Werkzeug checks a declared Content-Length, but silently truncates a chunked body at the
+    limit, which would surface as a misleading "invalid JSON".
+    """
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None or not request.environ.get("wsgi.input_terminated"):
+        return request.get_data(cache=False)
+    data = request.environ["wsgi.input"].read(limit + 1)
+    if len(data) > limit:
+        raise RequestTooLarge()
+    return data
+
+
 def _json_body() -> Any:
     try:
-        return orjson.loads(request.get_data(cache=False))
+        return orjson.loads(_body_bytes())
     except orjson.JSONDecodeError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be valid JSON.",

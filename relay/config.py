@@ -13,7 +13,9 @@ from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     "REDIS_URL": "redis://127.0.0.1:6379/0",
-    "REDIS_MAX_CONNECTIONS": 50,
+    # Per process. Viewers borrow a connection only to read the replay log; live events come
+    # over the one shared subscription, so a few connections serve thousands of viewers.
+    "REDIS_MAX_CONNECTIONS": 16,
     "UPSTREAM_BASE_URL": "https://api.openai.com/v1",
     "UPSTREAM_API_KEY": "",
     "UPSTREAM_CONNECT_TIMEOUT": 10.0,

@@ -49,6 +49,9 @@ class RequestTooLarge(RelayError):
     type = "invalid_request_error"
     code = "request_too_large"
 
+    def __init__(self, message: str = "The request body is larger than the relay accepts.") -> None:
+        super().__init__(message)
+
 
 class Unavailable(RelayError):
     status = 503
@@ -66,7 +69,7 @@ def from_http_exception(exc: HTTPException) -> RelayError:
     """Werkzeug's own errors (404 route, 405, 413 body limit...) in the same JSON shape."""
     status = exc.code or 500
     if status == 413:
-        return RequestTooLarge("Request body too large.")
+        return RequestTooLarge()
     error = RelayError(exc.description or exc.name, code=exc.name.lower().replace(" ", "_"))
     error.status = status
     error.type = "invalid_request_error" if 400 <= status < 500 else "server_error"

@@ -202,6 +202,7 @@ class Stack:
             "-w", str(workers),
             "-b", f"127.0.0.1:{port}",
             "--graceful-timeout", "2",
+            "--worker-connections", "10000",
             "relay:create_app()",
         ]  # fmt: skip
         proc = start_process(f"gunicorn-{next(self._names)}", cmd, self.log_dir, self.settings(env))

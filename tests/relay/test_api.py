@@ -183,3 +183,17 @@ def test_bad_last_event_id_is_a_400(base):
     job = create_job(base, chat_body("x", tokens=1))
     response = requests.get(job["events_url"], headers={"Last-Event-ID": "abc"}, timeout=5)
     assert response.status_code == 400
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_too(base):
+    def body():  # no Content-Length: the limit must hold while reading
+        yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    response = requests.post(
+        f"{base}/v1/jobs", data=body(), headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
