@@ -86,16 +86,24 @@ def backlog_live_race(url: str) -> list[int]:
 
 
 def slow_viewer(url: str) -> list[int]:
-    """A viewer whose mailbox overflows catches up from the log, losing nothing."""
-    store, hub, job_id, attempt, viewer = running_job(redis.Redis.from_url(url), queue_size=4)
-    stream = stream_events(store, hub, viewer, 0, keepalive=30, retry_ms=1000)
-    frames = [next(stream)]  # the retry hint; the viewer now stops reading
+    """A stalled viewer neither delays another viewer of the same job nor holds more than its
+    mailbox; once it reads again it catches up from the log, losing nothing."""
+    store, hub, job_id, attempt, slow = running_job(redis.Redis.from_url(url), queue_size=4)
+    fast = hub.attach(job_id)
+    stalled = stream_events(store, hub, slow, 0, keepalive=30, retry_ms=1000)
+    frames = [next(stalled)]  # the opening comment; this viewer now stops reading
+    reader = gevent.spawn(
+        lambda: list(stream_events(store, hub, fast, 0, keepalive=30, retry_ms=1))
+    )
     for _ in range(50):
         store.publish(job_id, attempt, ["{}"])
     store.complete(job_id, attempt, "stop", None)
-    until(lambda: viewer.stale)  # the dispatcher overflowed the mailbox
-    assert viewer.queue.qsize() <= 4
-    frames += list(stream)
+    reader.join(timeout=5)
+    assert reader.successful(), "the reading viewer was held up by the stalled one"
+    assert ids_of(reader.value) == list(range(1, 52))
+    until(lambda: slow.stale)  # the dispatcher overflowed the stalled mailbox
+    assert slow.queue.qsize() <= 4
+    frames += list(stalled)
     return ids_of(frames)
 
 
