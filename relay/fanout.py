@@ -28,11 +28,12 @@ logger = logging.getLogger(__name__)
 
 class LiveEvent(NamedTuple):
     seq: int
+    data: bytes
     frame: bytes  # the event already formatted as SSE, shared by every viewer
     done: bool
 
 
-RESYNC = LiveEvent(0, b"", False)
+RESYNC = LiveEvent(0, b"", b"", False)
 """Put in a mailbox to wake its viewer so that it re-reads the log."""
 
 
@@ -194,7 +195,7 @@ class Hub:
             if not viewers:
                 return
             seq, data = decode_live(message["data"])
-            event = LiveEvent(seq, format_event(data, id=seq), data == DONE_BYTES)
+            event = LiveEvent(seq, data, format_event(data, id=seq), data == DONE_BYTES)
             for viewer in viewers:
                 viewer.offer(event)
         elif kind == "subscribe":
