@@ -7,10 +7,11 @@ from typing import Any
 import orjson
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 
+from .aggregate import aggregate
 from .app import state
 from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
 from .fanout import SubscribeTimeout
-from .streaming import stream_events
+from .streaming import follow, stream_events
 from .validation import validate_chat_request
 
 api = Blueprint("relay", __name__)
@@ -47,9 +48,10 @@ def _json_body() -> Any:
         ) from None
 
 
-def _create_job() -> str:
+def _create_job() -> tuple[str, dict[str, Any]]:
+    """Validate the body, then store and queue the job: its id and the stored request."""
     body = validate_chat_request(_json_body(), default_model=current_app.config["DEFAULT_MODEL"])
-    return state().store.create(body)
+    return state().store.create(body), body
 
 
 def _last_event_id() -> int:
@@ -96,7 +98,7 @@ def _job_links(job_id: str) -> dict[str, str]:
 
 @api.post("/v1/jobs")
 def create_job():
-    job_id = _create_job()
+    job_id, _ = _create_job()
     links = _job_links(job_id)
     body = {"id": job_id, "object": "relay.job", "status": "queued", **links}
     response = jsonify(body)
@@ -123,20 +125,31 @@ def job_events(job_id: str):
 
 @api.post("/v1/chat/completions")
 def chat_completions():
-    body = _json_body()
-    if isinstance(body, dict) and body.get("stream") is not True:
-        raise InvalidRequest(
-            'Only streaming is supported here: set "stream": true '
-            "(or create a job with POST /v1/jobs and read its status).",
-            param="stream",
-            code="unsupported_value",
-        )
-    validated = validate_chat_request(body, default_model=current_app.config["DEFAULT_MODEL"])
-    job_id = state().store.create(validated)
+    job_id, body = _create_job()
     links = _job_links(job_id)
-    return _event_stream(
-        job_id, 0, {"X-Relay-Job-Id": job_id, "X-Relay-Events-Url": links["events_url"]}
-    )
+    headers = {"X-Relay-Job-Id": job_id, "X-Relay-Events-Url": links["events_url"]}
+    if body.get("stream"):
+        return _event_stream(job_id, 0, headers)
+    return _completion(job_id, headers)
+
+
+def _completion(job_id: str, headers: dict[str, str]) -> Response:
+    """``stream: false``: wait for the job's events and answer one ``chat.completion``."""
+    relay = state()
+    try:
+        viewer = relay.hub.attach(job_id)
+    except SubscribeTimeout:
+        raise Unavailable("The relay could not subscribe to the job; try again.") from None
+    idle = float(current_app.config["KEEPALIVE_SECONDS"])
+    events = follow(relay.store, relay.hub, viewer, 0, idle=idle)
+    result = aggregate(event.data for event in events if event is not None)
+    if result.error is not None:
+        response = jsonify({"error": result.error})
+        response.status_code = 504 if result.error.get("code") == "upstream_timeout" else 502
+    else:
+        response = jsonify(result.completion(job_id))
+    response.headers.update(headers)
+    return response
 
 
 @api.get("/healthz")

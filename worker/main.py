@@ -69,6 +69,7 @@ class Worker:
             worker_id=self.worker_id,
             max_retries=int(settings["UPSTREAM_MAX_RETRIES"]),
             default_model=settings["DEFAULT_MODEL"] or "",
+            include_usage=bool(settings["UPSTREAM_INCLUDE_USAGE"]),
         )
         self.pool = Pool(self.concurrency)
         self.stopping = Event()

@@ -29,6 +29,7 @@ class JobContext:
     worker_id: str
     max_retries: int = 2
     default_model: str = ""
+    include_usage: bool = True
 
 
 def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
@@ -56,9 +57,28 @@ def _open_with_retries(ctx: JobContext, job_id: str, body: dict) -> requests.Res
             gevent.sleep(delay)
 
 
+def _upstream_request(ctx: JobContext, body: dict) -> tuple[dict, bool]:
+    """The body to send upstream, and whether the client wants the usage chunk relayed.
+
+    The relay asks for usage on every job so that it can store it; clients that did not ask
+    (a streamed request without ``stream_options.include_usage``) do not get the extra chunk.
+    A ``stream: false`` client always gets usage in its ``chat.completion``, as from OpenAI.
+    """
+    options = body.get("stream_options") or {}
+    wants_usage = bool(options.get("include_usage")) or not body.get("stream")
+    if ctx.include_usage:
+        body = {**body, "stream_options": {**options, "include_usage": True}}
+    return body, wants_usage
+
+
+def _is_usage_only(chunk: dict[str, Any]) -> bool:
+    return not chunk.get("choices") and bool(chunk.get("usage"))
+
+
 def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict) -> None:
     """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job."""
     store = ctx.store
+    body, wants_usage = _upstream_request(ctx, body)
     response = _open_with_retries(ctx, job_id, body)
     finish_reason: str | None = None
     usage: dict | None = None
@@ -68,6 +88,8 @@ def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict) -> None:
             finish_reason = reason or finish_reason
             if chunk.get("usage"):
                 usage = chunk["usage"]
+                if _is_usage_only(chunk) and not wants_usage:
+                    continue
             if not store.publish(job_id, attempt, [data], text):
                 raise JobLost(job_id)
     finally:

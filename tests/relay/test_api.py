@@ -167,10 +167,50 @@ def test_malformed_requests_get_json_errors_and_the_service_keeps_working(
     assert requests.get(f"{base}/healthz", timeout=5).ok
 
 
-def test_chat_completions_without_stream_is_a_clear_400(base):
-    response = requests.post(f"{base}/v1/chat/completions", json=chat_body("x"), timeout=5)
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "stream"
+def test_stream_false_through_the_openai_sdk_returns_the_upstreams_text(base):
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    body = chat_body("whole", tokens=9)
+    raw = client.chat.completions.with_raw_response.create(
+        model="simulator", messages=body["messages"], extra_body={"simulator": body["simulator"]}
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == reply_text(body)
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    # The job behind it is an ordinary job: watchable, with the same text.
+    job_id = raw.headers["X-Relay-Job-Id"]
+    watched, _ = read_stream(f"{base}/v1/jobs/{job_id}/events")
+    assert watched.text == reply_text(body)
+
+
+def test_stream_false_upstream_failure_is_a_json_error(base):
+    response = requests.post(
+        f"{base}/v1/chat/completions", json=chat_body("x", fail="status_500"), timeout=20
+    )
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_http_500"
+
+
+def test_usage_reaches_the_status_and_clients_that_asked(base):
+    asked = {
+        **chat_body("usage", tokens=5),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    received, response = read_stream(f"{base}/v1/chat/completions", method="POST", json_body=asked)
+    usage_chunks = [c for c in received.chunks if not c["choices"] and c.get("usage")]
+    assert len(usage_chunks) == 1 and usage_chunks[0]["usage"]["completion_tokens"] == 5
+    job = requests.get(f"{base}/v1/jobs/{response.headers['X-Relay-Job-Id']}", timeout=5).json()
+    assert job["usage"] == usage_chunks[0]["usage"]
+
+    not_asked = {**chat_body("usage", tokens=5), "stream": True}
+    received, response = read_stream(
+        f"{base}/v1/chat/completions", method="POST", json_body=not_asked
+    )
+    assert not [c for c in received.chunks if not c["choices"]], "no usage chunk unasked"
+    job = requests.get(f"{base}/v1/jobs/{response.headers['X-Relay-Job-Id']}", timeout=5).json()
+    assert job["usage"]["completion_tokens"] == 5  # stored all the same
 
 
 def test_unknown_route_and_method_are_json(base):
