@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from redis.exceptions import RedisError
 
 from .aggregate import aggregate
 from .app import state
 from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
-from .fanout import SubscribeTimeout
+from .fanout import SubscribeTimeout, Viewer
 from .streaming import follow, stream_events
 from .validation import validate_chat_request
 
+logger = logging.getLogger(__name__)
 api = Blueprint("relay", __name__)
 
 STREAM_HEADERS = {
@@ -66,26 +70,52 @@ def _last_event_id() -> int:
     return int(raw)
 
 
-def _event_stream(job_id: str, after: int, headers: dict[str, str] | None = None) -> Response:
-    """Attach in the view (so failures are still a proper JSON error), then stream."""
-    relay = state()
+def _attach(job_id: str) -> Viewer:
     try:
-        viewer = relay.hub.attach(job_id)
+        return state().hub.attach(job_id)
     except SubscribeTimeout:
         raise Unavailable("The relay could not subscribe to the job; try again.") from None
-    body = stream_events(
-        relay.store,
-        relay.hub,
-        viewer,
-        after,
-        keepalive=float(current_app.config["KEEPALIVE_SECONDS"]),
-        retry_ms=int(current_app.config["RETRY_MS"]),
-    )
+
+
+def _event_stream(
+    job_id: str, after: int, headers: dict[str, str] | None = None, *, owner: bool = False
+) -> Response:
+    """Attach in the view (so failures are still a proper JSON error), then stream.
+
+    ``owner`` marks the stream that created its job (``POST /v1/chat/completions``): closed
+    before ``[DONE]`` while nobody else watches, it cancels the job (``CANCEL_ON_DISCONNECT``).
+    """
+    relay = state()
+    viewer = _attach(job_id)
+    relay.store.add_viewer(job_id, 1)
+    cancel_if_abandoned = owner and bool(current_app.config["CANCEL_ON_DISCONNECT"])
+    # Read configuration here: the generator runs after the request context is gone.
+    keepalive = float(current_app.config["KEEPALIVE_SECONDS"])
+    retry_ms = int(current_app.config["RETRY_MS"])
+    finished = False
+
+    def body() -> Iterator[bytes]:
+        nonlocal finished
+        yield from stream_events(
+            relay.store, relay.hub, viewer, after, keepalive=keepalive, retry_ms=retry_ms
+        )
+        finished = True
+
+    def on_close() -> None:
+        # An unstarted generator's finally never runs, so detach here as well (idempotent).
+        relay.hub.detach(viewer)
+        try:
+            remaining = relay.store.add_viewer(job_id, -1)
+            if cancel_if_abandoned and not finished and remaining <= 0:
+                logger.info("job %s: its only viewer left; cancelling", job_id)
+                relay.store.cancel(job_id)
+        except RedisError as exc:
+            logger.warning("job %s: could not update viewers on close: %s", job_id, exc)
+
     response = Response(
-        body, mimetype="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})}
+        body(), mimetype="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})}
     )
-    # An unstarted generator's finally never runs, so detach on close as well (idempotent).
-    response.call_on_close(lambda: relay.hub.detach(viewer))
+    response.call_on_close(on_close)
     return response
 
 
@@ -123,23 +153,30 @@ def job_events(job_id: str):
     return _event_stream(job_id, after)
 
 
+@api.post("/v1/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    """Stop generation; viewers get a final chunk (``finish_reason: "cancelled"``) and [DONE]."""
+    store = state().store
+    if not store.exists(job_id):
+        raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
+    store.cancel(job_id)  # a job that already ended keeps its outcome
+    return jsonify({**store.status(job_id), **_job_links(job_id)})  # type: ignore[dict-item]
+
+
 @api.post("/v1/chat/completions")
 def chat_completions():
     job_id, body = _create_job()
     links = _job_links(job_id)
     headers = {"X-Relay-Job-Id": job_id, "X-Relay-Events-Url": links["events_url"]}
     if body.get("stream"):
-        return _event_stream(job_id, 0, headers)
+        return _event_stream(job_id, 0, headers, owner=True)
     return _completion(job_id, headers)
 
 
 def _completion(job_id: str, headers: dict[str, str]) -> Response:
     """``stream: false``: wait for the job's events and answer one ``chat.completion``."""
     relay = state()
-    try:
-        viewer = relay.hub.attach(job_id)
-    except SubscribeTimeout:
-        raise Unavailable("The relay could not subscribe to the job; try again.") from None
+    viewer = _attach(job_id)
     idle = float(current_app.config["KEEPALIVE_SECONDS"])
     events = follow(relay.store, relay.hub, viewer, 0, idle=idle)
     result = aggregate(event.data for event in events if event is not None)

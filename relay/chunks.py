@@ -56,6 +56,24 @@ def error_chunk(
     return dumps(chunk)
 
 
+CANCELLED = "cancelled"
+"""The ``finish_reason`` of the final chunk of a cancelled job."""
+
+
+def final_chunk(job_id: str, finish_reason: str, model: str = "") -> str:
+    """A last chunk written by the relay itself (not the upstream): no delta, a finish_reason."""
+    choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+    return dumps(
+        {
+            "id": f"chatcmpl-{job_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+        }
+    )
+
+
 def encode_live(seq: int, data: str) -> str:
     """The pub/sub message for event ``seq`` (the Lua scripts build the same shape)."""
     return f"{seq} {data}"

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_MS": 2000,
     "VIEWER_QUEUE_SIZE": 1024,
     "WORKER_CONCURRENCY": 256,
+    "CANCEL_ON_DISCONNECT": True,
 }
 
 

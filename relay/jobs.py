@@ -13,7 +13,7 @@ from typing import Any
 from redis import Redis
 
 from . import keys
-from .chunks import DONE, dumps, error_chunk, loads
+from .chunks import CANCELLED, DONE, dumps, error_chunk, final_chunk, loads
 from .scripts import Scripts
 
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
@@ -108,6 +108,25 @@ class JobStore:
             "started_at": stamp("started_at"),
             "finished_at": stamp("finished_at"),
         }
+
+    def cancel(self, job_id: str) -> tuple[bool, str]:
+        """End a queued or running job as ``cancelled``, keeping its text so far.
+
+        Returns whether this call ended it, and the worker running it (to be told to stop).
+        """
+        model, worker = (as_text(v) for v in self.redis.hmget(keys.job(job_id), "model", "worker"))
+        chunk = final_chunk(job_id, CANCELLED, model)
+        ended = self.finish(job_id, None, "cancelled", [chunk, DONE], {"finish_reason": CANCELLED})
+        if ended and worker:
+            self.redis.publish(keys.control(worker), f"cancel {job_id}")
+        return ended, worker
+
+    def add_viewer(self, job_id: str, delta: int) -> int:
+        """Count viewers across processes; the count after the change."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.incrby(keys.viewers(job_id), delta)
+        pipe.expire(keys.viewers(job_id), self.max_age)
+        return int(pipe.execute()[0])
 
     def request(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(keys.job(job_id), "request")

@@ -35,6 +35,11 @@ def job_keys(job_id: str) -> list[str]:
     return [job(job_id), events(job_id), text(job_id), live(job_id)]
 
 
+def viewers(job_id: str) -> str:
+    """Counter: viewers attached to the job across all web processes."""
+    return f"{PREFIX}:{{{job_id}}}:viewers"
+
+
 def live_job_id(channel: str) -> str:
     """Inverse of :func:`live`: the job id named by a live channel."""
     return channel[len(PREFIX) + 2 : channel.index("}")]
@@ -50,6 +55,11 @@ WORKERS = f"{PREFIX}:workers"
 def claimed(worker_id: str) -> str:
     """List: the jobs a worker has claimed and not yet finished."""
     return f"{PREFIX}:worker:{worker_id}:claimed"
+
+
+def control(worker_id: str) -> str:
+    """Pub/sub channel: orders for one worker (``"cancel <job id>"``)."""
+    return f"{PREFIX}:worker:{worker_id}:control"
 
 
 def heartbeat(worker_id: str) -> str:

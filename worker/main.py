@@ -15,12 +15,12 @@ from gevent.event import Event
 from gevent.pool import Pool
 from redis.exceptions import RedisError
 
-from relay import queue
+from relay import keys, queue
 from relay.jobs import JobStore
 from relay.redis_client import connect
 
 from . import janitor
-from .runner import JobContext, run_job
+from .runner import JobCancelled, JobContext, run_job
 from .upstream import Upstream
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Worker:
             include_usage=bool(settings["UPSTREAM_INCLUDE_USAGE"]),
         )
         self.pool = Pool(self.concurrency)
+        self.running: dict[str, gevent.Greenlet] = {}
         self.stopping = Event()
 
     def request_stop(self) -> None:
@@ -95,6 +96,38 @@ class Worker:
     def _sweep(self) -> None:
         janitor.sweep(self.store)
 
+    def _run_job(self, job_id: str) -> None:
+        self.running[job_id] = gevent.getcurrent()
+        try:
+            run_job(self.ctx, job_id)
+        finally:
+            self.running.pop(job_id, None)
+
+    def _obey(self, order: bytes) -> None:
+        command, _, job_id = order.decode().partition(" ")
+        greenlet = self.running.get(job_id)
+        if command == "cancel" and greenlet is not None:
+            greenlet.kill(JobCancelled(job_id), block=False)
+
+    def _listen(self) -> None:
+        """Follow this worker's control channel (cancel orders) on one pub/sub connection."""
+        backoff = 0.1
+        while not self.stopping.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(keys.control(self.worker_id))
+                while not self.stopping.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._obey(message["data"])
+                    backoff = 0.1
+            except RedisError as exc:
+                logger.warning("control channel lost (%s); retrying in %.1fs", exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                pubsub.close()
+
     def work(self, grace: float = 30.0) -> None:
         """Claim and run jobs until asked to stop, then let running jobs finish (up to grace)."""
         backoff = 0.1
@@ -112,6 +145,7 @@ class Worker:
             helpers = [
                 gevent.spawn(self._every, self.heartbeat_every, self._heartbeat, "heartbeat"),
                 gevent.spawn(self._every, self.janitor_every, self._sweep, "janitor"),
+                gevent.spawn(self._listen),
             ]
             logger.info(
                 "worker %s ready: concurrency %d, upstream %s",
@@ -133,7 +167,7 @@ class Worker:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 if job_id is not None:
-                    self.pool.spawn(run_job, self.ctx, job_id)
+                    self.pool.spawn(self._run_job, job_id)
         finally:
             self.teardown(helpers, grace)
 

@@ -21,6 +21,10 @@ class JobLost(Exception):
     """The job is no longer ours to write (it ended elsewhere or a janitor took it over)."""
 
 
+class JobCancelled(Exception):
+    """Raised inside a job's greenlet when the job was cancelled: stop reading the upstream."""
+
+
 @dataclass
 class JobContext:
     store: JobStore
@@ -159,6 +163,9 @@ def _run(ctx: JobContext, job_id: str) -> None:
         handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""))
     except JobLost:
         logger.info("job %s ended elsewhere; stopped relaying", job_id)
+    except JobCancelled:
+        # The cancel already wrote the final chunk; leaving _stream closed the upstream.
+        logger.info("job %s cancelled; upstream connection closed", job_id)
     except Exception:
         logger.exception("job %s: internal error", job_id)
         error = UpstreamError(
