@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from .aggregate import aggregate
 from .app import state
+from .conversations import Turn
 from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
 from .fanout import SubscribeTimeout, Viewer
 from .streaming import follow, stream_events
@@ -52,10 +53,24 @@ def _json_body() -> Any:
         ) from None
 
 
-def _create_job() -> tuple[str, dict[str, Any]]:
-    """Validate the body, then store and queue the job: its id and the stored request."""
-    body = validate_chat_request(_json_body(), default_model=current_app.config["DEFAULT_MODEL"])
-    return state().store.create(body), body
+def _create_job(body: Any = None) -> tuple[str, dict[str, Any], Turn]:
+    """Validate the body, rebuild its conversation, then store and queue the job."""
+    if body is None:
+        body = _json_body()
+    body = validate_chat_request(body, default_model=current_app.config["DEFAULT_MODEL"])
+    relay = state()
+    request, turn = relay.conversations.prepare(body)
+    return relay.store.create(request, turn), request, turn
+
+
+def _cancel(job_id: str) -> None:
+    """Cancel a job and keep its text so far as a reply that can be a parent."""
+    relay = state()
+    ended, _ = relay.store.cancel(job_id)
+    turn = relay.store.turn(job_id)
+    if ended and turn is not None:
+        status = relay.store.status(job_id) or {}
+        relay.conversations.save_reply(turn, status.get("text") or "")
 
 
 def _last_event_id() -> int:
@@ -89,6 +104,7 @@ def _event_stream(
     viewer = _attach(job_id)
     relay.store.add_viewer(job_id, 1)
     cancel_if_abandoned = owner and bool(current_app.config["CANCEL_ON_DISCONNECT"])
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
     # Read configuration here: the generator runs after the request context is gone.
     keepalive = float(current_app.config["KEEPALIVE_SECONDS"])
     retry_ms = int(current_app.config["RETRY_MS"])
@@ -108,7 +124,8 @@ def _event_stream(
             remaining = relay.store.add_viewer(job_id, -1)
             if cancel_if_abandoned and not finished and remaining <= 0:
                 logger.info("job %s: its only viewer left; cancelling", job_id)
-                relay.store.cancel(job_id)
+                with app.app_context():
+                    _cancel(job_id)
         except RedisError as exc:
             logger.warning("job %s: could not update viewers on close: %s", job_id, exc)
 
@@ -128,9 +145,16 @@ def _job_links(job_id: str) -> dict[str, str]:
 
 @api.post("/v1/jobs")
 def create_job():
-    job_id, _ = _create_job()
+    job_id, _, turn = _create_job()
     links = _job_links(job_id)
-    body = {"id": job_id, "object": "relay.job", "status": "queued", **links}
+    body = {
+        "id": job_id,
+        "object": "relay.job",
+        "status": "queued",
+        "messageId": turn.message_id,
+        "parentMessageId": turn.parent_message_id,
+        **links,
+    }
     response = jsonify(body)
     response.status_code = 202
     response.headers["Location"] = links["status_url"]
@@ -159,15 +183,19 @@ def cancel_job(job_id: str):
     store = state().store
     if not store.exists(job_id):
         raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
-    store.cancel(job_id)  # a job that already ended keeps its outcome
+    _cancel(job_id)  # a job that already ended keeps its outcome
     return jsonify({**store.status(job_id), **_job_links(job_id)})  # type: ignore[dict-item]
 
 
 @api.post("/v1/chat/completions")
 def chat_completions():
-    job_id, body = _create_job()
+    job_id, body, turn = _create_job()
     links = _job_links(job_id)
-    headers = {"X-Relay-Job-Id": job_id, "X-Relay-Events-Url": links["events_url"]}
+    headers = {
+        "X-Relay-Job-Id": job_id,
+        "X-Relay-Events-Url": links["events_url"],
+        "X-Relay-Message-Id": turn.message_id,
+    }
     if body.get("stream"):
         return _event_stream(job_id, 0, headers, owner=True)
     return _completion(job_id, headers)

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from .config import DEFAULTS
+from .conversations import Conversations
 from .errors import RelayError, Unavailable, error_response, from_http_exception
 from .fanout import Hub
 from .jobs import JobStore
@@ -28,6 +29,7 @@ class RelayState:
         self._redis: Redis | None = None
         self._store: JobStore | None = None
         self._hub: Hub | None = None
+        self._conversations: Conversations | None = None
 
     @property
     def redis(self) -> Redis:
@@ -46,6 +48,17 @@ class RelayState:
                 max_age=int(self._config["JOB_MAX_AGE_SECONDS"]),
             )
         return self._store
+
+    @property
+    def conversations(self) -> Conversations:
+        if self._conversations is None:
+            self._conversations = Conversations(
+                self.redis,
+                ttl=int(self._config["CONVERSATION_TTL_SECONDS"]),
+                max_context_tokens=int(self._config["MAX_CONTEXT_TOKENS"]),
+                max_response_tokens=int(self._config["MAX_RESPONSE_TOKENS"]),
+            )
+        return self._conversations
 
     @property
     def viewer_count(self) -> int:

@@ -14,6 +14,7 @@ from redis import Redis
 
 from . import keys
 from .chunks import CANCELLED, DONE, dumps, error_chunk, final_chunk, loads
+from .conversations import Turn
 from .scripts import Scripts
 
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
@@ -54,21 +55,21 @@ class JobStore:
 
     # -- the relay's side ---------------------------------------------------------------------
 
-    def create(self, request: dict[str, Any]) -> str:
+    def create(self, request: dict[str, Any], turn: Turn | None = None) -> str:
         """Store a job and queue it, atomically, so a queued id always has a job behind it."""
         job_id = new_job_id()
+        fields: dict[str | bytes, str | int] = {
+            "request": dumps(request),
+            "model": str(request.get("model") or ""),
+            "status": "queued",
+            "created_at": _now(),
+            "seq": 0,
+            "attempt": 0,
+        }
+        if turn is not None:
+            fields["conversation"] = turn.to_json()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            keys.job(job_id),
-            mapping={
-                "request": dumps(request),
-                "model": str(request.get("model") or ""),
-                "status": "queued",
-                "created_at": _now(),
-                "seq": 0,
-                "attempt": 0,
-            },
-        )
+        pipe.hset(keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(keys.job(job_id), self.max_age)
         pipe.set(keys.text(job_id), "", ex=self.max_age)
         pipe.lpush(keys.PENDING, job_id)
@@ -93,10 +94,13 @@ class JobStore:
         def stamp(name: str) -> float | None:
             return float(h[name]) if h.get(name) else None
 
+        turn = Turn.from_json(h["conversation"]) if h.get("conversation") else None
         return {
             "id": job_id,
             "object": "relay.job",
             "status": h.get("status"),
+            "messageId": turn.message_id if turn else None,
+            "parentMessageId": turn.parent_message_id if turn else None,
             "model": h.get("model") or None,
             "text": (text or b"").decode(),
             "finish_reason": h.get("finish_reason") or None,
@@ -131,6 +135,15 @@ class JobStore:
     def request(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(keys.job(job_id), "request")
         return loads(raw) if raw else None
+
+    def load(self, job_id: str) -> tuple[dict[str, Any], Turn | None]:
+        """What a worker needs to run the job: the upstream request and its conversation turn."""
+        raw, turn = self.redis.hmget(keys.job(job_id), "request", "conversation")
+        return (loads(raw) if raw else {}), (Turn.from_json(turn) if turn else None)
+
+    def turn(self, job_id: str) -> Turn | None:
+        raw = self.redis.hget(keys.job(job_id), "conversation")
+        return Turn.from_json(raw) if raw else None
 
     def read_events(self, job_id: str, after: int = 0) -> Iterator[tuple[int, bytes]]:
         """Events with ids greater than ``after``, read in pages so memory stays bounded."""

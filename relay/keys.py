@@ -40,6 +40,11 @@ def viewers(job_id: str) -> str:
     return f"{PREFIX}:{{{job_id}}}:viewers"
 
 
+def message(message_id: str) -> str:
+    """String (JSON): one conversation message; outlives the job that made it."""
+    return f"{PREFIX}:{{{message_id}}}:message"
+
+
 def live_job_id(channel: str) -> str:
     """Inverse of :func:`live`: the job id named by a live channel."""
     return channel[len(PREFIX) + 2 : channel.index("}")]

@@ -37,6 +37,10 @@ _PARAMS: dict[str, tuple[tuple[type, ...], str]] = {
     "tool_choice": ((str, dict), "a string or an object"),
     "parallel_tool_calls": ((bool,), "a boolean"),
     "metadata": ((dict,), "an object"),
+    # Conversations by message id (the chatgpt npm package's model); not sent upstream.
+    "parentMessageId": ((str,), "a string"),
+    "systemMessage": ((str,), "a string"),
+    "prompt": ((str,), "a string"),
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "temperature": (0, 2),
@@ -116,13 +120,15 @@ def validate_chat_request(body: Any, *, default_model: str = "") -> dict[str, An
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
     messages = body.get("messages")
-    if messages is None:
+    if messages is None and isinstance(body.get("prompt"), str):
+        messages = []  # the prompt is the new user message
+    elif messages is None:
         raise InvalidRequest(
             "'messages' is a required property.", param="messages", code="missing_required"
         )
     if not isinstance(messages, list):
         raise InvalidRequest("'messages' must be an array.", param="messages", code="invalid_type")
-    if not messages:
+    if not messages and "prompt" not in body:
         raise InvalidRequest(
             "'messages' must contain at least one message.", param="messages", code="empty_array"
         )

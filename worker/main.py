@@ -16,6 +16,7 @@ from gevent.pool import Pool
 from redis.exceptions import RedisError
 
 from relay import keys, queue
+from relay.conversations import Conversations
 from relay.jobs import JobStore
 from relay.redis_client import connect
 
@@ -70,6 +71,7 @@ class Worker:
             max_retries=int(settings["UPSTREAM_MAX_RETRIES"]),
             default_model=settings["DEFAULT_MODEL"] or "",
             include_usage=bool(settings["UPSTREAM_INCLUDE_USAGE"]),
+            conversations=Conversations(self.redis, ttl=int(settings["CONVERSATION_TTL_SECONDS"])),
         )
         self.pool = Pool(self.concurrency)
         self.running: dict[str, gevent.Greenlet] = {}

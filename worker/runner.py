@@ -10,6 +10,8 @@ import gevent
 import requests
 
 from relay import queue
+from relay.chunks import dumps
+from relay.conversations import Conversations, Turn
 from relay.jobs import JobStore
 
 from .upstream import Upstream, UpstreamError, iter_chunks, open_stream
@@ -34,6 +36,7 @@ class JobContext:
     max_retries: int = 2
     default_model: str = ""
     include_usage: bool = True
+    conversations: Conversations | None = None
 
 
 def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
@@ -79,16 +82,22 @@ def _is_usage_only(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and bool(chunk.get("usage"))
 
 
-def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict) -> None:
+def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None) -> None:
     """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job."""
     store = ctx.store
     body, wants_usage = _upstream_request(ctx, body)
     response = _open_with_retries(ctx, job_id, body)
     finish_reason: str | None = None
     usage: dict | None = None
+    parts: list[str] = []
     try:
         for data, chunk in iter_chunks(response):
+            if turn is not None and chunk.get("id") != turn.message_id:
+                # The completion's id is the reply's message id: the next parentMessageId.
+                chunk["id"] = turn.message_id
+                data = dumps(chunk)
             text, reason = _delta_text(chunk)
+            parts.append(text)
             finish_reason = reason or finish_reason
             if chunk.get("usage"):
                 usage = chunk["usage"]
@@ -105,6 +114,8 @@ def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict) -> None:
         )
     if not store.complete(job_id, attempt, finish_reason, usage):
         raise JobLost(job_id)
+    if turn is not None and ctx.conversations is not None:
+        ctx.conversations.save_reply(turn, "".join(parts))
 
 
 def handle_job_failure(
@@ -152,12 +163,12 @@ def _run(ctx: JobContext, job_id: str) -> None:
     if not attempt:
         logger.info("job %s is no longer queued; skipping", job_id)
         return
-    body = store.request(job_id) or {}
+    body, turn = store.load(job_id)
     if not body.get("model") and ctx.default_model:
         body["model"] = ctx.default_model
     logger.info("job %s started (attempt %d)", job_id, attempt)
     try:
-        _stream(ctx, job_id, attempt, body)
+        _stream(ctx, job_id, attempt, body, turn)
         logger.info("job %s completed", job_id)
     except UpstreamError as exc:
         handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""))
