@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -14,8 +14,8 @@ from .aggregate import aggregate
 from .app import state
 from .conversations import Turn
 from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
-from .fanout import SubscribeTimeout, Viewer
-from .streaming import follow, stream_events
+from .fanout import LiveEvent, SubscribeTimeout, Viewer
+from .streaming import follow, sse_bytes
 from .validation import validate_chat_request
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _body_bytes() -> bytes:
     return data
 
 
-def _json_body() -> Any:
+def json_body() -> Any:
     try:
         return orjson.loads(_body_bytes())
     except orjson.JSONDecodeError:
@@ -53,10 +53,10 @@ def _json_body() -> Any:
         ) from None
 
 
-def _create_job(body: Any = None) -> tuple[str, dict[str, Any], Turn]:
+def submit_job(body: Any = None) -> tuple[str, dict[str, Any], Turn]:
     """Validate the body, rebuild its conversation, then store and queue the job."""
     if body is None:
-        body = _json_body()
+        body = json_body()
     body = validate_chat_request(body, default_model=current_app.config["DEFAULT_MODEL"])
     relay = state()
     request, turn = relay.conversations.prepare(body)
@@ -92,29 +92,36 @@ def _attach(job_id: str) -> Viewer:
         raise Unavailable("The relay could not subscribe to the job; try again.") from None
 
 
-def _event_stream(
-    job_id: str, after: int, headers: dict[str, str] | None = None, *, owner: bool = False
-) -> Response:
-    """Attach in the view (so failures are still a proper JSON error), then stream.
+Render = Callable[[Iterator[LiveEvent | None]], Iterator[bytes]]
 
-    ``owner`` marks the stream that created its job (``POST /v1/chat/completions``): closed
-    before ``[DONE]`` while nobody else watches, it cancels the job (``CANCEL_ON_DISCONNECT``).
+
+def stream_response(
+    job_id: str,
+    after: int,
+    render: Render,
+    *,
+    mimetype: str,
+    headers: dict[str, str] | None = None,
+    owner: bool = False,
+) -> Response:
+    """A streamed response following one job, rendered by ``render``.
+
+    Attaching happens in the view, so a failure is still a proper JSON error. ``owner`` marks
+    the stream that created its job: closed before the end while nobody else watches, it
+    cancels the job (``CANCEL_ON_DISCONNECT``).
     """
     relay = state()
     viewer = _attach(job_id)
     relay.store.add_viewer(job_id, 1)
+    # Read configuration here: the generator runs after the request context is gone.
+    idle = float(current_app.config["KEEPALIVE_SECONDS"])
     cancel_if_abandoned = owner and bool(current_app.config["CANCEL_ON_DISCONNECT"])
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    # Read configuration here: the generator runs after the request context is gone.
-    keepalive = float(current_app.config["KEEPALIVE_SECONDS"])
-    retry_ms = int(current_app.config["RETRY_MS"])
     finished = False
 
     def body() -> Iterator[bytes]:
         nonlocal finished
-        yield from stream_events(
-            relay.store, relay.hub, viewer, after, keepalive=keepalive, retry_ms=retry_ms
-        )
+        yield from render(follow(relay.store, relay.hub, viewer, after, idle=idle))
         finished = True
 
     def on_close() -> None:
@@ -129,14 +136,27 @@ def _event_stream(
         except RedisError as exc:
             logger.warning("job %s: could not update viewers on close: %s", job_id, exc)
 
-    response = Response(
-        body(), mimetype="text/event-stream", headers={**STREAM_HEADERS, **(headers or {})}
-    )
+    response = Response(body(), mimetype=mimetype, headers={**STREAM_HEADERS, **(headers or {})})
     response.call_on_close(on_close)
     return response
 
 
-def _job_links(job_id: str) -> dict[str, str]:
+def _event_stream(
+    job_id: str, after: int, headers: dict[str, str] | None = None, *, owner: bool = False
+) -> Response:
+    """The job as ``text/event-stream``."""
+    retry_ms = int(current_app.config["RETRY_MS"])
+    return stream_response(
+        job_id,
+        after,
+        lambda events: sse_bytes(events, retry_ms=retry_ms),
+        mimetype="text/event-stream",
+        headers=headers,
+        owner=owner,
+    )
+
+
+def job_links(job_id: str) -> dict[str, str]:
     return {
         "events_url": url_for("relay.job_events", job_id=job_id, _external=True),
         "status_url": url_for("relay.job_status", job_id=job_id, _external=True),
@@ -145,8 +165,8 @@ def _job_links(job_id: str) -> dict[str, str]:
 
 @api.post("/v1/jobs")
 def create_job():
-    job_id, _, turn = _create_job()
-    links = _job_links(job_id)
+    job_id, _, turn = submit_job()
+    links = job_links(job_id)
     body = {
         "id": job_id,
         "object": "relay.job",
@@ -166,7 +186,7 @@ def job_status(job_id: str):
     status = state().store.status(job_id)
     if status is None:
         raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
-    return jsonify({**status, **_job_links(job_id)})
+    return jsonify({**status, **job_links(job_id)})
 
 
 @api.get("/v1/jobs/<job_id>/events")
@@ -184,13 +204,13 @@ def cancel_job(job_id: str):
     if not store.exists(job_id):
         raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
     _cancel(job_id)  # a job that already ended keeps its outcome
-    return jsonify({**store.status(job_id), **_job_links(job_id)})  # type: ignore[dict-item]
+    return jsonify({**store.status(job_id), **job_links(job_id)})  # type: ignore[dict-item]
 
 
 @api.post("/v1/chat/completions")
 def chat_completions():
-    job_id, body, turn = _create_job()
-    links = _job_links(job_id)
+    job_id, body, turn = submit_job()
+    links = job_links(job_id)
     headers = {
         "X-Relay-Job-Id": job_id,
         "X-Relay-Events-Url": links["events_url"],

@@ -88,8 +88,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["relay"] = RelayState(app.config)
 
     from .api import api
+    from .chatgpt_web import chatgpt_web
 
     app.register_blueprint(api)
+    app.register_blueprint(chatgpt_web)
 
     @app.errorhandler(RelayError)
     def _relay_error(error: RelayError):

@@ -58,21 +58,13 @@ def follow(
         hub.detach(viewer)
 
 
-def stream_events(
-    store: JobStore,
-    hub: Hub,
-    viewer: Viewer,
-    after: int,
-    *,
-    keepalive: float,
-    retry_ms: int,
-) -> Iterator[bytes]:
-    """SSE bytes for one viewer: see :func:`follow`; keep-alive comments while idle."""
+def sse_bytes(events: Iterator[LiveEvent | None], *, retry_ms: int) -> Iterator[bytes]:
+    """The SSE rendering of :func:`follow`'s events, with keep-alive comments while idle."""
     # The retry hint rides on the first real event: a retry-only event is a blank event to
     # the openai SDK, which then fails to parse its empty data.
     retry = b"retry: %d\n" % retry_ms
     yield format_comment("stream open")  # sends the headers now, whatever the backlog
-    for event in follow(store, hub, viewer, after, idle=keepalive):
+    for event in events:
         if event is None:
             yield format_comment("keep-alive")  # a write is the only way to notice a dead client
         elif retry:
@@ -80,3 +72,10 @@ def stream_events(
             retry = b""
         else:
             yield event.frame
+
+
+def stream_events(
+    store: JobStore, hub: Hub, viewer: Viewer, after: int, *, keepalive: float, retry_ms: int
+) -> Iterator[bytes]:
+    """SSE bytes for one attached viewer, from id ``after`` to ``[DONE]``."""
+    return sse_bytes(follow(store, hub, viewer, after, idle=keepalive), retry_ms=retry_ms)

@@ -1,0 +1,164 @@
+"""The API of the chatgpt-web project's back end, so its front end works against the relay.
+
+``POST /api/chat-process`` answers ``application/octet-stream``: JSON objects separated by
+``\\n`` — the first without one before it, as chatgpt-web's own server writes them — each
+``{"role", "id", "parentMessageId", "text", "delta", "detail"}``; the front end splits on newlines
+and parses the last complete line, and sends ``id`` back as the next
+``options.parentMessageId``. Jobs made here are ordinary jobs: watchable, cancellable, stored
+in the conversation.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from .api import job_links, json_body, stream_response, submit_job
+from .chunks import dumps, loads
+from .conversations import Turn
+from .errors import InvalidRequest, RelayError
+from .fanout import LiveEvent
+
+chatgpt_web = Blueprint("chatgpt_web", __name__, url_prefix="/api")
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Headers": "authorization, Content-Type",
+    "Access-Control-Allow-Methods": "*",
+}
+
+
+class Unauthorized(RelayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_secret"
+
+
+def _reply(status: str, message: str = "", data: Any = None, http_status: int = 200) -> Response:
+    response = jsonify({"status": status, "message": message, "data": data})
+    response.status_code = http_status
+    return response
+
+
+def _secret() -> str:
+    return str(current_app.config["CHATGPT_WEB_SECRET"] or "")
+
+
+def _check_secret() -> None:
+    secret = _secret()
+    if not secret:
+        return
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        raise Unauthorized("Error: No access rights (set the secret key in the page's settings).")
+
+
+@chatgpt_web.after_request
+def _cors(response: Response) -> Response:
+    response.headers.update(CORS_HEADERS)
+    return response
+
+
+@chatgpt_web.errorhandler(RelayError)
+def _error(error: RelayError) -> Response:
+    """chatgpt-web's ``{"status": "Fail", ...}`` shape, plus OpenAI's ``error`` object."""
+    status = "Unauthorized" if isinstance(error, Unauthorized) else "Fail"
+    response = jsonify(
+        {"status": status, "message": error.message, "data": None, **error.to_dict()}
+    )
+    response.status_code = error.status
+    return response
+
+
+@chatgpt_web.post("/session")
+def session() -> Response:
+    return _reply("Success", data={"auth": bool(_secret()), "model": "ChatGPTAPI"})
+
+
+@chatgpt_web.post("/verify")
+def verify() -> Response:
+    body = json_body()
+    token = body.get("token") if isinstance(body, dict) else None
+    if not token:
+        raise InvalidRequest("Secret key is empty", param="token", code="missing_required")
+    if not hmac.compare_digest(str(token).encode(), _secret().encode()):
+        raise Unauthorized("Secret key is invalid")
+    return _reply("Success", "Verify successfully")
+
+
+@chatgpt_web.post("/config")
+def config() -> Response:
+    _check_secret()
+    data = {
+        "apiModel": "ChatGPTAPI",
+        "reverseProxy": "-",
+        "timeoutMs": int(float(current_app.config["UPSTREAM_READ_TIMEOUT"]) * 1000),
+        "socksProxy": "-",
+        "httpsProxy": "-",
+        "balance": "-",
+    }
+    return _reply("Success", data=data)
+
+
+@chatgpt_web.post("/chat-process")
+def chat_process() -> Response:
+    _check_secret()
+    body = json_body()
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        raise InvalidRequest("'prompt' must be a string.", param="prompt", code="invalid_type")
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequest("'options' must be an object.", param="options", code="invalid_type")
+    # Other fields (temperature, top_p, ...) pass through to the upstream like any parameter.
+    job = {k: v for k, v in body.items() if k != "options" and v not in (None, "")}
+    job["stream"] = True
+    if options.get("parentMessageId"):
+        job["parentMessageId"] = options["parentMessageId"]
+    job_id, _, turn = submit_job(job)
+    headers = {"X-Relay-Job-Id": job_id, "X-Relay-Events-Url": job_links(job_id)["events_url"]}
+    return stream_response(
+        job_id,
+        0,
+        lambda events: chat_process_lines(events, turn),
+        mimetype="application/octet-stream",
+        headers=headers,
+        owner=True,  # the front end's Stop button aborts the request: that cancels the job
+    )
+
+
+def chat_process_lines(events: Iterator[LiveEvent | None], turn: Turn) -> Iterator[bytes]:
+    """One JSON object per chunk that adds text (and for the finishing one), as chatgpt's
+    ``onProgress`` reports them: ``text`` so far, ``delta``, and the chunk as ``detail``."""
+    text = ""
+    separator = b""
+    for event in events:
+        if event is None:
+            continue  # this format has no keep-alive
+        if event.done:
+            return
+        chunk = loads(event.data)
+        if chunk.get("error"):
+            line: dict[str, Any] = {
+                "status": "Fail",
+                "message": chunk["error"]["message"],
+                "data": None,
+            }
+        else:
+            choice = (chunk.get("choices") or [{}])[0]
+            delta = (choice.get("delta") or {}).get("content") or ""
+            if not delta and not choice.get("finish_reason"):
+                continue  # the role chunk, a usage chunk
+            text += delta
+            line = {
+                "role": "assistant",
+                "id": turn.message_id,
+                "parentMessageId": turn.parent_message_id,
+                "text": text,
+                "delta": delta,
+                "detail": chunk,
+            }
+        yield separator + dumps(line).encode()
+        separator = b"\n"

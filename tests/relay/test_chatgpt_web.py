@@ -1,0 +1,120 @@
+"""chatgpt-web's back-end API, read as its front end reads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from relay.simulator import reply_text
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def chat_process(base: str, body: dict, headers: dict | None = None) -> tuple[list[dict], dict]:
+    """Like the front end's onDownloadProgress: on every read, parse the last complete line."""
+    seen: list[dict] = []
+    with requests.post(
+        f"{base}/api/chat-process", json=body, headers=headers, stream=True, timeout=20
+    ) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"] == "application/octet-stream"
+        text = ""
+        for block in response.iter_content(chunk_size=None):
+            text += block.decode()
+            last = text.rfind("\n", 0, len(text) - 1)
+            chunk = text if last == -1 else text[last:]
+            try:
+                seen.append(json.loads(chunk))
+            except json.JSONDecodeError:
+                pass  # the front end ignores a read that ends mid-object too
+    final = json.loads(text.split("\n")[-1])
+    return seen, final
+
+
+def recorded(stack) -> list[dict]:
+    return requests.get(stack.upstream.removesuffix("/v1") + "/_sim/requests", timeout=5).json()
+
+
+def test_chat_process_streams_progress_and_continues_a_conversation(running_stack):
+    stack, base = running_stack
+    sim = {"tokens": 15, "interval": 0.03}
+    seen, final = chat_process(base, {"prompt": "Hello!", "options": {}, "simulator": sim})
+    expected = reply_text({"simulator": sim})
+    assert final["role"] == "assistant"
+    assert final["text"] == expected
+    assert final["detail"]["choices"][0]["finish_reason"] == "stop"
+    assert len({s["text"] for s in seen}) >= 3, "the reply grew in several visible steps"
+    assert all(expected.startswith(s["text"]) for s in seen)
+    assert all(set(s) == {"role", "id", "parentMessageId", "text", "delta", "detail"} for s in seen)
+
+    follow = {"prompt": "Tell me more", "options": {"parentMessageId": final["id"]},
+              "systemMessage": "You are terse.", "temperature": 0.5, "top_p": 1,
+              "simulator": {"tokens": 3}}  # fmt: skip
+    _, second = chat_process(base, follow)
+    assert second["parentMessageId"] != final["id"] and second["id"] != final["id"]
+    sent = next(
+        r for r in reversed(recorded(stack)) if r["messages"][-1]["content"] == "Tell me more"
+    )
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello!"},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "Tell me more"},
+    ]
+    assert sent["temperature"] == 0.5 and sent["top_p"] == 1
+
+
+def test_chat_process_reports_upstream_failure_as_a_fail_line(running_stack):
+    base = running_stack[1]
+    _, final = chat_process(base, {"prompt": "x", "simulator": {"fail": "status_500"}})
+    assert final["status"] == "Fail" and "500" in final["message"]
+
+
+def test_chat_process_unknown_parent_is_a_json_error(running_stack):
+    base = running_stack[1]
+    response = requests.post(
+        f"{base}/api/chat-process",
+        json={"prompt": "x", "options": {"parentMessageId": "gone"}},
+        timeout=5,
+    )
+    assert response.status_code == 404
+    body = response.json()
+    assert body["status"] == "Fail" and body["error"]["param"] == "parentMessageId"
+
+
+def test_start_up_endpoints_without_a_secret(running_stack):
+    base = running_stack[1]
+    session = requests.post(f"{base}/api/session", timeout=5)
+    assert session.json() == {
+        "status": "Success",
+        "message": "",
+        "data": {"auth": False, "model": "ChatGPTAPI"},
+    }
+    assert session.headers["Access-Control-Allow-Origin"] == "*"
+    config = requests.post(f"{base}/api/config", timeout=5).json()
+    assert config["status"] == "Success" and config["data"]["apiModel"] == "ChatGPTAPI"
+    preflight = requests.options(f"{base}/api/chat-process", timeout=5)
+    assert preflight.ok  # Flask answers OPTIONS itself; the blueprint adds the CORS headers
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+
+
+def test_a_secret_gates_chat_process_and_verify(stack):
+    base = stack.start_web(env={"RELAY_CHATGPT_WEB_SECRET": "s3cret"})
+    stack.start_worker()
+    assert requests.post(f"{base}/api/session", timeout=5).json()["data"]["auth"] is True
+    assert requests.post(f"{base}/api/verify", json={"token": "nope"}, timeout=5).status_code == 401
+    assert requests.post(f"{base}/api/verify", json={"token": "s3cret"}, timeout=5).json() == {
+        "status": "Success",
+        "message": "Verify successfully",
+        "data": None,
+    }
+    refused = requests.post(f"{base}/api/chat-process", json={"prompt": "x"}, timeout=5)
+    assert refused.status_code == 401 and refused.json()["status"] == "Unauthorized"
+    _, final = chat_process(
+        base,
+        {"prompt": "x", "simulator": {"tokens": 2}},
+        headers={"Authorization": "Bearer s3cret"},
+    )
+    assert final["detail"]["choices"][0]["finish_reason"] == "stop"
