@@ -60,12 +60,16 @@ CANCELLED = "cancelled"
 """The ``finish_reason`` of the final chunk of a cancelled job."""
 
 
-def final_chunk(job_id: str, finish_reason: str, model: str = "") -> str:
-    """A last chunk written by the relay itself (not the upstream): no delta, a finish_reason."""
-    choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+def final_chunk(
+    completion_id: str, finish_reason: str, model: str = "", content: str | None = None
+) -> str:
+    """A last chunk written by the relay itself (not the upstream), with its finish_reason
+    and, for a refusal, the assistant's content."""
+    delta = {} if content is None else {"role": "assistant", "content": content}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     return dumps(
         {
-            "id": f"chatcmpl-{job_id}",
+            "id": completion_id,
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,

@@ -118,8 +118,12 @@ class JobStore:
 
         Returns whether this call ended it, and the worker running it (to be told to stop).
         """
-        model, worker = (as_text(v) for v in self.redis.hmget(keys.job(job_id), "model", "worker"))
-        chunk = final_chunk(job_id, CANCELLED, model)
+        fields = self.redis.hmget(keys.job(job_id), "model", "worker", "conversation")
+        model, worker, conversation = (as_text(v) for v in fields)
+        completion_id = (
+            Turn.from_json(conversation).message_id if conversation else f"chatcmpl-{job_id}"
+        )
+        chunk = final_chunk(completion_id, CANCELLED, model)
         ended = self.finish(job_id, None, "cancelled", [chunk, DONE], {"finish_reason": CANCELLED})
         if ended and worker:
             self.redis.publish(keys.control(worker), f"cancel {job_id}")

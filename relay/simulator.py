@@ -2,7 +2,9 @@
 
 Run it with ``python -m relay.simulator --host 127.0.0.1 --port 8081 [--interval 0.02]
 [--api-key KEY]`` (``RELAY_SIM_INTERVAL`` sets the default interval). It serves
-``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models``, ``GET /healthz``, and for
+``POST /v1/chat/completions`` (streamed or not), ``POST /v1/moderations`` (flags text that
+contains "forbidden"; answers 503 to text that contains "moderation-outage"),
+``GET /v1/models``, ``GET /healthz``, and for
 tests ``GET|DELETE /_sim/requests`` (recorded bodies, last 1000) and ``GET /_sim/stats``.
 
 The reply is deterministic: :func:`reply_text` gives the exact text for a request body.
@@ -226,6 +228,7 @@ class Simulator:
         self.requests: deque[Any] = deque(maxlen=MAX_RECORDED)
         self.active_streams = 0
         self.total_requests = 0
+        self.moderations = 0
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
@@ -234,6 +237,8 @@ class Simulator:
         match method, path:
             case "POST", "/v1/chat/completions":
                 return self._chat(environ, start_response)
+            case "POST", "/v1/moderations":
+                return self._moderate(environ, start_response)
             case "GET", "/v1/models":
                 model = {"id": "simulator", "object": "model", "created": 0, "owned_by": "relay"}
                 return _json(start_response, 200, {"object": "list", "data": [model]})
@@ -248,6 +253,7 @@ class Simulator:
                 stats = {
                     "active_streams": self.active_streams,
                     "total_requests": self.total_requests,
+                    "moderations": self.moderations,
                 }
                 return _json(start_response, 200, stats)
         return _invalid(start_response, 404, f"No route {method} {path}")
@@ -257,6 +263,33 @@ class Simulator:
             return True
         given = environ.get("HTTP_AUTHORIZATION", "")
         return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
+    def _moderate(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        """OpenAI's moderation endpoint: text containing ``forbidden`` is flagged (category
+        ``harassment``); text containing ``moderation-outage`` gets a 503."""
+        self.moderations += 1
+        try:
+            body = json.loads(_read_body(environ) or b"null")
+        except ValueError as exc:
+            return _invalid(start_response, 400, f"Invalid JSON body: {exc}")
+        inputs = body.get("input") if isinstance(body, dict) else None
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return _invalid(start_response, 400, "'input' must be a string or array of strings.")
+        if any("moderation-outage" in t for t in texts):
+            return _json(start_response, 503, _error("simulated moderation outage", "server_error"))
+        results = []
+        for text in texts:
+            flagged = "forbidden" in text.lower()
+            results.append(
+                {
+                    "flagged": flagged,
+                    "categories": {"harassment": flagged, "violence": False},
+                    "category_scores": {"harassment": 0.99 if flagged else 0.01, "violence": 0.0},
+                }
+            )
+        answer = {"id": f"modr-{uuid.uuid4().hex}", "model": "simulator", "results": results}
+        return _json(start_response, 200, answer)
 
     def _chat(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         self.total_requests += 1

@@ -71,6 +71,9 @@ class Worker:
             max_retries=int(settings["UPSTREAM_MAX_RETRIES"]),
             default_model=settings["DEFAULT_MODEL"] or "",
             include_usage=bool(settings["UPSTREAM_INCLUDE_USAGE"]),
+            moderation=bool(settings["MODERATION"]),
+            moderation_fail_open=bool(settings["MODERATION_FAIL_OPEN"]),
+            moderation_model=settings["MODERATION_MODEL"] or "",
             conversations=Conversations(self.redis, ttl=int(settings["CONVERSATION_TTL_SECONDS"])),
         )
         self.pool = Pool(self.concurrency)

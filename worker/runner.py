@@ -10,10 +10,11 @@ import gevent
 import requests
 
 from relay import queue
-from relay.chunks import dumps
+from relay.chunks import dumps, final_chunk
 from relay.conversations import Conversations, Turn
 from relay.jobs import JobStore
 
+from . import moderation
 from .upstream import Upstream, UpstreamError, iter_chunks, open_stream
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class JobContext:
     default_model: str = ""
     include_usage: bool = True
     conversations: Conversations | None = None
+    moderation: bool = False
+    moderation_fail_open: bool = False
+    moderation_model: str = ""
 
 
 def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
@@ -118,6 +122,41 @@ def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn |
         ctx.conversations.save_reply(turn, "".join(parts))
 
 
+def _refused_by_moderation(
+    ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None
+) -> bool:
+    """Check the new input; if flagged, end the job with a refusal (``content_filter``).
+
+    A moderation outage raises :class:`UpstreamError` (fail closed) unless configured to let
+    the request through (fail open).
+    """
+    try:
+        flagged = moderation.is_flagged(
+            ctx.session, ctx.upstream, moderation.new_input(body), ctx.moderation_model
+        )
+    except UpstreamError:
+        if not ctx.moderation_fail_open:
+            raise
+        logger.warning("job %s: moderation unavailable; failing open", job_id)
+        return False
+    if not flagged:
+        return False
+    logger.info("job %s: input flagged by moderation; refused", job_id)
+    chunk = final_chunk(
+        turn.message_id if turn else f"chatcmpl-{job_id}",
+        "content_filter",
+        body.get("model", ""),
+        content=moderation.REFUSAL,
+    )
+    if not ctx.store.publish(job_id, attempt, [chunk], moderation.REFUSAL):
+        raise JobLost(job_id)
+    if not ctx.store.complete(job_id, attempt, "content_filter", None):
+        raise JobLost(job_id)
+    if turn is not None and ctx.conversations is not None:
+        ctx.conversations.save_reply(turn, moderation.REFUSAL)
+    return True
+
+
 def handle_job_failure(
     ctx: JobContext, job_id: str, attempt: int, error: UpstreamError, model: str = ""
 ) -> None:
@@ -168,6 +207,8 @@ def _run(ctx: JobContext, job_id: str) -> None:
         body["model"] = ctx.default_model
     logger.info("job %s started (attempt %d)", job_id, attempt)
     try:
+        if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn):
+            return
         _stream(ctx, job_id, attempt, body, turn)
         logger.info("job %s completed", job_id)
     except UpstreamError as exc:
