@@ -6,6 +6,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_command redis-server redis-server   # the integration tests start their own on a free port
+ensure_command node nodejs                 # the chatgpt npm package is tested against the relay
+ensure_command npm npm
 ensure_venv dev
 say "running the tests"
 exec "$PY" -m pytest "$@"
