@@ -165,7 +165,10 @@ def job_links(job_id: str) -> dict[str, str]:
 
 @api.post("/v1/jobs")
 def create_job():
-    job_id, _, turn = submit_job()
+    body = json_body()
+    if isinstance(body, dict):
+        body["stream"] = True  # a job is always streamed to its viewers
+    job_id, _, turn = submit_job(body)
     links = job_links(job_id)
     body = {
         "id": job_id,

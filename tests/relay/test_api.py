@@ -212,6 +212,11 @@ def test_usage_reaches_the_status_and_clients_that_asked(base):
     job = requests.get(f"{base}/v1/jobs/{response.headers['X-Relay-Job-Id']}", timeout=5).json()
     assert job["usage"]["completion_tokens"] == 5  # stored all the same
 
+    job = create_job(base, chat_body("usage", tokens=5))  # a job's viewers did not ask either
+    received, _ = read_stream(job["events_url"])
+    assert not [c for c in received.chunks if not c["choices"]]
+    assert requests.get(job["status_url"], timeout=5).json()["usage"]["completion_tokens"] == 5
+
 
 def test_unknown_route_and_method_are_json(base):
     assert requests.get(f"{base}/v2/nothing", timeout=5).json()["error"]["code"] == "not_found"
