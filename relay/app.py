@@ -89,9 +89,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from .api import api
     from .chatgpt_web import chatgpt_web
+    from .pages import pages
 
     app.register_blueprint(api)
     app.register_blueprint(chatgpt_web)
+    app.register_blueprint(pages)
 
     @app.errorhandler(RelayError)
     def _relay_error(error: RelayError):
