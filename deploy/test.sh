@@ -8,6 +8,8 @@ cd "$ROOT"
 ensure_command redis-server redis-server   # the integration tests start their own on a free port
 ensure_command node nodejs                 # the chatgpt npm package is tested against the relay
 ensure_command npm npm
+ensure_command chromium chromium           # the page's tests run in real headless Chromium
+ensure_command nginx nginx                 # deploy/nginx.conf is tested in front of gunicorn
 ensure_venv dev
 say "running the tests"
 exec "$PY" -m pytest "$@"
