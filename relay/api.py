@@ -8,8 +8,10 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from . import metrics
 from .aggregate import aggregate
 from .app import state
 from .conversations import Turn
@@ -238,6 +240,13 @@ def _completion(job_id: str, headers: dict[str, str]) -> Response:
         response = jsonify(result.completion(job_id))
     response.headers.update(headers)
     return response
+
+
+@api.get("/metrics")
+def prometheus_metrics():
+    """Prometheus metrics for the whole relay (shared counters in Redis)."""
+    body = generate_latest(metrics.registry(state().redis))
+    return Response(body, mimetype=CONTENT_TYPE_LATEST)
 
 
 @api.get("/healthz")

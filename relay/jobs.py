@@ -12,9 +12,10 @@ from typing import Any
 
 from redis import Redis
 
-from . import keys
+from . import keys, metrics
 from .chunks import CANCELLED, DONE, dumps, error_chunk, final_chunk, loads
 from .conversations import Turn
+from .redis_client import as_text
 from .scripts import Scripts
 
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
@@ -30,13 +31,6 @@ def new_job_id() -> str:
 def is_job_id(value: str) -> bool:
     """Cheap shape check so that junk ids are answered 404 without a Redis round trip."""
     return _JOB_ID.fullmatch(value) is not None
-
-
-def as_text(value: bytes | str | None) -> str:
-    """A Redis reply as text (the clients here do not decode responses)."""
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _now() -> str:
@@ -73,6 +67,7 @@ class JobStore:
         pipe.expire(keys.job(job_id), self.max_age)
         pipe.set(keys.text(job_id), "", ex=self.max_age)
         pipe.lpush(keys.PENDING, job_id)
+        metrics.count(pipe, "jobs_created")
         pipe.execute()
         return job_id
 
@@ -134,16 +129,24 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.incrby(keys.viewers(job_id), delta)
         pipe.expire(keys.viewers(job_id), self.max_age)
+        metrics.count(pipe, "viewers", delta)
         return int(pipe.execute()[0])
 
     def request(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.hget(keys.job(job_id), "request")
         return loads(raw) if raw else None
 
-    def load(self, job_id: str) -> tuple[dict[str, Any], Turn | None]:
-        """What a worker needs to run the job: the upstream request and its conversation turn."""
-        raw, turn = self.redis.hmget(keys.job(job_id), "request", "conversation")
-        return (loads(raw) if raw else {}), (Turn.from_json(turn) if turn else None)
+    def load(self, job_id: str) -> tuple[dict[str, Any], Turn | None, float]:
+        """What a worker needs to run the job: the upstream request, its conversation turn,
+        and when it was created."""
+        raw, turn, created = self.redis.hmget(
+            keys.job(job_id), "request", "conversation", "created_at"
+        )
+        return (
+            loads(raw) if raw else {},
+            Turn.from_json(turn) if turn else None,
+            float(created or 0),
+        )
 
     def turn(self, job_id: str) -> Turn | None:
         raw = self.redis.hget(keys.job(job_id), "conversation")
@@ -187,7 +190,10 @@ class JobStore:
         for name, value in (fields or {}).items():
             pairs += [name, value]
         args: list[Any] = ["" if attempt is None else attempt, status, self.retention, len(events)]
-        return bool(self.scripts.finish(keys=keys.job_keys(job_id), args=args + events + pairs))
+        ended = bool(self.scripts.finish(keys=keys.job_keys(job_id), args=args + events + pairs))
+        if ended:
+            metrics.job_finished(self.redis, status)
+        return ended
 
     def complete(
         self, job_id: str, attempt: int, finish_reason: str | None, usage: dict | None
@@ -217,9 +223,12 @@ class JobStore:
         model = as_text(self.redis.hget(keys.job(job_id), "model"))
         chunk = error_chunk(job_id, message, type="server_error", code="worker_lost", model=model)
         error = dumps(loads(chunk)["error"])
-        return int(
+        outcome = int(
             self.scripts.recover(
                 keys=[*keys.job_keys(job_id), keys.claimed(worker_id), keys.PENDING],
                 args=[job_id, self.retention, chunk, DONE, _now(), error],
             )
         )
+        if outcome == 3:
+            metrics.job_finished(self.redis, "failed")
+        return outcome

@@ -53,6 +53,9 @@ def live_job_id(channel: str) -> str:
 PENDING = f"{PREFIX}:queue:pending"
 """List of job ids waiting for a worker (pushed left, claimed from the right)."""
 
+METRICS = f"{PREFIX}:metrics"
+"""Hash of counters shared by every process (see :mod:`relay.metrics`)."""
+
 WORKERS = f"{PREFIX}:workers"
 """Set of worker ids that may hold claimed jobs."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from redis import Redis
 
 from . import keys
-from .jobs import as_text
+from .redis_client import as_text
 
 
 def claim_next(redis: Redis, worker_id: str, timeout: int) -> str | None:
@@ -58,13 +58,20 @@ def unregister_worker(redis: Redis, worker_id: str) -> None:
     pipe.execute()
 
 
-def dead_workers(redis: Redis) -> list[str]:
-    """Registered workers whose heartbeat has lapsed."""
+def _workers_by_liveness(redis: Redis) -> list[tuple[str, bool]]:
     workers = [as_text(w) for w in redis.smembers(keys.WORKERS)]
     if not workers:
         return []
     pipe = redis.pipeline(transaction=False)
     for worker_id in workers:
         pipe.exists(keys.heartbeat(worker_id))
-    alive = pipe.execute()
-    return [w for w, is_alive in zip(workers, alive, strict=True) if not is_alive]
+    return list(zip(workers, (bool(a) for a in pipe.execute()), strict=True))
+
+
+def dead_workers(redis: Redis) -> list[str]:
+    """Registered workers whose heartbeat has lapsed."""
+    return [w for w, alive in _workers_by_liveness(redis) if not alive]
+
+
+def live_workers(redis: Redis) -> list[str]:
+    return [w for w, alive in _workers_by_liveness(redis) if alive]

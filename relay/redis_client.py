@@ -5,6 +5,13 @@ from __future__ import annotations
 from redis import BlockingConnectionPool, Redis
 
 
+def as_text(value: bytes | str | None) -> str:
+    """A Redis reply as text (the clients here do not decode responses)."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def connect(url: str, max_connections: int = 50, socket_timeout: float = 10.0) -> Redis:
     """A client whose pool makes greenlets wait for a free connection instead of failing.
 

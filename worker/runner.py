@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import gevent
 import requests
+from redis.exceptions import RedisError
 
-from relay import queue
+from relay import metrics, queue
 from relay.chunks import dumps, final_chunk
 from relay.conversations import Conversations, Turn
 from relay.jobs import JobStore
@@ -86,7 +89,9 @@ def _is_usage_only(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and bool(chunk.get("usage"))
 
 
-def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None) -> None:
+def _stream(
+    ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None, created_at: float
+) -> None:
     """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job."""
     store = ctx.store
     body, wants_usage = _upstream_request(ctx, body)
@@ -94,6 +99,7 @@ def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn |
     finish_reason: str | None = None
     usage: dict | None = None
     parts: list[str] = []
+    published = 0
     try:
         for data, chunk in iter_chunks(response):
             if turn is not None and chunk.get("id") != turn.message_id:
@@ -109,8 +115,13 @@ def _stream(ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn |
                     continue
             if not store.publish(job_id, attempt, [data], text):
                 raise JobLost(job_id)
+            published += 1
+            if published == 1:
+                metrics.observe_first_chunk(store.redis, time.time() - created_at)
     finally:
         response.close()
+        with contextlib.suppress(RedisError):  # never mask the job's own outcome
+            metrics.count(store.redis, "deltas", sum(1 for part in parts if part))
     if finish_reason is None:
         # DESIGN.md: a stream that ends with neither a finish_reason nor [DONE] is a failure.
         raise UpstreamError(
@@ -167,6 +178,7 @@ def handle_job_failure(
        a failure can never add a second ``[DONE]``.
     2. Log it with the job id.
     """
+    metrics.upstream_error(ctx.store.redis, error.code)
     ended = ctx.store.fail(
         job_id, attempt, error.message, type=error.type, code=error.code, model=model
     )
@@ -202,14 +214,14 @@ def _run(ctx: JobContext, job_id: str) -> None:
     if not attempt:
         logger.info("job %s is no longer queued; skipping", job_id)
         return
-    body, turn = store.load(job_id)
+    body, turn, created_at = store.load(job_id)
     if not body.get("model") and ctx.default_model:
         body["model"] = ctx.default_model
     logger.info("job %s started (attempt %d)", job_id, attempt)
     try:
         if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn):
             return
-        _stream(ctx, job_id, attempt, body, turn)
+        _stream(ctx, job_id, attempt, body, turn, created_at)
         logger.info("job %s completed", job_id)
     except UpstreamError as exc:
         handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""))

@@ -1,0 +1,120 @@
+"""Prometheus metrics for the whole relay, kept in Redis so that every web process and every
+worker adds to the same counters, and any web process can answer a scrape of ``/metrics``.
+
+Counters are fields of one hash (``HINCRBY``), written at job-lifecycle events — never per
+viewer and, for deltas, once per job — so they cost a few Redis commands per job.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+from redis import Redis
+
+from . import keys, queue
+from .redis_client import as_text
+
+FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OUTCOMES = ("completed", "failed", "cancelled")
+
+
+def count(redis: Any, name: str, amount: int = 1) -> None:
+    """Add to a counter (``redis`` may be a pipeline)."""
+    if amount:
+        redis.hincrby(keys.METRICS, name, amount)
+
+
+def job_finished(redis: Any, outcome: str) -> None:
+    count(redis, f"jobs_finished:{outcome}")
+
+
+def upstream_error(redis: Any, code: str | None) -> None:
+    count(redis, f"upstream_errors:{code or 'unknown'}")
+
+
+def observe_first_chunk(redis: Any, seconds: float) -> None:
+    """One sample of the time from enqueue to the first relayed chunk."""
+    index = bisect.bisect_left(FIRST_CHUNK_BUCKETS, seconds)
+    bucket = str(FIRST_CHUNK_BUCKETS[index]) if index < len(FIRST_CHUNK_BUCKETS) else "+Inf"
+    pipe = redis.pipeline(transaction=False)
+    pipe.hincrby(keys.METRICS, f"first_chunk_bucket:{bucket}", 1)
+    pipe.hincrbyfloat(keys.METRICS, "first_chunk_sum", seconds)
+    pipe.execute()
+
+
+class RelayCollector(Collector):
+    """Reads the shared counters and the queue's state at scrape time."""
+
+    def __init__(self, redis: Redis, viewers_here: Any = None) -> None:
+        self.redis = redis
+        self.viewers_here = viewers_here
+
+    def collect(self) -> Iterator[Metric]:
+        raw = self.redis.hgetall(keys.METRICS)
+        fields = {as_text(k): as_text(v) for k, v in raw.items()}
+
+        def number(name: str) -> float:
+            return float(fields.get(name, 0))
+
+        yield _counter("relay_jobs_created", "Jobs accepted.", number("jobs_created"))
+        yield GaugeMetricFamily(
+            "relay_jobs_queued", "Jobs waiting for a worker.", value=queue.pending_count(self.redis)
+        )
+        workers = queue.live_workers(self.redis)
+        running = sum(len(queue.claimed_jobs(self.redis, w)) for w in workers)
+        yield GaugeMetricFamily(
+            "relay_jobs_running", "Jobs claimed by live workers.", value=running
+        )
+        yield GaugeMetricFamily(
+            "relay_workers", "Workers with a live heartbeat.", value=len(workers)
+        )
+        finished = CounterMetricFamily(
+            "relay_jobs_finished", "Jobs ended, by outcome.", labels=["outcome"]
+        )
+        for outcome in OUTCOMES:
+            finished.add_metric([outcome], number(f"jobs_finished:{outcome}"))
+        yield finished
+        yield GaugeMetricFamily(
+            "relay_viewers", "Viewers attached to jobs, across all web processes.",
+            value=number("viewers"),
+        )  # fmt: skip
+        yield _counter("relay_deltas_relayed", "Content deltas relayed.", number("deltas"))
+        errors = CounterMetricFamily(
+            "relay_upstream_errors", "Jobs failed by an upstream error, by code.", labels=["code"]
+        )
+        for name, value in sorted(fields.items()):
+            if name.startswith("upstream_errors:"):
+                errors.add_metric([name.split(":", 1)[1]], float(value))
+        yield errors
+        yield self._first_chunk(number)
+
+    def _first_chunk(self, number: Any) -> Metric:
+        cumulative, buckets = 0.0, []
+        for bound in (*FIRST_CHUNK_BUCKETS, "+Inf"):
+            cumulative += number(f"first_chunk_bucket:{bound}")
+            buckets.append(("+Inf" if bound == "+Inf" else str(bound), cumulative))
+        return HistogramMetricFamily(
+            "relay_enqueue_to_first_chunk_seconds",
+            "Time from a job's creation to its first relayed chunk.",
+            buckets=buckets,
+            sum_value=number("first_chunk_sum"),
+        )
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def registry(redis: Redis) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RelayCollector(redis))
+    return reg

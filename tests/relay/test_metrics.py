@@ -1,0 +1,62 @@
+"""/metrics counts each job's lifecycle, across processes (shared counters in Redis)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.simulator import reply_pieces
+from tests.conftest import wait_for
+from tests.helpers import chat_body, create_job, read_stream
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+def scrape(base: str) -> dict[str, float]:
+    response = requests.get(f"{base}/metrics", timeout=5)
+    assert response.headers["Content-Type"].startswith("text/plain")
+    values = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def test_metrics_count_a_jobs_lifecycle(stack):
+    base = stack.start_web()
+    before = scrape(base)
+    assert before["relay_jobs_created_total"] == 0 and before["relay_jobs_queued"] == 0
+
+    body = chat_body("counted", tokens=7, first_delay=1)
+    job = create_job(base, body)
+    queued = scrape(base)
+    assert queued["relay_jobs_created_total"] == 1 and queued["relay_jobs_queued"] == 1
+
+    stack.start_worker()
+    wait_for(lambda: scrape(base)["relay_jobs_running"] == 1, 10, "the job to run")
+    received, _ = read_stream(job["events_url"])
+    assert received.done
+    done = scrape(base)
+    assert done["relay_jobs_finished_total{outcome=completed}"] == 1
+    assert done["relay_jobs_running"] == 0 and done["relay_workers"] == 1
+    assert done["relay_deltas_relayed_total"] == len(reply_pieces(body))
+    assert done["relay_enqueue_to_first_chunk_seconds_count"] == 1
+    assert 1.0 <= done["relay_enqueue_to_first_chunk_seconds_sum"] < 10  # the 1 s first_delay
+    assert done["relay_enqueue_to_first_chunk_seconds_bucket{le=0.5}"] == 0
+    assert done["relay_enqueue_to_first_chunk_seconds_bucket{le=2.5}"] == 1
+
+    failing = create_job(base, chat_body("fail", fail="status_500"))
+    read_stream(failing["events_url"])
+    slow = create_job(base, chat_body("slow", tokens=200, interval=0.05))
+    with requests.get(slow["events_url"], stream=True, timeout=10) as viewer:
+        next(viewer.iter_content(chunk_size=None))
+        assert scrape(base)["relay_viewers"] == 1
+        requests.post(f"{base}/v1/jobs/{slow['id']}/cancel", timeout=5).raise_for_status()
+    wait_for(lambda: scrape(base)["relay_viewers"] == 0, 5, "the viewer to be counted out")
+    after = scrape(base)
+    assert after["relay_jobs_created_total"] == 3
+    assert after["relay_jobs_finished_total{outcome=failed}"] == 1
+    assert after["relay_jobs_finished_total{outcome=cancelled}"] == 1
+    assert after["relay_upstream_errors_total{code=upstream_http_500}"] == 1
