@@ -23,3 +23,10 @@ keepalive = 75
 accesslog = os.environ.get("RELAY_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
+
+
+def post_fork(server, worker):
+    """The app's own log lines as JSON with the job id (gunicorn keeps its own format)."""
+    from relay import logs
+
+    logs.configure(loglevel, os.environ.get("RELAY_LOG_FORMAT", "json"))

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from . import metrics
+from . import logs, metrics
 from .aggregate import aggregate
 from .app import state
 from .conversations import Turn
@@ -62,7 +62,10 @@ def submit_job(body: Any = None) -> tuple[str, dict[str, Any], Turn]:
     body = validate_chat_request(body, default_model=current_app.config["DEFAULT_MODEL"])
     relay = state()
     request, turn = relay.conversations.prepare(body)
-    return relay.store.create(request, turn), request, turn
+    job_id = relay.store.create(request, turn)
+    logs.bind_job(job_id)
+    logger.info("job %s queued (model %s)", job_id, request.get("model"))
+    return job_id, request, turn
 
 
 def _cancel(job_id: str) -> None:
@@ -188,6 +191,7 @@ def create_job():
 
 @api.get("/v1/jobs/<job_id>")
 def job_status(job_id: str):
+    logs.bind_job(job_id)
     status = state().store.status(job_id)
     if status is None:
         raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
@@ -196,6 +200,7 @@ def job_status(job_id: str):
 
 @api.get("/v1/jobs/<job_id>/events")
 def job_events(job_id: str):
+    logs.bind_job(job_id)
     after = _last_event_id()
     if not state().store.exists(job_id):
         raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
@@ -205,6 +210,7 @@ def job_events(job_id: str):
 @api.post("/v1/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     """Stop generation; viewers get a final chunk (``finish_reason: "cancelled"``) and [DONE]."""
+    logs.bind_job(job_id)
     store = state().store
     if not store.exists(job_id):
         raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")

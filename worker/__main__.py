@@ -6,12 +6,12 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
+from relay import logs  # noqa: E402
 from relay.config import from_env  # noqa: E402
 
 from .main import Worker  # noqa: E402
@@ -31,17 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["json", "text"], default="json")
     args = parser.parse_args(argv)
     settings.update(
         WORKER_CONCURRENCY=args.concurrency,
         REDIS_URL=args.redis_url,
         UPSTREAM_BASE_URL=args.upstream,
     )
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     worker = Worker(settings, worker_id=args.worker_id)
     gevent.signal_handler(signal.SIGTERM, worker.request_stop)
     gevent.signal_handler(signal.SIGINT, worker.request_stop)

@@ -15,7 +15,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from redis.exceptions import RedisError
 
-from relay import keys, queue
+from relay import keys, logs, queue
 from relay.conversations import Conversations
 from relay.jobs import JobStore
 from relay.redis_client import connect
@@ -104,7 +104,8 @@ class Worker:
     def _run_job(self, job_id: str) -> None:
         self.running[job_id] = gevent.getcurrent()
         try:
-            run_job(self.ctx, job_id)
+            with logs.job_context(job_id):
+                run_job(self.ctx, job_id)
         finally:
             self.running.pop(job_id, None)
 

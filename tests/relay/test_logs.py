@@ -1,0 +1,42 @@
+"""Structured logs: JSON lines that name the job they are about."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from relay.logs import JsonFormatter, job_context
+from tests.helpers import chat_body, create_job, read_stream
+
+
+def test_lines_logged_inside_a_job_context_carry_its_id():
+    record = logging.LogRecord(
+        "relay.x", logging.WARNING, __file__, 1, "upstream %s", ("down",), None
+    )
+    formatter = JsonFormatter()
+    assert "job_id" not in json.loads(formatter.format(record))
+    with job_context("job_abc"):
+        line = json.loads(formatter.format(record))
+    assert line["job_id"] == "job_abc" and line["msg"] == "upstream down"
+    assert line["level"] == "WARNING" and line["logger"] == "relay.x"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_every_worker_line_about_a_job_names_it(stack):
+    base = stack.start_web()
+    worker = stack.start_worker()
+    jobs = [
+        create_job(base, chat_body("ok", tokens=3)),
+        create_job(base, chat_body("x", fail="status_500")),
+    ]
+    for job in jobs:
+        read_stream(job["events_url"])
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    assert lines, worker.output()
+    for job in jobs:
+        about = [line for line in lines if job["id"] in line["msg"]]
+        assert len(about) >= 2, f"no log lines for {job['id']}"
+        assert all(line.get("job_id") == job["id"] for line in about), about
