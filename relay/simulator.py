@@ -1,8 +1,10 @@
 """An OpenAI-compatible upstream simulator over real HTTP, for tests, benchmarks and the dev stack.
 
 Run it with ``python -m relay.simulator --host 127.0.0.1 --port 8081 [--interval 0.02]
-[--api-key KEY]`` (``RELAY_SIM_INTERVAL`` sets the default interval). It serves
-``POST /v1/chat/completions`` (streamed or not), ``POST /v1/moderations`` (flags text that
+[--api-key KEY] [--tokens N] [--reply TEXT]`` (``RELAY_SIM_INTERVAL`` and ``RELAY_SIM_TOKENS``
+set the default interval and number of words; ``--reply`` makes every reply that exact text
+unless a request asks otherwise — for browser tests, whose page sends no simulator options).
+It serves ``POST /v1/chat/completions`` (streamed or not), ``POST /v1/moderations`` (flags text that
 contains "forbidden"; answers 503 to text that contains "moderation-outage"),
 ``GET /v1/models``, ``GET /healthz``, and for
 tests ``GET|DELETE /_sim/requests`` (recorded bodies, last 1000) and ``GET /_sim/stats``.
@@ -222,9 +224,17 @@ def _invalid(
 class Simulator:
     """The WSGI application; its state is per process (gevent: one thread, no locks needed)."""
 
-    def __init__(self, interval: float = 0.02, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        interval: float = 0.02,
+        api_key: str | None = None,
+        tokens: int = DEFAULT_TOKENS,
+        reply: str | None = None,
+    ) -> None:
         self.interval = interval
         self.api_key = api_key
+        self.tokens = tokens
+        self.reply = reply
         self.requests: deque[Any] = deque(maxlen=MAX_RECORDED)
         self.active_streams = 0
         self.total_requests = 0
@@ -257,6 +267,17 @@ class Simulator:
                 }
                 return _json(start_response, 200, stats)
         return _invalid(start_response, 404, f"No route {method} {path}")
+
+    def _with_defaults(self, body: dict) -> dict:
+        """``body`` with the server's default reply or word count, unless it names its own."""
+        options = _options(body)
+        if "reply" in options or "tokens" in options:
+            return body
+        if self.reply is not None:
+            return {**body, "simulator": {**options, "reply": self.reply}}
+        if self.tokens != DEFAULT_TOKENS:
+            return {**body, "simulator": {**options, "tokens": self.tokens}}
+        return body
 
     def _authorized(self, environ: dict) -> bool:
         if not self.api_key:
@@ -301,7 +322,7 @@ class Simulator:
             return _invalid(start_response, 400, "The body must be a JSON object.")
         self.requests.append(body)
         try:
-            plan = make_plan(body, self.interval)
+            plan = make_plan(self._with_defaults(body), self.interval)
         except ValueError as exc:
             return _invalid(start_response, 400, str(exc))
 
@@ -431,9 +452,14 @@ def _read_body(environ: dict) -> bytes:
     return stream.read() if environ.get("wsgi.input_terminated") else b""
 
 
-def create_app(interval: float = 0.02, api_key: str | None = None) -> Simulator:
+def create_app(
+    interval: float = 0.02,
+    api_key: str | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    reply: str | None = None,
+) -> Simulator:
     """The simulator as a WSGI application (serve it with gevent.pywsgi for streaming)."""
-    return Simulator(interval=interval, api_key=api_key)
+    return Simulator(interval=interval, api_key=api_key, tokens=tokens, reply=reply)
 
 
 class QuietHandler(WSGIHandler):
@@ -464,11 +490,20 @@ def main(argv: list[str] | None = None) -> int:
         "--interval", type=float, default=float(os.environ.get("RELAY_SIM_INTERVAL", "0.02"))
     )
     parser.add_argument("--api-key", default=None)
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=int(os.environ.get("RELAY_SIM_TOKENS", DEFAULT_TOKENS)),
+        help="words per reply when a request names none",
+    )
+    parser.add_argument("--reply", default=None, help="the exact reply when a request names none")
     args = parser.parse_args(argv)
+    if not 0 <= args.tokens <= MAX_TOKENS:
+        parser.error(f"--tokens must be between 0 and {MAX_TOKENS}")
 
     server = WSGIServer(
         (args.host, args.port),
-        create_app(args.interval, args.api_key),
+        create_app(args.interval, args.api_key, args.tokens, args.reply),
         backlog=4096,
         log=None,  # no access log: thousands of streams must stay cheap
         handler_class=QuietHandler,

@@ -1,0 +1,303 @@
+// The chat page. A prompt becomes a job (POST /v1/jobs); its reply is followed through the
+// job's event stream and drawn as it grows. Follow-ups name the last reply's messageId as
+// parentMessageId, and the conversation is kept in localStorage across reloads.
+import { renderMarkdown } from "./markdown.js";
+import { followJob } from "./stream.js";
+
+const STORAGE_KEY = "chat-relay:conversation";
+const $ = (id) => document.getElementById(id);
+const ui = {
+  scroller: $("scroller"),
+  messages: $("messages"),
+  empty: $("empty"),
+  form: $("composer"),
+  prompt: $("prompt"),
+  send: $("send"),
+  stop: $("stop"),
+  newChat: $("new-chat"),
+};
+
+// A message: {role: "user" | "assistant", text} and, for a reply, jobId, messageId, eventsUrl,
+// status ("waiting" | "streaming" | "done" | "length" | "stopped" | "failed") and error.
+// Keys starting with "_" are for this page view only and are not saved.
+let chat = load(); // {messages, parentMessageId}
+let current = null; // the reply being written, with its stream: {reply, stream}
+const views = new WeakMap(); // message -> {el, body, meta}
+
+const NOTES = {
+  waiting: "Waiting for the relay…",
+  stopped: "Stopped",
+  length: "Cut off at the length limit",
+};
+const STATUS_BY_FINISH = { stop: "done", cancelled: "stopped", length: "length" };
+
+function load() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(STORAGE_KEY));
+    if (saved && Array.isArray(saved.messages)) return saved;
+  } catch {
+    // unreadable: start afresh
+  }
+  return { messages: [], parentMessageId: null };
+}
+
+function save() {
+  const json = JSON.stringify(chat, (key, value) => (key.startsWith("_") ? undefined : value));
+  try {
+    localStorage.setItem(STORAGE_KEY, json);
+  } catch {
+    // storage full or disabled: the chat works, it just does not survive a reload
+  }
+}
+
+// ---- drawing ---------------------------------------------------------------------------
+
+function element(tag, className, text) {
+  const el = document.createElement(tag);
+  if (className) el.className = className;
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+function view(message) {
+  const el = element("article", `msg ${message.role}`);
+  const body = element("div", message.role === "user" ? "body" : "body markdown");
+  const meta = message.role === "assistant" ? element("footer", "meta") : null;
+  el.append(...[body, meta].filter(Boolean));
+  views.set(message, { el, body, meta });
+  update(message);
+  return el;
+}
+
+/** Redraw a message completely: text, status and footer. */
+function update(message) {
+  const { el, body, meta } = views.get(message) ?? {};
+  if (!el) return;
+  if (message.role === "user") {
+    body.textContent = message.text;
+    return;
+  }
+  el.dataset.status = message.status;
+  if (message.jobId) el.dataset.jobId = message.jobId;
+  el.classList.toggle("streaming", ["waiting", "streaming"].includes(message.status));
+  renderMarkdown(body, message.text);
+  meta.replaceChildren(...footer(message));
+}
+
+function footer(message) {
+  const items = [];
+  const note = message.error ?? message._note ?? NOTES[message.status];
+  if (note) {
+    const notice = element("span", `notice ${message.error ? "error" : message.status}`, note);
+    if (message.error) notice.setAttribute("role", "alert");
+    items.push(notice);
+  }
+  if (message.jobId) {
+    const href = new URL(`/watch/${encodeURIComponent(message.jobId)}`, location.origin).href;
+    const share = element("a", "share", "Share live");
+    Object.assign(share, { href, target: "_blank", rel: "noopener", title: href });
+    const copy = element("button", "copy ghost", "Copy link");
+    copy.type = "button";
+    copy.addEventListener("click", () => {
+      navigator.clipboard.writeText(href).then(
+        () => (copy.textContent = "Copied"),
+        () => (copy.textContent = "Copy failed: use the link"),
+      );
+    });
+    items.push(share, copy);
+  }
+  return items;
+}
+
+/** Redraw a growing reply's text, at most once per frame (the typewriter). */
+function drawText(message) {
+  if (message._frame) return;
+  message._frame = requestAnimationFrame(() => {
+    message._frame = 0;
+    const stick = nearBottom();
+    renderMarkdown(views.get(message).body, message.text);
+    if (stick) scrollDown();
+  });
+}
+
+function drawAll() {
+  ui.messages.replaceChildren(...(chat.messages.length ? chat.messages.map(view) : [ui.empty]));
+  scrollDown();
+}
+
+const nearBottom = () =>
+  ui.scroller.scrollHeight - ui.scroller.scrollTop - ui.scroller.clientHeight < 80;
+const scrollDown = () => (ui.scroller.scrollTop = ui.scroller.scrollHeight);
+
+function setBusy() {
+  ui.send.hidden = Boolean(current);
+  ui.stop.hidden = !current;
+  ui.stop.disabled = !current?.reply.jobId;
+}
+
+// ---- the conversation ------------------------------------------------------------------
+
+function add(message) {
+  if (!chat.messages.length) ui.empty.remove();
+  chat.messages.push(message);
+  ui.messages.append(view(message));
+  scrollDown();
+  return message;
+}
+
+async function send(prompt) {
+  add({ role: "user", text: prompt });
+  const reply = add({ role: "assistant", text: "", status: "waiting" });
+  current = { reply, stream: null };
+  setBusy();
+  save();
+
+  const request = { prompt };
+  if (chat.parentMessageId) request.parentMessageId = chat.parentMessageId;
+  let response, answer;
+  try {
+    response = await fetch("/v1/jobs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(request),
+    });
+    answer = await response.json().catch(() => null);
+  } catch (error) {
+    ui.prompt.value ||= prompt; // so that it can be sent again
+    return finish(reply, "failed", `Could not reach the relay: ${error.message}`);
+  }
+  if (!response.ok) {
+    ui.prompt.value ||= prompt;
+    const message = answer?.error?.message ?? `The relay answered ${response.status}.`;
+    return finish(reply, "failed", message);
+  }
+  if (current?.reply !== reply) return cancel(answer.id); // "New chat" was pressed meanwhile
+  Object.assign(reply, {
+    jobId: answer.id,
+    messageId: answer.messageId,
+    eventsUrl: answer.events_url,
+    status: "streaming",
+  });
+  save();
+  update(reply);
+  follow(reply);
+}
+
+/** Follow a reply's events from the start (also after a reload, while it is still going). */
+function follow(reply) {
+  let finishReason = null;
+  let error = null;
+  reply.text = "";
+  current = { reply, stream: null };
+  current.stream = followJob(
+    reply.eventsUrl,
+    {
+      text(delta) {
+        reply.text += delta;
+        drawText(reply);
+      },
+      finish(reason) {
+        finishReason = reason;
+      },
+      error(problem) {
+        error = problem?.message || "The reply failed.";
+      },
+      state(state) {
+        reply._note = state === "reconnecting" ? "Connection lost, reconnecting…" : undefined;
+        update(reply);
+      },
+      done() {
+        finish(reply, error ? "failed" : (STATUS_BY_FINISH[finishReason] ?? "done"), error);
+      },
+    },
+    { giveUp: true },
+  );
+  setBusy();
+}
+
+function finish(reply, status, error) {
+  cancelAnimationFrame(reply._frame);
+  Object.assign(reply, { status, error: error ?? undefined, _frame: 0, _note: undefined });
+  // The relay keeps every reply that ended, stopped ones too: the next prompt continues it.
+  if (status !== "failed" && reply.messageId) chat.parentMessageId = reply.messageId;
+  if (current?.reply === reply) current = null;
+  save();
+  const stick = nearBottom();
+  update(reply);
+  if (stick) scrollDown();
+  setBusy();
+}
+
+function cancel(jobId) {
+  return fetch(`/v1/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST" });
+}
+
+// ---- controls ----------------------------------------------------------------------------
+
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const prompt = ui.prompt.value.trim();
+  if (!prompt || current) return;
+  ui.prompt.value = "";
+  send(prompt);
+});
+
+ui.prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.form.requestSubmit();
+  }
+});
+
+ui.stop.addEventListener("click", async () => {
+  const reply = current?.reply;
+  if (!reply?.jobId) return;
+  ui.stop.disabled = true;
+  try {
+    const response = await cancel(reply.jobId);
+    if (!response.ok) {
+      const answer = await response.json().catch(() => null);
+      throw new Error(answer?.error?.message ?? `the relay answered ${response.status}`);
+    }
+    // The stream now ends with finish_reason "cancelled" and [DONE]: see follow().
+  } catch (error) {
+    reply._note = `Could not stop: ${error.message}`;
+    update(reply);
+    ui.stop.disabled = false;
+  }
+});
+
+ui.newChat.addEventListener("click", () => {
+  if (current) {
+    current.stream?.close();
+    if (current.reply.jobId) cancel(current.reply.jobId).catch(() => {});
+    current = null;
+  }
+  chat = { messages: [], parentMessageId: null };
+  save();
+  drawAll();
+  setBusy();
+  ui.prompt.focus();
+});
+
+// Leaving (or reloading) the page aborts the stream, which is no failure of the reply: it goes
+// on without us, and a reload follows it again. Chromium aborts it right after beforeunload.
+const leave = () => current?.stream?.close();
+addEventListener("beforeunload", leave);
+addEventListener("pagehide", leave);
+addEventListener("pageshow", (event) => event.persisted && resume());
+
+// ---- start -------------------------------------------------------------------------------
+
+function resume() {
+  const last = chat.messages.at(-1);
+  if (last?.status === "streaming" && last.eventsUrl) {
+    follow(last); // reloaded while a reply was being written: replay it and go on
+  } else if (last?.status === "waiting") {
+    finish(last, "failed", "The page was closed before the relay accepted this message.");
+  }
+}
+
+drawAll();
+resume();
+ui.prompt.focus();

@@ -1,0 +1,55 @@
+// The read-only live view of one reply (/watch/<job id>). It follows the job's events from
+// the start, so a late visitor sees the whole text, and across a dropped connection relies on
+// the browser's EventSource reconnect: the relay resumes right after Last-Event-ID, so the text
+// is only ever appended to, never reset.
+import { renderMarkdown } from "./markdown.js";
+import { followJob } from "./stream.js";
+
+const jobId = document.body.dataset.jobId;
+const reply = document.getElementById("reply");
+const badge = document.getElementById("status");
+const problem = document.getElementById("problem");
+const article = reply.closest(".msg");
+
+let text = "";
+let finishReason = null;
+let error = null;
+let frame = 0;
+
+function setStatus(status, label = status) {
+  badge.dataset.status = status;
+  badge.textContent = label;
+  article.classList.toggle("streaming", ["connecting", "live", "reconnecting"].includes(status));
+}
+
+function draw() {
+  cancelAnimationFrame(frame);
+  frame = 0;
+  renderMarkdown(reply, text);
+}
+
+followJob(`/v1/jobs/${encodeURIComponent(jobId)}/events`, {
+  text(delta) {
+    text += delta;
+    frame ||= requestAnimationFrame(draw);
+  },
+  finish(reason) {
+    finishReason = reason;
+  },
+  error(failure) {
+    error = failure;
+  },
+  state(state) {
+    setStatus(state, state === "reconnecting" ? "reconnecting…" : state);
+  },
+  done() {
+    draw();
+    if (error) {
+      setStatus("failed");
+      problem.textContent = error.message || "The reply failed.";
+      problem.hidden = false;
+    } else {
+      setStatus(finishReason === "cancelled" ? "cancelled" : "finished");
+    }
+  },
+});
