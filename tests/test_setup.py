@@ -55,6 +55,9 @@ def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
         assert f"The relay is up at http://127.0.0.1:{port}" in text
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.json()["redis"] == "ok"
+        page = requests.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.ok and "text/html" in page.headers["Content-Type"]
+        assert "/static/chat.js" in page.text  # the chat page, served by the stack it started
         # Ctrl-C stops everything the script started.
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
