@@ -20,6 +20,8 @@ timeout = 30
 # with Last-Event-ID and resume on another process.
 graceful_timeout = int(os.environ.get("RELAY_GRACEFUL_TIMEOUT", 10))
 keepalive = 75
+# The worker heartbeat file in memory, not on a (possibly slow or container overlay) disk.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = os.environ.get("RELAY_ACCESS_LOG", "-")
 errorlog = "-"
 loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")

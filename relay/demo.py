@@ -43,17 +43,18 @@ def main(argv: list[str]) -> int:
                 continue
             for choice in chunk.get("choices") or ():
                 print((choice.get("delta") or {}).get("content") or "", end="", flush=True)
+    model = requests.get(job["status_url"], timeout=10).json().get("model") or "gpt-4o-mini"
     print(
         f"""
 
-The relay is up at {base}. Try:
+The relay is up at {base}: open {base}/ for the chat page. Try:
   curl -N {job["events_url"]}          # replay the same stream from the start
   curl {base}/v1/jobs/{job["id"]}      # its status and text
   curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{{"stream": true, "messages": [{{"role": "user", "content": "Hi"}}]}}'
   python -c "import openai; c = openai.OpenAI(base_url='{base}/v1', api_key='x'); \\
 [print(k.choices[0].delta.content or '', end='') for k in c.chat.completions.create(\\
-model='simulator', messages=[{{'role': 'user', 'content': 'Hi'}}], stream=True) if k.choices]"
+model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}], stream=True) if k.choices]"
 """,
         flush=True,
     )
