@@ -3,6 +3,7 @@ ports, each started, awaited by polling, and always stopped (the whole process g
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -245,19 +246,27 @@ def stack(redis_url: str, simulator: str, log_dir: Path) -> Iterator[Stack]:
         s.stop()
 
 
+@contextlib.contextmanager
+def relay_stack(
+    redis_server: str, upstream: str, log_dir: Path, **env: str
+) -> Iterator[tuple[Stack, str]]:
+    """gunicorn and a worker on a fresh database, pointed at ``upstream``: (stack, base URL)."""
+    url = f"{redis_server}/{next(_databases) % 256}"
+    redis.Redis.from_url(url).flushdb()
+    stack = Stack(url, upstream, log_dir, env=env)
+    try:
+        base = stack.start_web()
+        stack.start_worker()
+        yield stack, base
+    finally:
+        stack.stop()
+
+
 @pytest.fixture(scope="module")
 def running_stack(redis_server: str, simulator: str, log_dir: Path) -> Iterator[tuple[Stack, str]]:
     """One gunicorn and one worker shared by a module's tests; (stack, base URL)."""
-    db = next(_databases) % 256
-    url = f"{redis_server}/{db}"
-    redis.Redis.from_url(url).flushdb()
-    s = Stack(url, simulator, log_dir)
-    try:
-        base = s.start_web()
-        s.start_worker()
-        yield s, base
-    finally:
-        s.stop()
+    with relay_stack(redis_server, simulator, log_dir) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from relay.simulator import reply_text
 from tests.conftest import (
     ROOT,
-    Stack,
-    _databases,
     free_port,
+    relay_stack,
     start_process,
     wait_for,
 )
@@ -85,22 +83,6 @@ def simulator_process(log_dir: Path, name: str, *args: str) -> Iterator[str]:
         yield base
     finally:
         proc.stop()
-
-
-@contextlib.contextmanager
-def relay_stack(
-    redis_server: str, upstream: str, log_dir: Path, **env: str
-) -> Iterator[tuple[Stack, str]]:
-    """gunicorn and a worker on a fresh database, pointed at ``upstream``: (stack, base URL)."""
-    url = f"{redis_server}/{next(_databases) % 256}"
-    redis.Redis.from_url(url).flushdb()
-    stack = Stack(url, upstream, log_dir, env=env)
-    try:
-        base = stack.start_web()
-        stack.start_worker()
-        yield stack, base
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
