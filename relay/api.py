@@ -18,7 +18,7 @@ from .conversations import Turn
 from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
 from .fanout import LiveEvent, SubscribeTimeout, Viewer
 from .streaming import follow, sse_bytes
-from .validation import validate_chat_request
+from .validation import Limits, validate_chat_request
 
 logger = logging.getLogger(__name__)
 api = Blueprint("relay", __name__)
@@ -59,7 +59,13 @@ def submit_job(body: Any = None) -> tuple[str, dict[str, Any], Turn]:
     """Validate the body, rebuild its conversation, then store and queue the job."""
     if body is None:
         body = json_body()
-    body = validate_chat_request(body, default_model=current_app.config["DEFAULT_MODEL"])
+    config = current_app.config
+    limits = Limits(
+        max_messages=int(config["MAX_MESSAGES"]),
+        max_input_chars=int(config["MAX_INPUT_CHARS"]),
+        max_tokens=int(config["MAX_TOKENS"]),
+    )
+    body = validate_chat_request(body, default_model=config["DEFAULT_MODEL"], limits=limits)
     relay = state()
     request, turn = relay.conversations.prepare(body)
     job_id = relay.store.create(request, turn)

@@ -7,9 +7,11 @@ OpenAI parameters and server-specific ones (vLLM, llama.cpp) keep working.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidRequest
+from .tokens import content_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -115,7 +117,45 @@ def _check_message(index: int, message: Any) -> None:
         )
 
 
-def validate_chat_request(body: Any, *, default_model: str = "") -> dict[str, Any]:
+@dataclass(frozen=True)
+class Limits:
+    """Ceilings on one request (0: no ceiling), beside the body size the app enforces."""
+
+    max_messages: int = 0
+    max_input_chars: int = 0
+    max_tokens: int = 0
+
+
+def _check_limits(body: dict[str, Any], messages: list[Any], limits: Limits) -> None:
+    if limits.max_messages and len(messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"Too many messages: {len(messages)} (at most {limits.max_messages}).",
+            param="messages",
+            code="too_many_messages",
+        )
+    if limits.max_input_chars:
+        texts = [content_text(m.get("content")) for m in messages]
+        texts += [v for k in ("prompt", "systemMessage") if isinstance(v := body.get(k), str)]
+        total = sum(len(t) for t in texts)
+        if total > limits.max_input_chars:
+            raise InvalidRequest(
+                f"The input is {total} characters long (at most {limits.max_input_chars}).",
+                param="messages",
+                code="input_too_long",
+            )
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if limits.max_tokens and isinstance(value, int) and value > limits.max_tokens:
+            raise InvalidRequest(
+                f"'{name}' is {value}; this relay allows at most {limits.max_tokens}.",
+                param=name,
+                code="max_tokens_too_large",
+            )
+
+
+def validate_chat_request(
+    body: Any, *, default_model: str = "", limits: Limits = Limits()
+) -> dict[str, Any]:
     """The request to store, or :class:`InvalidRequest` naming the first thing wrong with it."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
@@ -137,6 +177,7 @@ def validate_chat_request(body: Any, *, default_model: str = "") -> dict[str, An
     for name, value in body.items():
         if name in _PARAMS:
             _check_param(name, value)
+    _check_limits(body, messages, limits)
     request = dict(body)
     if not request.get("model"):
         if not default_model:

@@ -242,3 +242,10 @@ def test_a_chunked_body_over_the_limit_is_a_413_too(base):
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_input_limits_are_enforced_over_http(base):
+    too_many = {"model": "m", "messages": [{"role": "user", "content": "x"}] * 501}
+    response = requests.post(f"{base}/v1/jobs", json=too_many, timeout=5)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "too_many_messages"

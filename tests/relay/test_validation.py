@@ -1,7 +1,7 @@
 import pytest
 
 from relay.errors import InvalidRequest
-from relay.validation import validate_chat_request
+from relay.validation import Limits, validate_chat_request
 
 OK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -57,3 +57,35 @@ def test_assistant_tool_call_may_omit_content():
         ],
     }
     assert validate_chat_request(body) == body
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}] * 4},
+            "too_many_messages",
+            "messages",
+        ),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x" * 11}]},
+            "input_too_long",
+            "messages",
+        ),
+        ({"model": "m", "prompt": "y" * 11}, "input_too_long", "messages"),
+        ({**OK, "max_tokens": 101}, "max_tokens_too_large", "max_tokens"),
+        ({**OK, "max_completion_tokens": 101}, "max_tokens_too_large", "max_completion_tokens"),
+    ],
+)
+def test_limits_refuse_with_a_named_code(body, code, param):
+    limits = Limits(max_messages=3, max_input_chars=10, max_tokens=100)
+    with pytest.raises(InvalidRequest) as info:
+        validate_chat_request(body, limits=limits)
+    error = info.value.to_dict()["error"]
+    assert (error["code"], error["param"]) == (code, param)
+
+
+def test_limits_at_the_ceiling_pass_and_zero_means_none():
+    body = {**OK, "messages": [{"role": "user", "content": "x" * 10}] * 3, "max_tokens": 100}
+    assert validate_chat_request(body, limits=Limits(3, 30, 100))
+    assert validate_chat_request({**body, "max_tokens": 10**6}, limits=Limits())
