@@ -12,6 +12,23 @@ logger = logging.getLogger(__name__)
 LOST_MESSAGE = "The worker running this job stopped; the reply is incomplete. Please retry."
 
 
+def sweep_orphans(
+    store: JobStore, worker_id: str, running: set[str], suspects: set[str]
+) -> set[str]:
+    """Recover this worker's own claims that no greenlet runs any more; the new suspects.
+
+    A job whose greenlet could not write its end (Redis was unreachable) stays on the claimed
+    list of a worker that is still alive, where the dead-worker sweep never looks. A claim seen
+    unrun is only a suspect at first: it may have been claimed a moment ago and not yet handed
+    to its greenlet; still unrun at the next sweep, it is recovered.
+    """
+    unrun = {j for j in queue.claimed_jobs(store.redis, worker_id) if j not in running}
+    for job_id in unrun & suspects:
+        if store.recover(job_id, worker_id, LOST_MESSAGE) in (2, 3):
+            logger.warning("job %s recovered: its run ended without writing its outcome", job_id)
+    return unrun - suspects
+
+
 def sweep(store: JobStore) -> int:
     """One pass over dead workers; returns how many jobs were recovered.
 

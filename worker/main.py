@@ -78,6 +78,7 @@ class Worker:
         )
         self.pool = Pool(self.concurrency)
         self.running: dict[str, gevent.Greenlet] = {}
+        self._suspects: set[str] = set()
         self.stopping = Event()
 
     def request_stop(self) -> None:
@@ -100,9 +101,11 @@ class Worker:
 
     def _sweep(self) -> None:
         janitor.sweep(self.store)
+        self._suspects = janitor.sweep_orphans(
+            self.store, self.worker_id, set(self.running), self._suspects
+        )
 
     def _run_job(self, job_id: str) -> None:
-        self.running[job_id] = gevent.getcurrent()
         try:
             with logs.job_context(job_id):
                 run_job(self.ctx, job_id)
@@ -173,7 +176,8 @@ class Worker:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 if job_id is not None:
-                    self.pool.spawn(self._run_job, job_id)
+                    # Registered before the greenlet runs, so the orphan sweep never takes it.
+                    self.running[job_id] = self.pool.spawn(self._run_job, job_id)
         finally:
             self.teardown(helpers, grace)
 
