@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from relay.simulator import reply_text
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 from tests.helpers import chat_body, create_job, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -133,3 +133,32 @@ def test_one_worker_process_runs_200_streaming_jobs_at_once(stack):
         wait_for(lambda job=job: status_of(job)["status"] != "running", 20, "job end")
         status = status_of(job)
         assert status["status"] == "completed" and status["text"] == reply_text(body)
+
+
+@pytest.mark.parametrize(
+    ("fail", "code", "least_seconds"),
+    [("status_429", "rate_limit_exceeded", 2.0), ("status_500", "upstream_http_500", 1.5)],
+)
+def test_retryable_failures_before_the_first_chunk_are_retried_with_backoff_then_end(
+    stack, fail, code, least_seconds
+):
+    base = stack.start_web()
+    stack.start_worker(env={"RELAY_UPSTREAM_MAX_RETRIES": "2"})
+    marker = f"retry-{fail}-{time.monotonic_ns()}"
+    started = time.monotonic()
+    job = create_job(base, chat_body(marker, fail=fail))
+    received, _ = read_stream(job["events_url"], timeout=30)
+    elapsed = time.monotonic() - started
+    assert received.done and received.errors[0]["code"] == code
+    # 429 honours Retry-After (1 s, twice); 5xx backs off 0.5 s then 1 s. Bounded: 3 attempts.
+    assert least_seconds <= elapsed < least_seconds + 5
+    bodies = requests.get(stack.upstream.removesuffix("/v1") + "/_sim/requests", timeout=5).json()
+    assert sum(1 for b in bodies if marker in str(b.get("messages"))) == 3
+
+
+def test_connection_refused_ends_in_an_error_event(stack):
+    stack.upstream = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    base = stack.start_web()
+    stack.start_worker(env={"RELAY_UPSTREAM_MAX_RETRIES": "1"})
+    received, _ = read_stream(create_job(base, chat_body("refused"))["events_url"], timeout=30)
+    assert received.done and received.errors[0]["code"] == "upstream_unreachable"
