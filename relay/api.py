@@ -87,7 +87,7 @@ def _cancel(job_id: str) -> None:
 def _last_event_id() -> int:
     """The position to resume after: the ``Last-Event-ID`` header, else ``?lastEventId=``."""
     raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or "0"
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²".isdigit() is True
         raise InvalidRequest(
             "Last-Event-ID must be a non-negative integer event id.",
             param="Last-Event-ID",

@@ -249,3 +249,9 @@ def test_input_limits_are_enforced_over_http(base):
     response = requests.post(f"{base}/v1/jobs", json=too_many, timeout=5)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "too_many_messages"
+
+
+def test_a_non_ascii_digit_last_event_id_is_a_400_not_a_500(base):
+    job = create_job(base, chat_body("x", tokens=1))
+    response = requests.get(job["events_url"], params={"lastEventId": "²"}, timeout=5)
+    assert response.status_code == 400
