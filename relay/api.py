@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from . import logs, metrics
 from .aggregate import aggregate
 from .app import state
+from .auth import require_api_key
 from .conversations import Turn
 from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
 from .fanout import LiveEvent, SubscribeTimeout, Viewer
@@ -22,6 +23,13 @@ from .validation import Limits, validate_chat_request
 
 logger = logging.getLogger(__name__)
 api = Blueprint("relay", __name__)
+
+
+@api.before_request
+def _authenticate() -> None:
+    if request.method == "POST":  # creating and cancelling jobs; reading is by job id
+        require_api_key()
+
 
 STREAM_HEADERS = {
     "Cache-Control": "no-cache",

@@ -17,9 +17,10 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from .api import job_links, json_body, stream_response, submit_job
+from .auth import require_api_key
 from .chunks import dumps, loads
 from .conversations import Turn
-from .errors import InvalidRequest, RelayError
+from .errors import InvalidRequest, RelayError, Unauthorized
 from .fanout import LiveEvent
 
 chatgpt_web = Blueprint("chatgpt_web", __name__, url_prefix="/api")
@@ -29,12 +30,6 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "authorization, Content-Type",
     "Access-Control-Allow-Methods": "*",
 }
-
-
-class Unauthorized(RelayError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_secret"
 
 
 def _reply(status: str, message: str = "", data: Any = None, http_status: int = 200) -> Response:
@@ -48,12 +43,17 @@ def _secret() -> str:
 
 
 def _check_secret() -> None:
+    """chatgpt-web's secret when one is set; otherwise the relay's API keys, if any."""
     secret = _secret()
     if not secret:
+        require_api_key()
         return
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(given.encode(), secret.encode()):
-        raise Unauthorized("Error: No access rights (set the secret key in the page's settings).")
+        raise Unauthorized(
+            "Error: No access rights (set the secret key in the page's settings).",
+            code="invalid_secret",
+        )
 
 
 @chatgpt_web.after_request
@@ -85,7 +85,7 @@ def verify() -> Response:
     if not token:
         raise InvalidRequest("Secret key is empty", param="token", code="missing_required")
     if not hmac.compare_digest(str(token).encode(), _secret().encode()):
-        raise Unauthorized("Secret key is invalid")
+        raise Unauthorized("Secret key is invalid", code="invalid_secret")
     return _reply("Success", "Verify successfully")
 
 

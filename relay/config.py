@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_RESPONSE_TOKENS": 1000,
     "CONVERSATION_TTL_SECONDS": 30 * 24 * 3600,
     "CHATGPT_WEB_SECRET": "",
+    "API_KEYS": "",
     "MODERATION": False,
     "MODERATION_FAIL_OPEN": False,
     "MODERATION_MODEL": "",

@@ -38,6 +38,12 @@ class InvalidRequest(RelayError):
     type = "invalid_request_error"
 
 
+class Unauthorized(RelayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class NotFound(RelayError):
     status = 404
     type = "invalid_request_error"

@@ -53,6 +53,15 @@ def live_job_id(channel: str) -> str:
 PENDING = f"{PREFIX}:queue:pending"
 """List of job ids waiting for a worker (pushed left, claimed from the right)."""
 
+API_KEYS = f"{PREFIX}:apikeys"
+"""Set of the SHA-256 digests of every API key (see :mod:`relay.apikeys`)."""
+
+
+def api_key(key_digest: str) -> str:
+    """Hash: one API key's label, limits and whether it is revoked (keyed by its digest)."""
+    return f"{PREFIX}:apikey:{key_digest}"
+
+
 METRICS = f"{PREFIX}:metrics"
 """Hash of counters shared by every process (see :mod:`relay.metrics`)."""
 

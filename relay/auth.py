@@ -1,0 +1,54 @@
+"""Checking the caller's API key on requests that create or change jobs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import current_app, g, request
+
+from . import apikeys
+from .app import state
+from .errors import Unauthorized
+
+logger = logging.getLogger(__name__)
+
+_CHECK_EVERY = 2.0  # seconds between looks at whether any key exists
+
+
+class KeyMode:
+    """Per process: seed RELAY_API_KEYS once, and remember briefly whether keys exist."""
+
+    def __init__(self) -> None:
+        self.seeded = False
+        self.enabled = False
+        self.checked_at = float("-inf")
+        self.announced = False
+
+    def keys_required(self) -> bool:
+        redis = state().redis
+        if not self.seeded:
+            apikeys.seed(redis, str(current_app.config["API_KEYS"] or ""))
+            self.seeded = True
+        now = time.monotonic()
+        if now - self.checked_at > _CHECK_EVERY:
+            self.enabled, self.checked_at = apikeys.configured(redis), now
+            if not self.enabled and not self.announced:
+                logger.warning("no API keys configured: anyone may create jobs (open mode)")
+                self.announced = True
+        return self.enabled
+
+
+def require_api_key() -> dict[str, Any] | None:
+    """The caller's key record, or 401; None when the relay runs open (no keys configured)."""
+    mode: KeyMode = current_app.extensions.setdefault("relay.keymode", KeyMode())
+    if not mode.keys_required():
+        return None
+    record = apikeys.authenticate(state().redis, request.headers.get("Authorization"))
+    if record is None:
+        raise Unauthorized(
+            "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+        )
+    g.api_key = record
+    return record

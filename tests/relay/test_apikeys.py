@@ -1,0 +1,80 @@
+"""API keys: stored as digests, managed by a CLI, required on POST once any exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import fakeredis
+import pytest
+import requests
+
+from relay import apikeys
+from tests.conftest import ROOT
+from tests.helpers import chat_body, read_stream
+
+
+def test_keys_are_stored_as_digests_and_can_be_revoked():
+    redis = fakeredis.FakeRedis()
+    assert not apikeys.configured(redis)
+    key = apikeys.create(redis, "team", rpm=60)
+    assert apikeys.configured(redis)
+    assert key.startswith("rk-") and len(key) > 40
+    dump = b"".join(
+        v for k in redis.keys("*") if redis.type(k) == b"hash" for v in redis.hvals(k)
+    ) + b"".join(redis.keys("*"))
+    assert key.encode() not in dump, "the clear key is never stored"
+    record = apikeys.authenticate(redis, f"Bearer {key}")
+    assert record is not None and record["label"] == "team" and record["rpm"] == "60"
+    assert apikeys.authenticate(redis, "Bearer rk-wrong") is None
+    assert apikeys.authenticate(redis, key) is None  # not a Bearer header
+    (listed,) = apikeys.listing(redis)
+    assert key not in str(listed) and listed["id"] == record["id"]
+    assert apikeys.revoke(redis, listed["id"]) == 1
+    assert apikeys.authenticate(redis, f"Bearer {key}") is None
+
+
+def test_seeding_is_idempotent():
+    redis = fakeredis.FakeRedis()
+    apikeys.seed(redis, "one, two,")
+    apikeys.seed(redis, "one,two")
+    assert len(apikeys.listing(redis)) == 2
+    assert apikeys.authenticate(redis, "Bearer two") is not None
+
+
+def cli(redis_url: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay.apikeys", "--redis-url", redis_url, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_post_endpoints_need_a_valid_key_once_keys_exist(stack):
+    base = stack.start_web(env={"RELAY_API_KEYS": "seeded-key-123"})
+    stack.start_worker()
+    body = chat_body("keyed", tokens=2)
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "seeded-key-123"}):
+        refused = requests.post(f"{base}/v1/jobs", json=body, headers=headers, timeout=5)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/v1/chat/completions", "/api/chat-process"):
+        assert requests.post(f"{base}{path}", json=body, timeout=5).status_code == 401
+
+    seeded = {"Authorization": "Bearer seeded-key-123"}
+    job = requests.post(f"{base}/v1/jobs", json=body, headers=seeded, timeout=5).json()
+    assert read_stream(job["events_url"])[0].done  # watching is by job id (tokens: later)
+
+    key = cli(stack.redis_url, "create", "--label", "ci")
+    mine = {"Authorization": f"Bearer {key}"}
+    assert requests.post(f"{base}/v1/jobs", json=body, headers=mine, timeout=5).status_code == 202
+    listed = cli(stack.redis_url, "list")
+    assert "ci" in listed and key not in listed
+    key_id = next(line for line in listed.splitlines() if '"ci"' in line).split('"id": "')[1][:12]
+    assert cli(stack.redis_url, "revoke", key_id) == "revoked 1 key(s)"
+    assert requests.post(f"{base}/v1/jobs", json=body, headers=mine, timeout=5).status_code == 401
+    logs = "".join(p.output() for p in stack.procs)
+    assert key not in logs and "seeded-key-123" not in logs, "keys never appear in logs"
