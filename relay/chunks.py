@@ -78,12 +78,7 @@ def final_chunk(
     )
 
 
-def encode_live(seq: int, data: str) -> str:
-    """The pub/sub message for event ``seq`` (the Lua scripts build the same shape)."""
-    return f"{seq} {data}"
-
-
 def decode_live(message: bytes) -> tuple[int, bytes]:
-    """Inverse of :func:`encode_live`: ``(seq, data)``."""
+    """A live-channel message, ``"<id> <data>"`` (written by the Lua scripts), as ``(id, data)``."""
     seq, _, data = message.partition(b" ")
     return int(seq), data

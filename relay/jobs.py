@@ -132,10 +132,6 @@ class JobStore:
         metrics.count(pipe, "viewers", delta)
         return int(pipe.execute()[0])
 
-    def request(self, job_id: str) -> dict[str, Any] | None:
-        raw = self.redis.hget(keys.job(job_id), "request")
-        return loads(raw) if raw else None
-
     def load(self, job_id: str) -> tuple[dict[str, Any], Turn | None, float]:
         """What a worker needs to run the job: the upstream request, its conversation turn,
         and when it was created."""

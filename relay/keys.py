@@ -45,11 +45,6 @@ def message(message_id: str) -> str:
     return f"{PREFIX}:{{{message_id}}}:message"
 
 
-def live_job_id(channel: str) -> str:
-    """Inverse of :func:`live`: the job id named by a live channel."""
-    return channel[len(PREFIX) + 2 : channel.index("}")]
-
-
 PENDING = f"{PREFIX}:queue:pending"
 """List of job ids waiting for a worker (pushed left, claimed from the right)."""
 

@@ -19,7 +19,3 @@ def test_queue_and_worker_keys_are_pinned():
     assert keys.WORKERS == "relay:workers"
     assert keys.claimed("w1") == "relay:worker:w1:claimed"
     assert keys.heartbeat("w1") == "relay:worker:w1:heartbeat"
-
-
-def test_live_job_id_inverts_live():
-    assert keys.live_job_id(keys.live("job_x-y_z")) == "job_x-y_z"
