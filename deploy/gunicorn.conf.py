@@ -16,13 +16,16 @@ workers = int(os.environ.get("RELAY_WEB_PROCESSES", multiprocessing.cpu_count())
 worker_connections = int(os.environ.get("RELAY_WORKER_CONNECTIONS", 10000))
 # gevent workers heartbeat from their own greenlet; a stream never blocks it.
 timeout = 30
-# On SIGTERM, open streams get this long to end before the process exits; viewers reconnect
-# with Last-Event-ID and resume on another process.
+# On SIGTERM, open streams end at once (post_worker_init below) and their viewers resume on
+# another process with Last-Event-ID; other requests (a non-streamed completion) get this long.
 graceful_timeout = int(os.environ.get("RELAY_GRACEFUL_TIMEOUT", 10))
 keepalive = 75
 # The worker heartbeat file in memory, not on a (possibly slow or container overlay) disk.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = os.environ.get("RELAY_ACCESS_LOG", "-")
+# The request path without its query string, and no referrer: ``?token=`` grants watching (or
+# cancelling) a job, and access logs are read by more people than should see every job.
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms "%(a)s"'
 errorlog = "-"
 loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
 
@@ -32,3 +35,11 @@ def post_fork(server, worker):
     from relay import logs
 
     logs.configure(loglevel, os.environ.get("RELAY_LOG_FORMAT", "json"))
+
+
+def post_worker_init(worker):
+    """On SIGTERM, end open streams at once instead of holding them to ``graceful_timeout``."""
+    from relay.app import end_streams_on_sigterm
+
+    if hasattr(worker.wsgi, "extensions"):  # the relay's Flask app (not a wrapped one)
+        end_streams_on_sigterm(worker.wsgi)

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from flask import Blueprint, Response, current_app, g, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from . import logs, metrics
+from . import access, logs, metrics
+from .access import Access
 from .aggregate import aggregate
 from .app import state
 from .auth import require_api_key
 from .conversations import Turn
-from .errors import InvalidRequest, NotFound, RequestTooLarge, Unavailable
+from .errors import InvalidRequest, NotFound, RateLimited, RequestTooLarge, Unavailable
 from .fanout import LiveEvent, SubscribeTimeout, Viewer
+from .jobs import is_job_id, new_job_id
+from .limits import Throttle
 from .streaming import follow, sse_bytes
 from .validation import Limits, validate_chat_request
 
@@ -27,7 +30,7 @@ api = Blueprint("relay", __name__)
 
 @api.before_request
 def _authenticate() -> None:
-    if request.method == "POST":  # creating and cancelling jobs; reading is by job id
+    if request.method == "POST":  # creating and cancelling jobs; reading needs a job's token
         require_api_key()
 
 
@@ -63,8 +66,49 @@ def json_body() -> Any:
         ) from None
 
 
-def submit_job(body: Any = None) -> tuple[str, dict[str, Any], Turn]:
-    """Validate the body, rebuild its conversation, then store and queue the job."""
+class Submission(NamedTuple):
+    job_id: str
+    request: dict[str, Any]
+    turn: Turn
+    access: Access
+
+
+def _caller() -> tuple[str, int, int]:
+    """Who is asking, for the limits: (caller, requests per minute, concurrent jobs)."""
+    config = current_app.config
+    rpm, concurrency = int(config["RATE_LIMIT_RPM"]), int(config["CONCURRENCY_LIMIT"])
+    key = g.get("api_key")
+    if key is None:  # the relay runs open: each client address is a caller
+        return f"addr:{request.remote_addr}", rpm, concurrency
+    own_rpm, own_concurrency = int(key.get("rpm") or 0), int(key.get("concurrency") or 0)
+    return f"key:{key['id']}", own_rpm or rpm, own_concurrency or concurrency
+
+
+def _throttle() -> Throttle:
+    return current_app.extensions.setdefault("relay.throttle", Throttle(state().redis))
+
+
+def _admit(throttle: Throttle, caller: str, rpm: int) -> None:
+    """Refuse the request if its caller is over its rate or the queue is full."""
+    wait = throttle.hit(caller, rpm)
+    if wait:
+        raise RateLimited(
+            f"Rate limit reached: {rpm} requests per minute. Please try again in {wait}s.",
+            retry_after=wait,
+        )
+    if throttle.queue_full(int(current_app.config["MAX_QUEUED_JOBS"])):
+        raise Unavailable(
+            "The relay's queue is full; please try again shortly.",
+            code="queue_full",
+            headers={"Retry-After": str(current_app.config["QUEUE_FULL_RETRY_AFTER"])},
+        )
+
+
+def submit_job(body: Any = None) -> Submission:
+    """Check limits, validate the body, rebuild its conversation, then store and queue the job."""
+    throttle = _throttle()
+    caller, rpm, concurrency = _caller()
+    _admit(throttle, caller, rpm)
     if body is None:
         body = json_body()
     config = current_app.config
@@ -76,10 +120,25 @@ def submit_job(body: Any = None) -> tuple[str, dict[str, Any], Turn]:
     body = validate_chat_request(body, default_model=config["DEFAULT_MODEL"], limits=limits)
     relay = state()
     request, turn = relay.conversations.prepare(body)
-    job_id = relay.store.create(request, turn)
+    job_id = new_job_id()
+    max_age = int(config["JOB_MAX_AGE_SECONDS"])
+    if not throttle.acquire(caller, job_id, concurrency, max_age):
+        raise RateLimited(
+            f"Too many jobs at once: at most {concurrency} may be queued or running. Please "
+            "try again when one has finished.",
+            retry_after=1,
+            code="concurrency_limit_exceeded",
+        )
+    grant = Access.new(owner=g.api_key["id"] if g.get("api_key") else "")
+    try:
+        limited_as = caller if concurrency > 0 else ""
+        relay.store.create(request, turn, access=grant, job_id=job_id, limited_as=limited_as)
+    except BaseException:
+        throttle.release(caller, job_id)
+        raise
     logs.bind_job(job_id)
     logger.info("job %s queued (model %s)", job_id, request.get("model"))
-    return job_id, request, turn
+    return Submission(job_id, request, turn, grant)
 
 
 def _cancel(job_id: str) -> None:
@@ -104,9 +163,9 @@ def _last_event_id() -> int:
     return int(raw)
 
 
-def _attach(job_id: str) -> Viewer:
+def _attach(job_id: str, *, closable: bool = True) -> Viewer:
     try:
-        return state().hub.attach(job_id)
+        return state().hub.attach(job_id, closable=closable)
     except SubscribeTimeout:
         raise Unavailable("The relay could not subscribe to the job; try again.") from None
 
@@ -132,6 +191,7 @@ def stream_response(
     relay = state()
     viewer = _attach(job_id)
     relay.store.add_viewer(job_id, 1)
+    _cut_off_stalled_client(float(current_app.config["SEND_TIMEOUT_SECONDS"]))
     # Read configuration here: the generator runs after the request context is gone.
     idle = float(current_app.config["KEEPALIVE_SECONDS"])
     cancel_if_abandoned = owner and bool(current_app.config["CANCEL_ON_DISCONNECT"])
@@ -148,7 +208,9 @@ def stream_response(
         relay.hub.detach(viewer)
         try:
             remaining = relay.store.add_viewer(job_id, -1)
-            if cancel_if_abandoned and not finished and remaining <= 0:
+            # A stream ended by shutdown was not abandoned: its client resumes elsewhere.
+            abandoned = not finished and not viewer.closed
+            if cancel_if_abandoned and abandoned and remaining <= 0:
                 logger.info("job %s: its only viewer left; cancelling", job_id)
                 with app.app_context():
                     _cancel(job_id)
@@ -158,6 +220,19 @@ def stream_response(
     response = Response(body(), mimetype=mimetype, headers={**STREAM_HEADERS, **(headers or {})})
     response.call_on_close(on_close)
     return response
+
+
+def _cut_off_stalled_client(seconds: float) -> None:
+    """Give up on a client that takes no bytes for ``seconds`` (it stopped reading).
+
+    Such a viewer costs only its bounded mailbox (it falls back to the replay log), but its
+    connection and greenlet would stay for ever; cut off, it can resume with Last-Event-ID.
+    Writes to the client block on this socket, so its timeout bounds each one (gunicorn's
+    gevent worker exposes the socket; other servers keep their own behaviour).
+    """
+    sock = request.environ.get("gunicorn.sock")
+    if sock is not None and seconds > 0:
+        sock.settimeout(seconds)
 
 
 def _event_stream(
@@ -175,11 +250,50 @@ def _event_stream(
     )
 
 
-def job_links(job_id: str) -> dict[str, str]:
-    return {
-        "events_url": url_for("relay.job_events", job_id=job_id, _external=True),
-        "status_url": url_for("relay.job_status", job_id=job_id, _external=True),
+def job_links(job_id: str, grant: Access, *, creator: bool = False) -> dict[str, str]:
+    """The job's URLs, carrying its read token; the cancel URL only for its creator."""
+    links = {
+        "events_url": url_for(
+            "relay.job_events", job_id=job_id, token=grant.read_token, _external=True
+        ),
+        "status_url": url_for(
+            "relay.job_status", job_id=job_id, token=grant.read_token, _external=True
+        ),
+        "watch_url": url_for("pages.watch", job_id=job_id, token=grant.read_token, _external=True),
     }
+    if creator:
+        links["cancel_url"] = url_for(
+            "relay.cancel_job", job_id=job_id, token=grant.cancel_token, _external=True
+        )
+    return links
+
+
+def link_headers(submission: Submission) -> dict[str, str]:
+    """Response headers that tell a streaming creator its job and where else to follow it."""
+    links = job_links(submission.job_id, submission.access, creator=True)
+    return {
+        "X-Relay-Job-Id": submission.job_id,
+        "X-Relay-Message-Id": submission.turn.message_id,
+        "X-Relay-Events-Url": links["events_url"],
+        "X-Relay-Watch-Url": links["watch_url"],
+        "X-Relay-Cancel-Url": links["cancel_url"],
+    }
+
+
+def _unknown(job_id: str) -> NotFound:
+    # The same answer for a job that does not exist and one the caller may not see.
+    return NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
+
+
+def _granted(job_id: str) -> Access:
+    """The job's access record if the caller may watch it (read token or creating key)."""
+    logs.bind_job(job_id)
+    redis = state().redis
+    grant = access.load(redis, job_id) if is_job_id(job_id) else None
+    key_id = access.caller_key_id(redis, request.headers.get("Authorization"))
+    if grant is None or not grant.may_watch(request.args.get("token"), key_id):
+        raise _unknown(job_id)
+    return grant
 
 
 @api.post("/v1/jobs")
@@ -187,14 +301,17 @@ def create_job():
     body = json_body()
     if isinstance(body, dict):
         body["stream"] = True  # a job is always streamed to its viewers
-    job_id, _, turn = submit_job(body)
-    links = job_links(job_id)
+    submission = submit_job(body)
+    job_id, turn = submission.job_id, submission.turn
+    links = job_links(job_id, submission.access, creator=True)
     body = {
         "id": job_id,
         "object": "relay.job",
         "status": "queued",
         "messageId": turn.message_id,
         "parentMessageId": turn.parent_message_id,
+        "read_token": submission.access.read_token,
+        "cancel_token": submission.access.cancel_token,
         **links,
     }
     response = jsonify(body)
@@ -205,51 +322,52 @@ def create_job():
 
 @api.get("/v1/jobs/<job_id>")
 def job_status(job_id: str):
-    logs.bind_job(job_id)
+    grant = _granted(job_id)
     status = state().store.status(job_id)
     if status is None:
-        raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
-    return jsonify({**status, **job_links(job_id)})
+        raise _unknown(job_id)
+    return jsonify({**status, **job_links(job_id, grant)})
 
 
 @api.get("/v1/jobs/<job_id>/events")
 def job_events(job_id: str):
-    logs.bind_job(job_id)
     after = _last_event_id()
-    if not state().store.exists(job_id):
-        raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
+    _granted(job_id)
     return _event_stream(job_id, after)
 
 
 @api.post("/v1/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
-    """Stop generation; viewers get a final chunk (``finish_reason: "cancelled"``) and [DONE]."""
+    """Stop generation; viewers get a final chunk (``finish_reason: "cancelled"``) and [DONE].
+
+    Allowed with the job's cancel token (``?token=``) or the key that created it.
+    """
     logs.bind_job(job_id)
     store = state().store
-    if not store.exists(job_id):
-        raise NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
+    grant = access.load(store.redis, job_id) if is_job_id(job_id) else None
+    key = g.get("api_key")
+    if grant is None or not grant.may_cancel(request.args.get("token"), key and key["id"]):
+        raise _unknown(job_id)
     _cancel(job_id)  # a job that already ended keeps its outcome
-    return jsonify({**store.status(job_id), **job_links(job_id)})  # type: ignore[dict-item]
+    status = store.status(job_id)
+    if status is None:
+        raise _unknown(job_id)
+    return jsonify({**status, **job_links(job_id, grant, creator=True)})
 
 
 @api.post("/v1/chat/completions")
 def chat_completions():
-    job_id, body, turn = submit_job()
-    links = job_links(job_id)
-    headers = {
-        "X-Relay-Job-Id": job_id,
-        "X-Relay-Events-Url": links["events_url"],
-        "X-Relay-Message-Id": turn.message_id,
-    }
-    if body.get("stream"):
-        return _event_stream(job_id, 0, headers, owner=True)
-    return _completion(job_id, headers)
+    submission = submit_job()
+    headers = link_headers(submission)
+    if submission.request.get("stream"):
+        return _event_stream(submission.job_id, 0, headers, owner=True)
+    return _completion(submission.job_id, headers)
 
 
 def _completion(job_id: str, headers: dict[str, str]) -> Response:
     """``stream: false``: wait for the job's events and answer one ``chat.completion``."""
     relay = state()
-    viewer = _attach(job_id)
+    viewer = _attach(job_id, closable=False)  # one answer: it cannot be resumed elsewhere
     idle = float(current_app.config["KEEPALIVE_SECONDS"])
     events = follow(relay.store, relay.hub, viewer, 0, idle=idle)
     result = aggregate(event.data for event in events if event is not None)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Mapping
 from typing import Any
 
+import gevent
 from flask import Flask, current_app
 from redis import Redis
 from redis.exceptions import RedisError
@@ -70,6 +72,33 @@ class RelayState:
         if self._hub is None:
             self._hub = Hub(self.redis, queue_size=int(self._config["VIEWER_QUEUE_SIZE"]))
         return self._hub
+
+    def close_streams(self) -> int:
+        """End this process's open streams (shutdown); how many were ended."""
+        return self._hub.close_streams() if self._hub is not None else 0
+
+
+def end_streams_on_sigterm(app: Flask) -> None:
+    """Make SIGTERM end the process's open streams at once (called by gunicorn's
+    ``post_worker_init`` in deploy/gunicorn.conf.py).
+
+    gunicorn stops accepting on SIGTERM, then waits up to ``graceful_timeout`` for requests to
+    end; a stream may not end by itself in time and would be cut off mid-response. Ended now,
+    each response closes cleanly and its client resumes on another process after Last-Event-ID.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def close(_: Any = None) -> None:
+        closed = app.extensions["relay"].close_streams()
+        logger.info("shutting down: ended %d open streams; clients resume elsewhere", closed)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if callable(previous):
+            previous(signum, frame)
+        gevent.spawn(close)  # not in the signal handler: it may switch greenlets
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn has it: don't disturb requests
 
 
 def state() -> RelayState:

@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from .api import job_links, json_body, stream_response, submit_job
+from .api import json_body, link_headers, stream_response, submit_job
 from .auth import require_api_key
 from .chunks import dumps, loads
 from .conversations import Turn
@@ -70,6 +70,7 @@ def _error(error: RelayError) -> Response:
         {"status": status, "message": error.message, "data": None, **error.to_dict()}
     )
     response.status_code = error.status
+    response.headers.update(error.headers)
     return response
 
 
@@ -117,14 +118,13 @@ def chat_process() -> Response:
     job["stream"] = True
     if options.get("parentMessageId"):
         job["parentMessageId"] = options["parentMessageId"]
-    job_id, _, turn = submit_job(job)
-    headers = {"X-Relay-Job-Id": job_id, "X-Relay-Events-Url": job_links(job_id)["events_url"]}
+    submission = submit_job(job)
     return stream_response(
-        job_id,
+        submission.job_id,
         0,
-        lambda events: chat_process_lines(events, turn),
+        lambda events: chat_process_lines(events, submission.turn),
         mimetype="application/octet-stream",
-        headers=headers,
+        headers=link_headers(submission),
         owner=True,  # the front end's Stop button aborts the request: that cancels the job
     )
 

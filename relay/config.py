@@ -34,12 +34,22 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_MS": 2000,
     "VIEWER_QUEUE_SIZE": 1024,
     "WORKER_CONCURRENCY": 256,
+    "WORKER_GRACE_SECONDS": 30.0,
     "CANCEL_ON_DISCONNECT": True,
     "MAX_CONTEXT_TOKENS": 4096,
     "MAX_RESPONSE_TOKENS": 1000,
     "CONVERSATION_TTL_SECONDS": 30 * 24 * 3600,
     "CHATGPT_WEB_SECRET": "",
     "API_KEYS": "",
+    # Per caller (an API key, or a client address when the relay runs open); 0: no limit. A
+    # key's own limits (python -m relay.apikeys create --rpm/--concurrency) take precedence.
+    "RATE_LIMIT_RPM": 0,
+    "CONCURRENCY_LIMIT": 0,
+    # Beyond this many queued jobs new ones are refused (503) until workers catch up; 0: no cap.
+    "MAX_QUEUED_JOBS": 10000,
+    "QUEUE_FULL_RETRY_AFTER": 5,
+    # A viewer whose connection takes no bytes for this long is cut off (it may resume).
+    "SEND_TIMEOUT_SECONDS": 30.0,
     "MODERATION": False,
     "MODERATION_FAIL_OPEN": False,
     "MODERATION_MODEL": "",

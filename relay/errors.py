@@ -15,10 +15,18 @@ class RelayError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
@@ -59,6 +67,15 @@ class RequestTooLarge(RelayError):
         super().__init__(message)
 
 
+class RateLimited(RelayError):
+    status = 429
+    type = "requests"  # OpenAI's type for request-count limits
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
 class Unavailable(RelayError):
     status = 503
     type = "server_error"
@@ -68,6 +85,7 @@ class Unavailable(RelayError):
 def error_response(error: RelayError) -> Response:
     response = jsonify(error.to_dict())
     response.status_code = error.status
+    response.headers.update(error.headers)
     return response
 
 

@@ -44,13 +44,15 @@ class SubscribeTimeout(Exception):
 class Viewer:
     """One stream's mailbox for the live events of one job."""
 
-    __slots__ = ("job_id", "channel", "queue", "stale")
+    __slots__ = ("job_id", "channel", "queue", "stale", "closable", "closed")
 
-    def __init__(self, job_id: str, maxsize: int) -> None:
+    def __init__(self, job_id: str, maxsize: int, closable: bool = True) -> None:
         self.job_id = job_id
         self.channel = keys.live(job_id).encode()
         self.queue: Queue = Queue(maxsize)
         self.stale = False
+        self.closable = closable  # ended early when the process shuts down
+        self.closed = False
 
     def offer(self, event: LiveEvent) -> None:
         """Never blocks: a full mailbox marks the viewer stale instead of slowing the others."""
@@ -63,6 +65,14 @@ class Viewer:
 
     def resync(self) -> None:
         self.stale = True
+        self._wake()
+
+    def close(self) -> None:
+        """End this viewer's stream soon, without [DONE]: its client resumes elsewhere."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self.queue.put_nowait(RESYNC)
         except Full:
@@ -83,19 +93,24 @@ class Hub:
         self._pubsub: PubSub | None = None
         self._broken = False
         self._runner: gevent.Greenlet | None = None
+        self.closing = False
 
     @property
     def viewer_count(self) -> int:
         return sum(len(v) for v in self._viewers.values())
 
-    def attach(self, job_id: str) -> Viewer:
+    def attach(self, job_id: str, *, closable: bool = True) -> Viewer:
         """Register a viewer and return once its channel's subscription is confirmed.
 
         Confirmation matters: only events published after it are sure to arrive live, so the
         caller must read the replay log *after* this returns (DESIGN.md, invariant 2).
+        ``closable`` viewers are ended by :meth:`close_streams` (a stream can be resumed; a
+        non-streamed answer cannot).
         """
         self._start()
-        viewer = Viewer(job_id, self._queue_size)
+        viewer = Viewer(job_id, self._queue_size, closable)
+        if closable and self.closing:
+            viewer.closed = True
         channel = viewer.channel
         viewers = self._viewers.get(channel)
         if viewers is None:
@@ -121,6 +136,17 @@ class Hub:
             self._ready.pop(viewer.channel, None)
             self._resync.discard(viewer.channel)
             self._send("unsubscribe", viewer.channel)
+
+    def close_streams(self) -> int:
+        """End every closable viewer's stream (the process is shutting down); how many."""
+        self.closing = True
+        closed = 0
+        for viewers in list(self._viewers.values()):
+            for viewer in list(viewers):
+                if viewer.closable:
+                    viewer.close()
+                    closed += 1
+        return closed
 
     # -- the dispatcher -------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from redis import Redis
 
-from . import keys, metrics
+from . import keys, limits, metrics
+from .access import Access
 from .chunks import CANCELLED, DONE, dumps, error_chunk, final_chunk, loads
 from .conversations import Turn
 from .redis_client import as_text
@@ -49,9 +50,17 @@ class JobStore:
 
     # -- the relay's side ---------------------------------------------------------------------
 
-    def create(self, request: dict[str, Any], turn: Turn | None = None) -> str:
+    def create(
+        self,
+        request: dict[str, Any],
+        turn: Turn | None = None,
+        *,
+        access: Access | None = None,
+        job_id: str | None = None,
+        limited_as: str = "",
+    ) -> str:
         """Store a job and queue it, atomically, so a queued id always has a job behind it."""
-        job_id = new_job_id()
+        job_id = job_id or new_job_id()
         fields: dict[str | bytes, str | int] = {
             "request": dumps(request),
             "model": str(request.get("model") or ""),
@@ -62,6 +71,9 @@ class JobStore:
         }
         if turn is not None:
             fields["conversation"] = turn.to_json()
+        fields.update((access or Access.new()).fields())
+        if limited_as:  # the caller whose concurrency slot the job holds until it ends
+            fields["limited_as"] = limited_as
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(keys.job(job_id), self.max_age)
@@ -189,6 +201,7 @@ class JobStore:
         ended = bool(self.scripts.finish(keys=keys.job_keys(job_id), args=args + events + pairs))
         if ended:
             metrics.job_finished(self.redis, status)
+            limits.release_job(self.redis, job_id)
         return ended
 
     def complete(
@@ -227,4 +240,5 @@ class JobStore:
         )
         if outcome == 3:
             metrics.job_finished(self.redis, "failed")
+            limits.release_job(self.redis, job_id)
         return outcome

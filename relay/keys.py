@@ -57,6 +57,16 @@ def api_key(key_digest: str) -> str:
     return f"{PREFIX}:apikey:{key_digest}"
 
 
+def rate(caller: str) -> str:
+    """Sorted set: when each of a caller's requests in the last minute came (relay.limits)."""
+    return f"{PREFIX}:limit:{caller}:rate"
+
+
+def active(caller: str) -> str:
+    """Sorted set: a caller's unfinished jobs, scored by when their slot lapses."""
+    return f"{PREFIX}:limit:{caller}:active"
+
+
 METRICS = f"{PREFIX}:metrics"
 """Hash of counters shared by every process (see :mod:`relay.metrics`)."""
 

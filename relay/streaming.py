@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from gevent.queue import Empty
 
-from .chunks import DONE_BYTES
+from .chunks import DONE_BYTES, error_chunk
 from .fanout import RESYNC, Hub, LiveEvent, Viewer
 from .jobs import JobStore
 from .sse import format_comment, format_event
@@ -16,13 +16,25 @@ def follow(
     store: JobStore, hub: Hub, viewer: Viewer, after: int, *, idle: float
 ) -> Iterator[LiveEvent | None]:
     """Every event after id ``after``, in order and once, ending with ``[DONE]``; ``None`` after
-    each ``idle`` seconds without one. ``viewer`` must already be attached (subscribed).
+    each ``idle`` seconds without one. ``viewer`` must already be attached (subscribed). A
+    closed viewer (the process is shutting down) stops early, without ``[DONE]``.
 
     Subscribing before reading the log closes the gap between backlog and live; the price is
     that an event may arrive both ways, so live events at or before the last id sent are
     dropped, and a live event that skips ids sends the viewer back to the log to fill the gap.
     """
     last = after
+
+    def lost() -> Iterator[LiveEvent]:
+        # The job vanished under its viewer (Redis restarted without persistence, or the job
+        # expired): end the stream with an error instead of keep-alives for ever.
+        data = error_chunk(
+            viewer.job_id,
+            "The job no longer exists on the relay (its data was lost); its reply is incomplete.",
+            code="job_lost",
+        ).encode()
+        yield LiveEvent(last + 1, data, format_event(data, id=last + 1), False)
+        yield LiveEvent(last + 2, DONE_BYTES, format_event(DONE_BYTES, id=last + 2), True)
 
     def from_log() -> Iterator[LiveEvent]:
         nonlocal last
@@ -35,12 +47,17 @@ def follow(
             yield event
             if event.done:
                 return
-        while True:
+        while not viewer.closed:
             try:
                 event = viewer.queue.get(timeout=idle)
             except Empty:
                 yield None
+                if not store.exists(viewer.job_id):
+                    yield from lost()
+                    return
                 event = RESYNC  # re-check the log in case pub/sub missed an event
+            if viewer.closed:
+                return
             if event is RESYNC or viewer.stale or event.seq > last + 1:
                 viewer.stale = False  # before reading: anything newer lands in the mailbox
                 for logged in from_log():

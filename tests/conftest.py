@@ -21,6 +21,7 @@ import redis
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -194,15 +195,18 @@ class Stack:
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
 
-    def start_web(self, workers: int = 1, env: dict[str, str] | None = None) -> str:
+    def start_web(
+        self, workers: int = 1, env: dict[str, str] | None = None, graceful_timeout: float = 2
+    ) -> str:
         """A gunicorn -k gevent instance; its base URL once /healthz answers."""
         port = free_port()
         cmd = [
             sys.executable, "-m", "gunicorn",
+            "-c", str(GUNICORN_CONF),  # the deployment's settings and hooks; flags override
             "-k", "gevent",
             "-w", str(workers),
             "-b", f"127.0.0.1:{port}",
-            "--graceful-timeout", "2",
+            "--graceful-timeout", str(graceful_timeout),
             "--worker-connections", "10000",
             "relay:create_app()",
         ]  # fmt: skip

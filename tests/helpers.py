@@ -94,3 +94,8 @@ def create_job(base: str, body: dict) -> dict:
     response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
     assert response.status_code == 202, response.text
     return response.json()
+
+
+def status_url(response: requests.Response) -> str:
+    """The tokened status URL of the job behind a streamed ``/v1/chat/completions`` answer."""
+    return response.headers["X-Relay-Events-Url"].replace("/events?", "?", 1)

@@ -1,17 +1,21 @@
-"""Faults at scale against real processes: a worker killed under 50 concurrent jobs, and a storm
-of viewers dropping and resuming with Last-Event-ID."""
+"""Faults at scale against real processes: a worker killed under 50 concurrent jobs, a storm of
+viewers dropping and resuming with Last-Event-ID, and a web process shut down under its viewers."""
 
 from __future__ import annotations
 
 import random
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from relay.simulator import reply_text
+from tests.conftest import wait_for
 from tests.helpers import chat_body, create_job, read_stream
+from worker.sse_decoder import SSEDecoder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -66,3 +70,67 @@ def test_disconnect_storm_500_viewers_resume_with_no_event_lost_or_repeated(runn
         assert ids == whole.ids, "an event was lost or repeated"
         assert data == whole.data
     assert time.monotonic() - started < 120
+
+
+def read_until_signalled(
+    url: str, after_events: int, on_signal: Callable[[], None], **kwargs
+) -> tuple[list[int], list[str], bool, str]:
+    """Read a stream, call ``on_signal`` after ``after_events`` events, then read to its end.
+
+    Returns the ids, the data, whether the response ended cleanly (a complete chunked body,
+    not a connection cut mid-response), and the tokened events URL to resume from.
+    """
+    ids: list[int] = []
+    data: list[str] = []
+    decoder = SSEDecoder()
+    method = kwargs.pop("method", "GET")
+    with requests.request(method, url, stream=True, timeout=(5, 30), **kwargs) as response:
+        assert response.status_code == 200, response.text
+        events_url = response.headers.get("X-Relay-Events-Url", url)
+        try:
+            for block in response.iter_content(chunk_size=None):
+                for event in decoder.feed(block):
+                    ids.append(int(event.id))
+                    data.append(event.data)
+                    if len(ids) == after_events:
+                        on_signal()
+        except requests.exceptions.ChunkedEncodingError:
+            return ids, data, False, events_url
+    return ids, data, True, events_url
+
+
+@pytest.mark.parametrize("endpoint", ["events", "chat-completions"])
+def test_sigterm_to_gunicorn_ends_open_streams_cleanly_and_viewers_resume_elsewhere(
+    stack, endpoint
+):
+    # A long graceful timeout: the stream must end because of the SIGTERM, not the timeout.
+    leaving = stack.start_web(graceful_timeout=30)
+    leaving_proc = stack.procs[-1]
+    staying = stack.start_web()
+    stack.start_worker()
+    body = chat_body(f"shutdown {endpoint}", tokens=200, interval=0.03)  # 6 s
+    signalled: list[float] = []
+
+    def sigterm() -> None:
+        signalled.append(time.monotonic())
+        leaving_proc.signal(signal.SIGTERM)
+
+    if endpoint == "events":
+        url, kwargs = create_job(leaving, body)["events_url"], {}
+    else:  # the job's creator: leaving with the process is not abandoning the job
+        url = f"{leaving}/v1/chat/completions"
+        kwargs = {"method": "POST", "json": {**body, "stream": True}}
+    ids, data, clean, events_url = read_until_signalled(url, 10, sigterm, **kwargs)
+    ended = time.monotonic()
+    assert clean, "the stream ended with a complete response, not a cut connection"
+    assert ended - signalled[0] < 3.0, "ended by the SIGTERM, well before graceful_timeout"
+    assert "[DONE]" not in data and len(ids) >= 10
+    wait_for(lambda: not leaving_proc.alive(), 10, "gunicorn to exit")
+
+    resume_url = events_url.replace(leaving, staying, 1)
+    rest, _ = read_stream(resume_url, headers={"Last-Event-ID": str(ids[-1])}, timeout=30)
+    assert ids + rest.ids == list(range(1, len(ids) + len(rest.ids) + 1)), "none lost or repeated"
+    assert rest.done and rest.data.count("[DONE]") == 1
+    whole, _ = read_stream(resume_url)
+    assert whole.finish_reasons == ["stop"] and whole.text == reply_text(body)
+    assert whole.data == data + rest.data

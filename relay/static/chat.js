@@ -2,7 +2,7 @@
 // job's event stream and drawn as it grows. Follow-ups name the last reply's messageId as
 // parentMessageId, and the conversation is kept in localStorage across reloads.
 import { renderMarkdown } from "./markdown.js";
-import { followJob } from "./stream.js";
+import { followJob, samePath } from "./stream.js";
 
 const STORAGE_KEY = "chat-relay:conversation";
 const $ = (id) => document.getElementById(id);
@@ -17,8 +17,9 @@ const ui = {
   newChat: $("new-chat"),
 };
 
-// A message: {role: "user" | "assistant", text} and, for a reply, jobId, messageId, eventsUrl,
-// status ("waiting" | "streaming" | "done" | "length" | "stopped" | "failed") and error.
+// A message: {role: "user" | "assistant", text} and, for a reply, jobId, messageId, the job's
+// eventsUrl, watchUrl (share link) and cancelUrl (each carrying its token), status
+// ("waiting" | "streaming" | "done" | "length" | "stopped" | "failed") and error.
 // Keys starting with "_" are for this page view only and are not saved.
 let chat = load(); // {messages, parentMessageId}
 let current = null; // the reply being written, with its stream: {reply, stream}
@@ -92,8 +93,9 @@ function footer(message) {
     if (message.error) notice.setAttribute("role", "alert");
     items.push(notice);
   }
-  if (message.jobId) {
-    const href = new URL(`/watch/${encodeURIComponent(message.jobId)}`, location.origin).href;
+  if (message.watchUrl) {
+    // The relay's link carries the job's read token; shown on this page's origin.
+    const href = new URL(samePath(message.watchUrl), location.origin).href;
     const share = element("a", "share", "Share live");
     Object.assign(share, { href, target: "_blank", rel: "noopener", title: href });
     const copy = element("button", "copy ghost", "Copy link");
@@ -132,7 +134,7 @@ const scrollDown = () => (ui.scroller.scrollTop = ui.scroller.scrollHeight);
 function setBusy() {
   ui.send.hidden = Boolean(current);
   ui.stop.hidden = !current;
-  ui.stop.disabled = !current?.reply.jobId;
+  ui.stop.disabled = !current?.reply.cancelUrl;
 }
 
 // ---- the conversation ------------------------------------------------------------------
@@ -171,11 +173,13 @@ async function send(prompt) {
     const message = answer?.error?.message ?? `The relay answered ${response.status}.`;
     return finish(reply, "failed", message);
   }
-  if (current?.reply !== reply) return cancel(answer.id); // "New chat" was pressed meanwhile
+  if (current?.reply !== reply) return cancel(answer.cancel_url); // "New chat" was pressed
   Object.assign(reply, {
     jobId: answer.id,
     messageId: answer.messageId,
     eventsUrl: answer.events_url,
+    watchUrl: answer.watch_url,
+    cancelUrl: answer.cancel_url,
     status: "streaming",
   });
   save();
@@ -228,8 +232,9 @@ function finish(reply, status, error) {
   setBusy();
 }
 
-function cancel(jobId) {
-  return fetch(`/v1/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST" });
+/** Cancel a job through its cancel URL (it carries the token only its creator was given). */
+function cancel(cancelUrl) {
+  return fetch(samePath(cancelUrl), { method: "POST" });
 }
 
 // ---- controls ----------------------------------------------------------------------------
@@ -251,10 +256,10 @@ ui.prompt.addEventListener("keydown", (event) => {
 
 ui.stop.addEventListener("click", async () => {
   const reply = current?.reply;
-  if (!reply?.jobId) return;
+  if (!reply?.cancelUrl) return;
   ui.stop.disabled = true;
   try {
-    const response = await cancel(reply.jobId);
+    const response = await cancel(reply.cancelUrl);
     if (!response.ok) {
       const answer = await response.json().catch(() => null);
       throw new Error(answer?.error?.message ?? `the relay answered ${response.status}`);
@@ -270,7 +275,7 @@ ui.stop.addEventListener("click", async () => {
 ui.newChat.addEventListener("click", () => {
   if (current) {
     current.stream?.close();
-    if (current.reply.jobId) cancel(current.reply.jobId).catch(() => {});
+    if (current.reply.cancelUrl) cancel(current.reply.cancelUrl).catch(() => {});
     current = null;
   }
   chat = { messages: [], parentMessageId: null };

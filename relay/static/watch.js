@@ -28,7 +28,9 @@ function draw() {
   renderMarkdown(reply, text);
 }
 
-followJob(`/v1/jobs/${encodeURIComponent(jobId)}/events`, {
+// The share link's read token (?token=...) is what grants watching: the job id alone does not.
+const token = new URLSearchParams(location.search).get("token") ?? "";
+followJob(`/v1/jobs/${encodeURIComponent(jobId)}/events?token=${encodeURIComponent(token)}`, {
   text(delta) {
     text += delta;
     frame ||= requestAnimationFrame(draw);

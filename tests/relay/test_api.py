@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from relay.simulator import reply_text
-from tests.helpers import chat_body, create_job, read_stream
+from tests.helpers import chat_body, create_job, read_stream, status_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -63,10 +63,10 @@ def test_a_viewer_after_completion_gets_the_whole_stream_and_status(base):
 def test_last_event_id_query_parameter_resumes_a_first_connect(base):
     job = create_job(base, chat_body("query resume", tokens=6))
     whole, _ = read_stream(job["events_url"])
-    resumed, _ = read_stream(job["events_url"] + "?lastEventId=3")
+    resumed, _ = read_stream(job["events_url"] + "&lastEventId=3")
     assert resumed.ids == whole.ids[3:] and resumed.data == whole.data[3:]
     # The header wins over the query parameter, as for a reconnecting EventSource.
-    header, _ = read_stream(job["events_url"] + "?lastEventId=1", headers={"Last-Event-ID": "5"})
+    header, _ = read_stream(job["events_url"] + "&lastEventId=1", headers={"Last-Event-ID": "5"})
     assert header.ids == whole.ids[5:]
 
 
@@ -110,7 +110,7 @@ def test_openai_sdk_streams_through_chat_completions(base):
         stream=True,
         extra_body={"simulator": body["simulator"]},
     )
-    job_id = raw.headers["X-Relay-Job-Id"]
+    events_url = raw.headers["X-Relay-Events-Url"]
     text, reasons = "", []
     for chunk in raw.parse():
         for choice in chunk.choices:
@@ -119,8 +119,8 @@ def test_openai_sdk_streams_through_chat_completions(base):
                 reasons.append(choice.finish_reason)
     assert text == reply_text(body)
     assert reasons == ["stop"]
-    # Others can watch the same job by its id.
-    watched, _ = read_stream(f"{base}/v1/jobs/{job_id}/events")
+    # Others can watch the same job with its tokened events URL.
+    watched, _ = read_stream(events_url)
     assert watched.text == text and watched.done
 
 
@@ -179,8 +179,7 @@ def test_stream_false_through_the_openai_sdk_returns_the_upstreams_text(base):
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     # The job behind it is an ordinary job: watchable, with the same text.
-    job_id = raw.headers["X-Relay-Job-Id"]
-    watched, _ = read_stream(f"{base}/v1/jobs/{job_id}/events")
+    watched, _ = read_stream(raw.headers["X-Relay-Events-Url"])
     assert watched.text == reply_text(body)
 
 
@@ -201,7 +200,7 @@ def test_usage_reaches_the_status_and_clients_that_asked(base):
     received, response = read_stream(f"{base}/v1/chat/completions", method="POST", json_body=asked)
     usage_chunks = [c for c in received.chunks if not c["choices"] and c.get("usage")]
     assert len(usage_chunks) == 1 and usage_chunks[0]["usage"]["completion_tokens"] == 5
-    job = requests.get(f"{base}/v1/jobs/{response.headers['X-Relay-Job-Id']}", timeout=5).json()
+    job = requests.get(status_url(response), timeout=5).json()
     assert job["usage"] == usage_chunks[0]["usage"]
 
     not_asked = {**chat_body("usage", tokens=5), "stream": True}
@@ -209,7 +208,7 @@ def test_usage_reaches_the_status_and_clients_that_asked(base):
         f"{base}/v1/chat/completions", method="POST", json_body=not_asked
     )
     assert not [c for c in received.chunks if not c["choices"]], "no usage chunk unasked"
-    job = requests.get(f"{base}/v1/jobs/{response.headers['X-Relay-Job-Id']}", timeout=5).json()
+    job = requests.get(status_url(response), timeout=5).json()
     assert job["usage"]["completion_tokens"] == 5  # stored all the same
 
     job = create_job(base, chat_body("usage", tokens=5))  # a job's viewers did not ask either

@@ -10,7 +10,7 @@ import requests
 
 from relay.simulator import reply_text
 from tests.conftest import wait_for
-from tests.helpers import chat_body, create_job, read_stream
+from tests.helpers import chat_body, create_job, read_stream, status_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -35,7 +35,7 @@ def test_cancel_stops_the_upstream_within_a_second_and_every_viewer_gets_done(ru
     first, _ = read_stream(job["events_url"], max_events=6)
     assert active_upstream_streams(stack.upstream) == 1
     cancelled_at = time.monotonic()
-    response = requests.post(f"{base}/v1/jobs/{job['id']}/cancel", timeout=5)
+    response = requests.post(job["cancel_url"], timeout=5)
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
     wait_for(lambda: active_upstream_streams(stack.upstream) == 0, 1.0, "the upstream to close")
     assert time.monotonic() - cancelled_at <= 1.0
@@ -51,14 +51,14 @@ def test_cancel_stops_the_upstream_within_a_second_and_every_viewer_gets_done(ru
     assert status["status"] == "cancelled" and status["finish_reason"] == "cancelled"
     assert status["text"] == results[0].text  # the text so far is kept
     # Cancelling again changes nothing.
-    again = requests.post(f"{base}/v1/jobs/{job['id']}/cancel", timeout=5).json()
+    again = requests.post(job["cancel_url"], timeout=5).json()
     assert again["events"] == status["events"]
 
 
 def test_cancel_of_a_queued_job_means_it_never_runs(stack):
     base = stack.start_web()
     job = create_job(base, chat_body("never", tokens=3))
-    assert requests.post(f"{base}/v1/jobs/{job['id']}/cancel", timeout=5).ok
+    assert requests.post(job["cancel_url"], timeout=5).ok
     received, _ = read_stream(job["events_url"])
     assert received.finish_reasons == ["cancelled"] and received.done and received.text == ""
     stack.start_worker()
@@ -84,12 +84,11 @@ def open_chat_stream(base: str, body: dict) -> requests.Response:
 def test_closing_the_only_chat_stream_cancels_its_job(running_stack):
     stack, base = running_stack
     response = open_chat_stream(base, chat_body("abandon", tokens=400, interval=0.05))
-    job_id = response.headers["X-Relay-Job-Id"]
+    url = status_url(response)
     next(response.iter_content(chunk_size=None))
     response.close()
-    status_url = f"{base}/v1/jobs/{job_id}"
     wait_for(
-        lambda: requests.get(status_url, timeout=5).json()["status"] == "cancelled",
+        lambda: requests.get(url, timeout=5).json()["status"] == "cancelled",
         5,
         "the abandoned job to be cancelled",
     )
@@ -99,11 +98,9 @@ def test_closing_a_chat_stream_others_watch_does_not_cancel(running_stack):
     stack, base = running_stack
     body = chat_body("shared", tokens=30, interval=0.05)
     response = open_chat_stream(base, body)
-    job_id = response.headers["X-Relay-Job-Id"]
+    events_url = response.headers["X-Relay-Events-Url"]
     result: dict = {}
-    watcher = threading.Thread(
-        target=lambda: result.update(r=read_stream(f"{base}/v1/jobs/{job_id}/events")[0])
-    )
+    watcher = threading.Thread(target=lambda: result.update(r=read_stream(events_url)[0]))
     watcher.start()
     wait_for(lambda: requests.get(f"{base}/healthz").json()["viewers"] >= 2, 5, "two viewers")
     response.close()

@@ -91,7 +91,7 @@ def test_a_cancelled_reply_can_be_the_parent_of_the_next_message(running_stack):
     stack, base = running_stack
     job = create_job(base, chat_body("slow", tokens=400, interval=0.05))
     partial, _ = read_stream(job["events_url"], max_events=5)
-    requests.post(f"{base}/v1/jobs/{job['id']}/cancel", timeout=5).raise_for_status()
+    requests.post(job["cancel_url"], timeout=5).raise_for_status()
     kept = requests.get(job["status_url"], timeout=5).json()["text"]
     assert kept
     _, _ = run_turn(

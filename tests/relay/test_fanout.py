@@ -54,7 +54,7 @@ def test_a_job_created_on_one_gunicorn_is_watched_live_on_another(stack):
     stack.start_worker()
     body = chat_body("two instances", tokens=30, interval=0.03)
     job = requests.post(f"{web_a}/v1/jobs", json=body, timeout=5).json()
-    received, _ = read_stream(f"{web_b}/v1/jobs/{job['id']}/events")
+    received, _ = read_stream(job["events_url"].replace(web_a, web_b, 1))
     assert received.done and received.text == reply_text(body)
     assert received.ids == list(range(1, len(received.ids) + 1))
 

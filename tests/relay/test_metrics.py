@@ -53,7 +53,7 @@ def test_metrics_count_a_jobs_lifecycle(stack):
     with requests.get(slow["events_url"], stream=True, timeout=10) as viewer:
         next(viewer.iter_content(chunk_size=None))
         assert scrape(base)["relay_viewers"] == 1
-        requests.post(f"{base}/v1/jobs/{slow['id']}/cancel", timeout=5).raise_for_status()
+        requests.post(slow["cancel_url"], timeout=5).raise_for_status()
     wait_for(lambda: scrape(base)["relay_viewers"] == 0, 5, "the viewer to be counted out")
     after = scrape(base)
     assert after["relay_jobs_created_total"] == 3

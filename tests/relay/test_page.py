@@ -17,12 +17,20 @@ import re
 import socket
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    expect,
+    sync_playwright,
+)
 
 from relay.simulator import reply_text
 from tests.conftest import (
@@ -200,8 +208,15 @@ def sim_requests(sim: str) -> list[dict]:
     return requests.get(f"{sim}/_sim/requests", timeout=5).json()
 
 
-def job_status(base: str, job_id: str) -> dict:
-    return requests.get(f"{base}/v1/jobs/{job_id}", timeout=5).json()
+def token_of(url: str) -> str:
+    return urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["token"][0]
+
+
+def job_status(base: str, reply: Locator) -> dict:
+    """The job behind a reply on the page, read with its share link's token."""
+    query = urllib.parse.urlsplit(reply.locator("a.share").get_attribute("href")).query
+    job_id = reply.get_attribute("data-job-id")
+    return requests.get(f"{base}/v1/jobs/{job_id}?{query}", timeout=5).json()
 
 
 # ---- the tests ---------------------------------------------------------------------------
@@ -284,7 +299,7 @@ def test_stop_ends_a_long_reply(context: BrowserContext, slow: str):
     expect(page.locator("#send")).to_be_visible()
     expect(page.locator("#stop")).to_be_hidden()
 
-    job = job_status(slow, reply.get_attribute("data-job-id"))
+    job = job_status(slow, reply)
     assert job["status"] == "cancelled" and job["finish_reason"] == "cancelled"
     shown = reply.locator(".body").text_content().strip()
     # The job is over, so nothing more can arrive: the page shows exactly its final text,
@@ -309,7 +324,8 @@ def test_share_live_shows_the_same_reply_live_and_late(browser: Browser, slow: s
         link = last_reply(page).locator("a.share")
         href = link.get_attribute("href")
         job_id = last_reply(page).get_attribute("data-job-id")
-        assert href == f"{slow}/watch/{job_id}"  # absolute, ready to copy
+        assert href == f"{slow}/watch/{job_id}?token={token_of(href)}"  # absolute, to copy
+        assert token_of(href).startswith("rt-")  # the read token: watching only
         last_reply(page).get_by_role("button", name="Copy link").click()
         expect(last_reply(page).get_by_role("button", name="Copied")).to_be_visible()
         assert page.evaluate("navigator.clipboard.readText()") == href
@@ -417,10 +433,12 @@ def test_the_watch_page_keeps_going_across_a_dropped_connection(context: Browser
         resumed_after: list[str | None] = []
 
         def on_request(request) -> None:
-            if request.url.endswith("/events"):
+            if "/events?" in request.url:
                 resumed_after.append(request.all_headers().get("last-event-id"))
 
-        watcher, problems = open_page(context, f"http://127.0.0.1:{proxy.port}/watch/{job['id']}")
+        watcher, problems = open_page(
+            context, f"http://127.0.0.1:{proxy.port}/watch/{job['id']}?token={job['read_token']}"
+        )
         watcher.on("request", on_request)
         watcher.evaluate(
             """() => {
@@ -447,7 +465,7 @@ def test_the_watch_page_keeps_going_across_a_dropped_connection(context: Browser
         # The browser reconnected by itself and resumed after the last event it had.
         resumes = [value for value in resumed_after if value]
         assert resumes and int(resumes[0]) >= 5, resumed_after
-        assert job_status(slow, job["id"])["status"] == "completed"
+        assert requests.get(job["status_url"], timeout=5).json()["status"] == "completed"
         assert not problems
     finally:
         proxy.close()
@@ -535,7 +553,7 @@ def test_an_error_in_the_stream_is_shown(context: BrowserContext, broken: str):
     send(page, "Hello?")
     reply = last_reply(page)
     expect(reply).to_have_attribute("data-status", "failed")
-    job = job_status(broken, reply.get_attribute("data-job-id"))
+    job = job_status(broken, reply)
     assert job["status"] == "failed" and job["error"]["code"] == "upstream_unreachable"
     expect(reply.locator(".notice.error")).to_have_text(job["error"]["message"])
     expect(page.locator("#send")).to_be_visible()

@@ -1,0 +1,93 @@
+"""Throttling shared by every web process: requests per minute and concurrent jobs per caller,
+and a cap on the queue.
+
+Counts live in Redis and change only inside scripts, so two gunicorn processes (or hosts) can
+never both admit the last request of a window. Time comes from Redis (``TIME``), not from the
+web hosts, whose clocks may disagree.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+from redis import Redis
+
+from . import keys
+from .redis_client import as_text
+
+# A sliding log: one member per admitted request in the last window. KEYS: the caller's log.
+# ARGV: limit, window (ms), a unique member. Returns 0 if admitted, else milliseconds until the
+# oldest request leaves the window (when one more would be admitted).
+_RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + window - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+return 0
+"""
+
+# The caller's unfinished jobs, each scored by when its slot lapses on its own (a job that
+# expires unfinished must not hold a slot for ever). KEYS: the caller's set. ARGV: limit,
+# job id, lease (ms). Returns 1 if the job may start, 0 if the caller is at the limit.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+WINDOW_SECONDS = 60
+
+
+class Throttle:
+    """The limit scripts registered on one client."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._rate = redis.register_script(_RATE)
+        self._acquire = redis.register_script(_ACQUIRE)
+
+    def hit(self, caller: str, per_minute: int) -> int:
+        """Count one request; 0 if admitted, else whole seconds to wait (``Retry-After``)."""
+        if per_minute <= 0:
+            return 0
+        member = secrets.token_hex(8)
+        wait_ms = int(
+            self._rate(keys=[keys.rate(caller)], args=[per_minute, WINDOW_SECONDS * 1000, member])
+        )
+        return math.ceil(wait_ms / 1000) if wait_ms else 0
+
+    def acquire(self, caller: str, job_id: str, limit: int, lease_seconds: int) -> bool:
+        """Take one of the caller's ``limit`` job slots for ``job_id``, if one is free."""
+        if limit <= 0:
+            return True
+        args: list[str | int] = [limit, job_id, lease_seconds * 1000]
+        return bool(self._acquire(keys=[keys.active(caller)], args=args))
+
+    def release(self, caller: str, job_id: str) -> None:
+        self.redis.zrem(keys.active(caller), job_id)
+
+    def queue_full(self, max_queued: int) -> bool:
+        """Whether the queue holds ``max_queued`` jobs already (0: no cap).
+
+        Checked before queueing, not atomically with it: concurrent requests may overshoot the
+        cap by at most their number, which keeps the queue bounded all the same.
+        """
+        return max_queued > 0 and self.redis.llen(keys.PENDING) >= max_queued
+
+
+def release_job(redis: Redis, job_id: str) -> None:
+    """Free the concurrency slot an ended job held, if it held one."""
+    caller = as_text(redis.hget(keys.job(job_id), "limited_as"))
+    if caller:
+        redis.zrem(keys.active(caller), job_id)

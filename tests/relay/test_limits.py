@@ -1,0 +1,90 @@
+"""Rate, concurrency and queue limits, enforced through Redis across web processes.
+
+No worker runs in these tests unless one is started: submitted jobs stay queued, which is what
+the concurrency and queue limits count.
+"""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from relay import apikeys
+from tests.helpers import chat_body, read_stream
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+def assert_openai_429(response: requests.Response, code: str) -> int:
+    """A 429 in OpenAI's shape with a usable Retry-After; its value in seconds."""
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    retry_after = int(response.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    return retry_after
+
+
+def test_n_plus_one_requests_in_a_minute_across_two_processes_get_exactly_one_429(stack):
+    web_a, web_b = stack.start_web(), stack.start_web()
+    limit = 12
+    key = apikeys.create(stack.redis(), "limited", rpm=limit)
+    headers = {"Authorization": f"Bearer {key}"}
+    statuses = []
+    for n in range(limit + 1):
+        base = (web_a, web_b)[n % 2]
+        response = requests.post(f"{base}/v1/jobs", json=chat_body(), headers=headers, timeout=5)
+        statuses.append(response.status_code)
+    assert statuses == [202] * limit + [429]
+    assert_openai_429(response, "rate_limit_exceeded")
+    # Another key is not affected by this one's limit.
+    other = {"Authorization": f"Bearer {apikeys.create(stack.redis(), 'other', rpm=limit)}"}
+    assert requests.post(f"{web_b}/v1/jobs", json=chat_body(), headers=other, timeout=5).ok
+
+
+def test_open_mode_limits_each_client_address_by_the_default_rate(stack):
+    base = stack.start_web(env={"RELAY_RATE_LIMIT_RPM": "3"})
+    answers = [requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5) for _ in range(4)]
+    assert [a.status_code for a in answers] == [202, 202, 202, 429]
+    # Every endpoint that creates a job draws on the same budget...
+    response = requests.post(f"{base}/v1/chat/completions", json=chat_body(), timeout=5)
+    assert_openai_429(response, "rate_limit_exceeded")
+    # ...while reading is not throttled: a watcher may reconnect as often as it needs.
+    status_url = answers[0].json()["status_url"]
+    assert all(requests.get(status_url, timeout=5).ok for _ in range(5))
+
+
+def test_concurrent_jobs_per_key_are_capped_until_one_ends(stack):
+    base = stack.start_web()
+    key = apikeys.create(stack.redis(), "two at once", concurrency=2)
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def submit() -> requests.Response:
+        return requests.post(f"{base}/v1/jobs", json=chat_body(), headers=headers, timeout=5)
+
+    first, second = submit().json(), submit().json()
+    refused = submit()
+    assert assert_openai_429(refused, "concurrency_limit_exceeded") == 1
+    # Ending a job (here: cancelling it) frees its slot at once.
+    assert requests.post(first["cancel_url"], headers=headers, timeout=5).ok
+    third = submit()
+    assert third.status_code == 202
+    # Completed jobs free their slots too: a worker runs the queued ones to the end.
+    stack.start_worker()
+    for job in (second, third.json()):
+        assert read_stream(job["events_url"])[0].done
+    assert submit().status_code == 202
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_keeps_what_it_has(stack):
+    base = stack.start_web(env={"RELAY_MAX_QUEUED_JOBS": "3", "RELAY_QUEUE_FULL_RETRY_AFTER": "7"})
+    jobs = [requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5) for _ in range(3)]
+    assert [j.status_code for j in jobs] == [202] * 3
+    full = requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5)
+    assert full.status_code == 503 and full.headers["Retry-After"] == "7"
+    assert full.json()["error"]["code"] == "queue_full"
+    assert stack.redis().llen("relay:queue:pending") == 3
+    stack.start_worker()  # the queue drains, every stored job completes, and new ones are taken
+    for job in jobs:
+        assert read_stream(job.json()["events_url"])[0].done
+    assert requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5).status_code == 202
