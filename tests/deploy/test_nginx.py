@@ -219,6 +219,10 @@ def test_streams_keep_the_upstream_pace_through_nginx(
     moments = distinct_arrivals(times)
     report = f"{len(times)} content chunks over {spread:.3f}s at {moments} distinct moments"
     print(f"\n{endpoint} [{streaming}]: {report} (upstream: {UPSTREAM_SPREAD:.1f}s)")
+    if endpoint == "events":  # the job's read token stays out of the access log
+        log = proxy.prefix / "logs" / "site.access.log"
+        wait_for(lambda: "/events " in log.read_text(), 5, "the stream's access log line")
+        assert "token" not in log.read_text()
     if buffered:
         # Everything arrives in one lump when the reply ends: no typewriter effect.
         assert spread < 0.3, f"chunks spread over {spread:.3f}s although nginx buffers"
