@@ -170,9 +170,13 @@ class Hub:
             self._broken = True
 
     def _connect(self) -> None:
-        self._pubsub = self._redis.pubsub()
-        self._broken = False
-        self._unacked = {}
+        pubsub = self._redis.pubsub()
+        # Connect before other greenlets can see it: two subscribing at once on an unconnected
+        # PubSub would each open a connection, and one's subscriptions would never be confirmed.
+        pubsub.ping()
+        self._pubsub, self._broken, self._unacked = pubsub, False, {}
+        # Read after connecting (no switch from here on): viewers that attached meanwhile
+        # found no connection and rely on this to subscribe them.
         channels = list(self._viewers)
         if channels:
             # Viewers already streaming may have missed events while disconnected.
