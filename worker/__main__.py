@@ -28,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--redis-url", default=settings["REDIS_URL"])
     parser.add_argument("--upstream", default=settings["UPSTREAM_BASE_URL"], help="base URL")
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish on SIGTERM")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=settings["WORKER_GRACE_SECONDS"],
+        help="seconds running jobs get to finish after SIGTERM; then unstarted ones are "
+        "re-queued and the rest fail (default: RELAY_WORKER_GRACE_SECONDS or %(default)s)",
+    )
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -37,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         WORKER_CONCURRENCY=args.concurrency,
         REDIS_URL=args.redis_url,
         UPSTREAM_BASE_URL=args.upstream,
+        WORKER_GRACE_SECONDS=args.grace,
     )
     logs.configure(args.log_level, args.log_format)
     worker = Worker(settings, worker_id=args.worker_id)
     gevent.signal_handler(signal.SIGTERM, worker.request_stop)
     gevent.signal_handler(signal.SIGINT, worker.request_stop)
-    worker.work(grace=args.grace)
+    worker.work()
     return 0
 
 

@@ -7,6 +7,7 @@ import os
 import random
 import secrets
 import socket
+import time
 from typing import Any
 
 import gevent
@@ -26,6 +27,18 @@ from .upstream import Upstream
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_MESSAGE = (
+    "The worker shut down before the reply finished; the reply is incomplete. Please retry."
+)
+
+# KEYS: this worker's claimed list, the pending list. ARGV: job id. Puts a job claimed but never
+# run back at the head of the queue (where BLMOVE takes from); 0 if it was no longer claimed.
+_UNCLAIM = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
 
 def _session(pool_size: int) -> requests.Session:
     """One HTTP session whose connection pool fits every concurrent stream."""
@@ -43,6 +56,7 @@ class Worker:
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         )
         self.concurrency = int(settings["WORKER_CONCURRENCY"])
+        self.grace = float(settings.get("WORKER_GRACE_SECONDS", 30.0))
         lease = float(settings["LEASE_SECONDS"])
         # A dead worker's heartbeat lapses after half a lease and a janitor looks every quarter
         # lease, so its jobs are recovered within the lease (DESIGN.md invariant 4).
@@ -79,16 +93,23 @@ class Worker:
         self.pool = Pool(self.concurrency)
         self.running: dict[str, gevent.Greenlet] = {}
         self._suspects: set[str] = set()
+        self._unclaim = self.redis.register_script(_UNCLAIM)
+        # Set on SIGTERM: claim no more jobs. The helpers (heartbeat, janitor, cancel orders)
+        # keep going until ``halted``: running jobs still need them during the grace.
         self.stopping = Event()
+        self.halted = Event()
+        self._stop_requested_at: float | None = None
+        self._handed_back = 0
 
     def request_stop(self) -> None:
         """Stop claiming new jobs; running ones finish (SIGTERM)."""
         if not self.stopping.is_set():
             logger.info("worker %s stopping: no new jobs", self.worker_id)
+            self._stop_requested_at = time.monotonic()
             self.stopping.set()
 
     def _every(self, seconds: float, action: Any, name: str) -> None:
-        while not self.stopping.wait(seconds * random.uniform(0.8, 1.0)):
+        while not self.halted.wait(seconds * random.uniform(0.8, 1.0)):
             try:
                 action()
             except RedisError as exc:
@@ -121,24 +142,41 @@ class Worker:
     def _listen(self) -> None:
         """Follow this worker's control channel (cancel orders) on one pub/sub connection."""
         backoff = 0.1
-        while not self.stopping.is_set():
+        while not self.halted.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(keys.control(self.worker_id))
-                while not self.stopping.is_set():
+                while not self.halted.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._obey(message["data"])
                     backoff = 0.1
             except RedisError as exc:
                 logger.warning("control channel lost (%s); retrying in %.1fs", exc, backoff)
-                self.stopping.wait(backoff)
+                self.halted.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
                 pubsub.close()
 
-    def work(self, grace: float = 30.0) -> None:
-        """Claim and run jobs until asked to stop, then let running jobs finish (up to grace)."""
+    def _hand_back(self, job_id: str) -> None:
+        """Return a job claimed once the stop was asked for (a ``BLMOVE`` issued just before
+        it) to the head of the queue, unstarted: this worker takes no new jobs."""
+        try:
+            returned = self._unclaim(
+                keys=[keys.claimed(self.worker_id), keys.PENDING], args=[job_id]
+            )
+        except RedisError as exc:
+            # Still on the claimed list: the release at the end of teardown re-queues it.
+            logger.warning("job %s: could not hand back at once (%s)", job_id, exc)
+            return
+        if returned:
+            self._handed_back += 1
+            logger.info("job %s handed back unstarted: claimed as the worker stopped", job_id)
+
+    def work(self, grace: float | None = None) -> None:
+        """Claim and run jobs until asked to stop, then let running jobs finish (up to grace,
+        counted from the stop request; default: the ``WORKER_GRACE_SECONDS`` setting)."""
+        grace = self.grace if grace is None else grace
         backoff = 0.1
         helpers: list[gevent.Greenlet] = []
         try:
@@ -175,25 +213,89 @@ class Worker:
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                if job_id is not None:
-                    # Registered before the greenlet runs, so the orphan sweep never takes it.
-                    self.running[job_id] = self.pool.spawn(self._run_job, job_id)
+                if job_id is None:
+                    continue
+                if self.stopping.is_set():
+                    # Claimed by a BLMOVE that was waiting when the stop came: not ours to run.
+                    self._hand_back(job_id)
+                    continue
+                # Registered before the greenlet runs, so the orphan sweep never takes it.
+                self.running[job_id] = self.pool.spawn(self._run_job, job_id)
         finally:
             self.teardown(helpers, grace)
 
     def teardown(self, helpers: list[gevent.Greenlet], grace: float) -> None:
+        """Let running jobs finish within the grace, then end the rest and release every claim.
+
+        The heartbeat, janitor and cancel orders keep going while the jobs finish. At the end
+        of the grace the remaining jobs' greenlets are killed and each job still on this
+        worker's claimed list is recovered here and now (not by another worker's janitor,
+        which might not exist): unstarted ones go back to the queue, started ones end with an
+        error event and ``[DONE]``.
+        """
         self.stopping.set()
-        if len(self.pool):
-            logger.info("waiting up to %.0fs for %d running jobs", grace, len(self.pool))
-            self.pool.join(timeout=grace)
-            self.pool.kill(timeout=1)
+        running = len(self.running)
+        finished = 0
+        if running:
+            started = self._stop_requested_at or time.monotonic()
+            remaining = max(0.0, started + grace - time.monotonic())
+            logger.info(
+                "worker %s stopping: %d jobs running; waiting up to %.1fs for them",
+                self.worker_id,
+                running,
+                remaining,
+            )
+            self.pool.join(timeout=remaining)
+            finished = running - len(self.running)
+            if self.running:
+                logger.warning(
+                    "worker %s: grace of %.1fs over; ending %d unfinished jobs",
+                    self.worker_id,
+                    grace,
+                    len(self.running),
+                )
+                self.pool.kill(timeout=1)
+        self.halted.set()
         gevent.killall(helpers, timeout=1)
+        requeued, failed = self._release_claims()
+        logger.info(
+            "worker %s stopped: %d jobs running at the stop, %d finished within the grace, "
+            "%d handed back unstarted (%d claimed as it stopped), %d failed unfinished",
+            self.worker_id,
+            running,
+            finished,
+            requeued + self._handed_back,
+            self._handed_back,
+            failed,
+        )
+
+    def _release_claims(self) -> tuple[int, int]:
+        """Recover every job left on this worker's claimed list, then unregister.
+
+        Returns how many were re-queued and how many failed. If Redis fails, the heartbeat is
+        dropped instead (or lapses by itself) and another worker's janitor recovers the rest.
+        """
+        requeued = failed = 0
         try:
+            for job_id in queue.claimed_jobs(self.redis, self.worker_id):
+                outcome = self.store.recover(job_id, self.worker_id, SHUTDOWN_MESSAGE)
+                if outcome == 2:
+                    requeued += 1
+                    logger.warning("job %s handed back: unstarted when the worker stopped", job_id)
+                elif outcome == 3:
+                    failed += 1
+                    logger.warning("job %s failed: unfinished when the worker stopped", job_id)
             if queue.claimed_jobs(self.redis, self.worker_id):
-                # Unfinished claims: let a janitor recover them right away.
+                # Never delete a claimed list that still holds jobs: a janitor recovers them.
                 queue.drop_heartbeat(self.redis, self.worker_id)
             else:
                 queue.unregister_worker(self.redis, self.worker_id)
         except RedisError as exc:
-            logger.warning("could not unregister: %s", exc)
-        logger.info("worker %s stopped", self.worker_id)
+            logger.warning(
+                "could not release this worker's claims (%s); a janitor will recover them", exc
+            )
+            try:
+                queue.drop_heartbeat(self.redis, self.worker_id)
+            except RedisError as again:
+                logger.warning("could not drop the heartbeat either (%s); it will lapse", again)
+        return requeued, failed

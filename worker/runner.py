@@ -194,8 +194,9 @@ def handle_job_failure(
 def run_job(ctx: JobContext, job_id: str) -> None:
     """Run a claimed job to its end, then acknowledge it.
 
-    If the greenlet is killed (shutdown past its grace) the claim is kept on purpose: once
-    this worker's heartbeat is gone, a janitor re-queues or fails the job.
+    If the greenlet is killed (shutdown past its grace) the claim is kept on purpose: the
+    stopping worker then re-queues or fails the job itself (``Worker._release_claims``), or,
+    if it dies first, a janitor does once its heartbeat is gone.
     """
     try:
         _run(ctx, job_id)
