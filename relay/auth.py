@@ -28,12 +28,18 @@ class KeyMode:
 
     def keys_required(self) -> bool:
         redis = state().redis
+        seeded = str(current_app.config["API_KEYS"] or "")
         if not self.seeded:
-            apikeys.seed(redis, str(current_app.config["API_KEYS"] or ""))
+            apikeys.seed(redis, seeded)
             self.seeded = True
         now = time.monotonic()
         if now - self.checked_at > _CHECK_EVERY:
             self.enabled, self.checked_at = apikeys.configured(redis), now
+            if seeded and not self.enabled:
+                # Redis lost its data (restarted without persistence): seed again rather
+                # than run open, which a relay configured with keys must never do.
+                apikeys.seed(redis, seeded)
+                self.enabled = True
             if not self.enabled and not self.announced:
                 logger.warning("no API keys configured: anyone may create jobs (open mode)")
                 self.announced = True

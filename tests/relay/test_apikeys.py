@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import fakeredis
 import pytest
@@ -78,3 +79,21 @@ def test_post_endpoints_need_a_valid_key_once_keys_exist(stack):
     assert requests.post(f"{base}/v1/jobs", json=body, headers=mine, timeout=5).status_code == 401
     logs = "".join(p.output() for p in stack.procs)
     assert key not in logs and "seeded-key-123" not in logs, "keys never appear in logs"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_relay_seeded_with_keys_never_runs_open_after_redis_loses_its_data(stack):
+    base = stack.start_web(env={"RELAY_API_KEYS": "seeded-key-456"})
+    body = chat_body("keyed", tokens=2)
+    seeded = {"Authorization": "Bearer seeded-key-456"}
+    assert requests.post(f"{base}/v1/jobs", json=body, headers=seeded, timeout=5).ok
+    stack.redis().flushdb()  # as a restart without persistence would
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # closed at every moment, and the seeded key comes back
+        assert requests.post(f"{base}/v1/jobs", json=body, timeout=5).status_code == 401
+        if requests.post(f"{base}/v1/jobs", json=body, headers=seeded, timeout=5).ok:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the seeded key did not come back")
