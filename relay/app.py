@@ -12,6 +12,7 @@ from flask import Flask, current_app
 from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import DEFAULTS
 from .conversations import Conversations
@@ -113,6 +114,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if config:
         app.config.from_mapping(config)
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+    hops = int(app.config["TRUSTED_PROXIES"])
+    if hops:  # the client address (rate limits in open mode) from X-Forwarded-For
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["relay"] = RelayState(app.config)
 

@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "RATE_LIMIT_RPM": 0,
     "CONCURRENCY_LIMIT": 0,
     # Beyond this many queued jobs new ones are refused (503) until workers catch up; 0: no cap.
+    # Proxies in front of gunicorn trusted to set X-Forwarded-For/-Proto (1 behind one nginx).
+    "TRUSTED_PROXIES": 0,
     "MAX_QUEUED_JOBS": 10000,
     "QUEUE_FULL_RETRY_AFTER": 5,
     # A viewer whose connection takes no bytes for this long is cut off (it may resume).

@@ -88,3 +88,15 @@ def test_a_full_queue_answers_503_with_retry_after_and_keeps_what_it_has(stack):
     for job in jobs:
         assert read_stream(job.json()["events_url"])[0].done
     assert requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5).status_code == 202
+
+
+def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(stack):
+    base = stack.start_web(env={"RELAY_RATE_LIMIT_RPM": "1", "RELAY_TRUSTED_PROXIES": "1"})
+
+    def submit(client: str) -> int:
+        headers = {"X-Forwarded-For": client}
+        return requests.post(
+            f"{base}/v1/jobs", json=chat_body(), headers=headers, timeout=5
+        ).status_code
+
+    assert [submit("203.0.113.1"), submit("203.0.113.2"), submit("203.0.113.1")] == [202, 202, 429]
