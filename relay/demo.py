@@ -48,8 +48,9 @@ def main(argv: list[str]) -> int:
         f"""
 
 The relay is up at {base}: open {base}/ for the chat page. Try:
-  curl -N {job["events_url"]}          # replay the same stream from the start
-  curl {base}/v1/jobs/{job["id"]}      # its status and text
+  curl -N '{job["events_url"]}'    # replay the same stream from the start
+  curl '{job["status_url"]}'       # its status and text
+  # the live view to share (its token grants watching only): {job["watch_url"]}
   curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{{"stream": true, "messages": [{{"role": "user", "content": "Hi"}}]}}'
   python -c "import openai; c = openai.OpenAI(base_url='{base}/v1', api_key='x'); \\
