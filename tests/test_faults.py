@@ -33,9 +33,12 @@ def test_worker_sigkill_during_50_concurrent_jobs_every_viewer_gets_done(stack):
         futures = [pool.submit(watch, i) for i in range(len(jobs))]
         first, _ = read_stream(jobs[-1]["events_url"], max_events=5)  # all 50 are streaming
         doomed.signal(signal.SIGKILL)
+        killed = time.monotonic()
         stack.start_worker()  # the janitor runs in any live worker
         for future in futures:
             future.result(timeout=90)
+    recovered = time.monotonic() - killed
+    print(f"\nfigure: worker SIGKILL, 50 jobs: every viewer done {recovered:.1f}s after the kill")
     assert first.ids == [1, 2, 3, 4, 5]
     for received in results:
         assert received.done and received.data.count("[DONE]") == 1, received
@@ -69,7 +72,9 @@ def test_disconnect_storm_500_viewers_resume_with_no_event_lost_or_repeated(runn
     for ids, data in outcomes:
         assert ids == whole.ids, "an event was lost or repeated"
         assert data == whole.data
-    assert time.monotonic() - started < 120
+    took = time.monotonic() - started
+    print(f"\nfigure: storm of 500 drop+resume: 0 lost, 0 repeated; all done in {took:.1f}s")
+    assert took < 120
 
 
 def read_until_signalled(
@@ -131,6 +136,11 @@ def test_sigterm_to_gunicorn_ends_open_streams_cleanly_and_viewers_resume_elsewh
     rest, _ = read_stream(resume_url, headers={"Last-Event-ID": str(ids[-1])}, timeout=30)
     assert ids + rest.ids == list(range(1, len(ids) + len(rest.ids) + 1)), "none lost or repeated"
     assert rest.done and rest.data.count("[DONE]") == 1
+    resumed = time.monotonic()
     whole, _ = read_stream(resume_url)
     assert whole.finish_reasons == ["stop"] and whole.text == reply_text(body)
     assert whole.data == data + rest.data
+    print(
+        f"\nfigure: gunicorn SIGTERM ({endpoint}): stream ended {ended - signalled[0]:.2f}s after"
+        f" the signal; resumed elsewhere and done {resumed - signalled[0]:.1f}s after; 0 lost"
+    )
