@@ -191,7 +191,7 @@ def stream_response(
     relay = state()
     viewer = _attach(job_id)
     relay.store.add_viewer(job_id, 1)
-    _cut_off_stalled_client(float(current_app.config["SEND_TIMEOUT_SECONDS"]))
+    restore_timeout = _cut_off_stalled_client(float(current_app.config["SEND_TIMEOUT_SECONDS"]))
     # Read configuration here: the generator runs after the request context is gone.
     idle = float(current_app.config["KEEPALIVE_SECONDS"])
     cancel_if_abandoned = owner and bool(current_app.config["CANCEL_ON_DISCONNECT"])
@@ -206,6 +206,7 @@ def stream_response(
     def on_close() -> None:
         # An unstarted generator's finally never runs, so detach here as well (idempotent).
         relay.hub.detach(viewer)
+        restore_timeout()
         try:
             remaining = relay.store.add_viewer(job_id, -1)
             # A stream ended by shutdown was not abandoned: its client resumes elsewhere.
@@ -222,17 +223,29 @@ def stream_response(
     return response
 
 
-def _cut_off_stalled_client(seconds: float) -> None:
+def _cut_off_stalled_client(seconds: float) -> Callable[[], None]:
     """Give up on a client that takes no bytes for ``seconds`` (it stopped reading).
 
     Such a viewer costs only its bounded mailbox (it falls back to the replay log), but its
     connection and greenlet would stay for ever; cut off, it can resume with Last-Event-ID.
     Writes to the client block on this socket, so its timeout bounds each one (gunicorn's
-    gevent worker exposes the socket; other servers keep their own behaviour).
+    gevent workers expose the socket; other servers keep their own behaviour). Returns what
+    puts the socket's own timeout back once the stream is over.
     """
-    sock = request.environ.get("gunicorn.sock")
-    if sock is not None and seconds > 0:
-        sock.settimeout(seconds)
+    # "gunicorn.socket" under -k gevent; "gunicorn.sock" under -k gevent_pywsgi.
+    sock = request.environ.get("gunicorn.socket") or request.environ.get("gunicorn.sock")
+    if sock is None or seconds <= 0:
+        return lambda: None
+    previous = sock.gettimeout()
+    sock.settimeout(seconds)
+
+    def restore() -> None:  # a kept-alive connection then waits as gunicorn means it to
+        try:
+            sock.settimeout(previous)
+        except OSError:
+            pass  # already closed
+
+    return restore
 
 
 def _event_stream(
