@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 FUZZ = settings(
-    max_examples=250,
+    max_examples=400,  # x 6 tests: 2,400 generated requests per run
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
@@ -121,3 +121,28 @@ def test_job_urls_and_resume_headers_never_fail(base, job, job_id, last_event_id
     )
     response.close()
     assert response.status_code in (200, 400)
+
+
+visible = st.characters(min_codepoint=33, max_codepoint=126)
+
+
+@FUZZ
+@given(
+    token=st.text(max_size=60),
+    authorization=st.builds(
+        str.__add__, st.sampled_from(["", "Bearer ", "bearer ", "Basic "]), st.text(visible)
+    ),
+)
+def test_guessed_tokens_and_keys_never_fail_and_never_grant(base, job, token, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    for method, suffix in (("GET", ""), ("GET", "/events"), ("POST", "/cancel")):
+        response = requests.request(
+            method,
+            f"{base}/v1/jobs/{job['id']}{suffix}",
+            params={"token": token},
+            headers=headers,
+            timeout=10,
+            stream=True,
+        )
+        response.close()
+        assert response.status_code == 404, (method, suffix, response.status_code)
