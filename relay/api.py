@@ -84,10 +84,6 @@ def _caller() -> tuple[str, int, int]:
     return f"key:{key['id']}", own_rpm or rpm, own_concurrency or concurrency
 
 
-def _throttle() -> Throttle:
-    return current_app.extensions.setdefault("relay.throttle", Throttle(state().redis))
-
-
 def _admit(throttle: Throttle, caller: str, rpm: int) -> None:
     """Refuse the request if its caller is over its rate or the queue is full."""
     wait = throttle.hit(caller, rpm)
@@ -106,7 +102,7 @@ def _admit(throttle: Throttle, caller: str, rpm: int) -> None:
 
 def submit_job(body: Any = None) -> Submission:
     """Check limits, validate the body, rebuild its conversation, then store and queue the job."""
-    throttle = _throttle()
+    throttle = state().throttle
     caller, rpm, concurrency = _caller()
     _admit(throttle, caller, rpm)
     if body is None:
@@ -303,10 +299,16 @@ def _granted(job_id: str) -> Access:
     logs.bind_job(job_id)
     redis = state().redis
     grant = access.load(redis, job_id) if is_job_id(job_id) else None
-    key_id = access.caller_key_id(redis, request.headers.get("Authorization"))
-    if grant is None or not grant.may_watch(request.args.get("token"), key_id):
+    if grant is None:
         raise _unknown(job_id)
-    return grant
+    if grant.may_watch(request.args.get("token"), None):
+        return grant
+    # Only now look the caller's key up: most viewers come with the token alone.
+    if grant.owner and grant.is_owner(
+        access.caller_key_id(redis, request.headers.get("Authorization"))
+    ):
+        return grant
+    raise _unknown(job_id)
 
 
 @api.post("/v1/jobs")

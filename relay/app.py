@@ -19,6 +19,7 @@ from .conversations import Conversations
 from .errors import RelayError, Unavailable, error_response, from_http_exception
 from .fanout import Hub
 from .jobs import JobStore
+from .limits import Throttle
 from .redis_client import connect
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class RelayState:
         self._store: JobStore | None = None
         self._hub: Hub | None = None
         self._conversations: Conversations | None = None
+        self._throttle: Throttle | None = None
 
     @property
     def redis(self) -> Redis:
@@ -62,6 +64,12 @@ class RelayState:
                 max_response_tokens=int(self._config["MAX_RESPONSE_TOKENS"]),
             )
         return self._conversations
+
+    @property
+    def throttle(self) -> Throttle:
+        if self._throttle is None:
+            self._throttle = Throttle(self.redis)
+        return self._throttle
 
     @property
     def viewer_count(self) -> int:

@@ -22,11 +22,15 @@ class NoHub:
         self.detached.append(viewer)
 
 
-def test_a_viewer_whose_job_vanishes_gets_an_error_and_done_not_keep_alives_for_ever():
+def a_viewer_of_a_new_job() -> tuple[fakeredis.FakeRedis, JobStore, Viewer, NoHub]:
     redis = fakeredis.FakeRedis()
     store = JobStore(redis, retention=60, max_age=600)
     job_id = store.create({"model": "m", "messages": []})
-    viewer, hub = Viewer(job_id, 8), NoHub()
+    return redis, store, Viewer(job_id, 8), NoHub()
+
+
+def test_a_viewer_whose_job_vanishes_gets_an_error_and_done_not_keep_alives_for_ever():
+    redis, store, viewer, hub = a_viewer_of_a_new_job()
     events = follow(store, hub, viewer, 0, idle=0.01)  # type: ignore[arg-type]
     assert next(events) is None  # a keep-alive while the job exists
     redis.flushdb()  # Redis restarted without persistence
@@ -37,10 +41,7 @@ def test_a_viewer_whose_job_vanishes_gets_an_error_and_done_not_keep_alives_for_
 
 
 def test_a_closed_viewer_stops_without_done():
-    redis = fakeredis.FakeRedis()
-    store = JobStore(redis, retention=60, max_age=600)
-    job_id = store.create({"model": "m", "messages": []})
-    viewer, hub = Viewer(job_id, 8), NoHub()
+    _, store, viewer, hub = a_viewer_of_a_new_job()
     events = follow(store, hub, viewer, 0, idle=5)  # type: ignore[arg-type]
     viewer.close()
     assert list(events) == [] and hub.detached == [viewer]

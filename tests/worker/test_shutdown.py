@@ -78,6 +78,13 @@ def assert_complete(received: Received, body: dict) -> None:
     assert received.finish_reasons == ["stop"]
 
 
+def assert_unregistered(stack, worker_id: str) -> None:
+    """The stopped worker left no registration, heartbeat or claimed list behind."""
+    redis = stack.redis()
+    assert not redis.sismember(keys.WORKERS, worker_id)
+    assert not redis.exists(keys.heartbeat(worker_id), keys.claimed(worker_id))
+
+
 def test_a_running_job_shorter_than_the_grace_completes_then_the_worker_exits(stack):
     base = stack.start_web()
     worker, worker_id = start_worker(stack, ("--grace", "20"))
@@ -96,9 +103,7 @@ def test_a_running_job_shorter_than_the_grace_completes_then_the_worker_exits(st
     assert_complete(received, body)
     status = status_of(job)
     assert status["status"] == "completed" and status["attempts"] == 1
-    redis = stack.redis()
-    assert not redis.sismember(keys.WORKERS, worker_id)
-    assert not redis.exists(keys.heartbeat(worker_id), keys.claimed(worker_id))
+    assert_unregistered(stack, worker_id)
     assert summary(worker) == {
         "running": 1, "finished": 1, "handed_back": 0, "window": 0, "failed": 0
     }  # fmt: skip
@@ -168,9 +173,7 @@ def test_a_job_longer_than_the_grace_ends_with_an_error_and_done_when_the_worker
     assert error["code"] == "worker_lost" and "shut down" in error["message"]
     status = status_of(job)
     assert status["status"] == "failed" and status["error"]["message"] == error["message"]
-    redis = stack.redis()
-    assert not redis.sismember(keys.WORKERS, worker_id)
-    assert not redis.exists(keys.heartbeat(worker_id), keys.claimed(worker_id))
+    assert_unregistered(stack, worker_id)
     assert summary(worker) == {
         "running": 1, "finished": 0, "handed_back": 0, "window": 0, "failed": 1
     }  # fmt: skip
