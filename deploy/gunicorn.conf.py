@@ -30,6 +30,15 @@ errorlog = "-"
 loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
 
 
+def when_ready(server):
+    """Say once, at start, whether creating jobs needs an API key (or the relay runs open)."""
+    from relay.auth import key_mode_at_start
+    from relay.config import from_env
+
+    open_mode, message = key_mode_at_start(from_env())
+    (server.log.warning if open_mode else server.log.info)(message)
+
+
 def post_fork(server, worker):
     """The app's own log lines as JSON with the job id (gunicorn keeps its own format)."""
     from relay import logs

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from flask import current_app, g, request
+from redis.exceptions import RedisError
 
 from . import apikeys
 from .app import state
 from .errors import Unauthorized
+from .redis_client import connect
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +44,30 @@ class KeyMode:
                 apikeys.seed(redis, seeded)
                 self.enabled = True
             if not self.enabled and not self.announced:
-                logger.warning("no API keys configured: anyone may create jobs (open mode)")
+                logger.warning(OPEN_MODE)
                 self.announced = True
         return self.enabled
+
+
+OPEN_MODE = "no API keys configured: anyone may create jobs (open mode)"
+
+
+def key_mode_at_start(settings: Mapping[str, Any]) -> tuple[bool, str]:
+    """Seed ``RELAY_API_KEYS`` and say whether keys are required: (open, message to log).
+
+    Called once by gunicorn's master when it is ready (deploy/gunicorn.conf.py), so that an
+    open relay says so at start and not only at its first request.
+    """
+    redis = connect(settings["REDIS_URL"], max_connections=2)
+    try:
+        apikeys.seed(redis, str(settings["API_KEYS"] or ""))
+        if apikeys.configured(redis):
+            return False, "API keys required to create jobs"
+        return True, OPEN_MODE
+    except RedisError as exc:
+        return False, f"could not check API keys at start (Redis: {exc}); checked per request"
+    finally:
+        redis.close()
 
 
 def require_api_key() -> dict[str, Any] | None:

@@ -97,3 +97,16 @@ def test_a_relay_seeded_with_keys_never_runs_open_after_redis_loses_its_data(sta
         time.sleep(0.1)
     else:
         raise AssertionError("the seeded key did not come back")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_the_relay_says_at_start_whether_it_runs_open(stack):
+    stack.start_web()
+    open_log = stack.procs[-1]
+    stack.start_web(env={"RELAY_API_KEYS": "seeded-key-789"})
+    keyed_log = stack.procs[-1]
+    # Said before any request that creates a job (only /healthz has been asked so far).
+    assert "anyone may create jobs (open mode)" in open_log.output()
+    assert "API keys required to create jobs" in keyed_log.output()
+    assert "open mode" not in keyed_log.output()
