@@ -1,0 +1,464 @@
+"""The benchmark suite: the relay beside the direct upstream (the floor) and flask-sse (the peer).
+
+    bash tests/bench/run.sh            # the full suite; rewrites tests/bench/RESULTS.md + p99.png
+    bash tests/bench/run.sh --smoke    # a tiny version (what CI runs), written to a temp dir
+
+Every scenario starts from real processes on free ports: redis-server, the simulator (chunks
+carry their emit time), gunicorn -k gevent serving the relay, worker processes, and gunicorn
+-k gevent serving flask-sse with the same settings. Viewers are greenlets in this process
+(:mod:`tests.bench.loadgen`). Latency is the simulator's emit timestamp to a viewer's receipt
+of the event's bytes, so it includes everything between the model and the screen.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+import gevent  # noqa: E402
+import redis  # noqa: E402
+import requests  # noqa: E402
+from gevent.pool import Pool  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.bench import loadgen  # noqa: E402
+from tests.bench.loadgen import Sink, summarise  # noqa: E402
+from tests.conftest import Proc, Stack, free_port, start_process, wait_for  # noqa: E402
+
+INTERVAL = 0.02  # a chunk every 20 ms: 50 tokens/s, a fast model
+
+
+@dataclass
+class Row:
+    """One line of the result table."""
+
+    scenario: str
+    system: str  # relay, flask-sse, floor
+    load: str
+    viewers: int = 0
+    samples: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    result: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def cells(self) -> list[str]:
+        def ms(v: float | None) -> str:
+            return "" if v is None else f"{v:.1f}"
+
+        return [self.scenario, self.system, self.load, ms(self.p50_ms), ms(self.p99_ms),
+                ms(self.max_ms), self.result]  # fmt: skip
+
+
+def latency_row(scenario: str, system: str, load: str, viewers: int, values, result: str,
+                **extra) -> Row:  # fmt: skip
+    s = summarise(values)
+    if not s.samples:
+        return Row(scenario, system, load, viewers, 0, None, None, None, result, extra)
+    return Row(scenario, system, load, viewers, s.samples, s.p50 * 1e3, s.p99 * 1e3,
+               s.max * 1e3, result, extra)  # fmt: skip
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({model or platform.machine()}), {mem:.0f} GiB, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, loopback"
+    )
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def sim_body(tokens: int, *, first_delay: float = 0.0, interval: float = INTERVAL,
+             stream: bool | None = None) -> dict:  # fmt: skip
+    body: dict = {
+        "model": "simulator",
+        "messages": [{"role": "user", "content": "bench"}],
+        "simulator": {"tokens": tokens, "interval": interval, "timestamps": True,
+                      "first_delay": first_delay},
+    }  # fmt: skip
+    if stream is not None:
+        body["stream"] = stream
+    return body
+
+
+def on(base: str, url: str) -> str:
+    """``url`` (from a job's creation answer) on the relay at ``base``."""
+    parts = urlsplit(url)
+    return f"{base}{parts.path}?{parts.query}" if parts.query else f"{base}{parts.path}"
+
+
+def connect_lead(viewers: int) -> float:
+    """Time to give viewers to connect before the first chunk (they connect at 2,000/s)."""
+    return 1.5 + viewers / 1000
+
+
+class Bench:
+    """The processes of a run, and the scenarios run against them."""
+
+    def __init__(self, smoke: bool, log_dir: Path) -> None:
+        self.smoke = smoke
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+        self.rows: list[Row] = []
+        binary = shutil.which("redis-server") or sys.exit("redis-server is not installed")
+        # Two Redis servers: the relay's and the peer's, so each one's connections are its own.
+        self.redis_port, self.peer_redis_port, self.sim_port = free_port(), free_port(), free_port()
+        for name, port in (("redis", self.redis_port), ("peer-redis", self.peer_redis_port)):
+            self.procs.append(start_process(name, [binary, "--port", str(port), "--save", "",
+                                                   "--appendonly", "no", "--maxclients", "15000"],
+                                            log_dir))  # fmt: skip
+        self.procs.append(start_process("simulator", [sys.executable, "-m", "relay.simulator",
+                                                      "--port", str(self.sim_port)], log_dir))  # fmt: skip
+        self.sim = f"http://127.0.0.1:{self.sim_port}/v1"
+        self.redis = redis.Redis(port=self.redis_port)
+        self.peer_redis = redis.Redis(port=self.peer_redis_port)
+        wait_for(self.redis.ping, 10, "redis")
+        wait_for(self.peer_redis.ping, 10, "peer redis")
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{self.sim_port}/healthz").ok, 10, "sim")
+        self.stack = Stack(f"redis://127.0.0.1:{self.redis_port}/0", self.sim, log_dir)
+        self.stack.env = {
+            "RELAY_UPSTREAM_READ_TIMEOUT": "60",
+            "RELAY_LEASE_SECONDS": "10",
+            "RELAY_KEEPALIVE_SECONDS": "15",
+            "RELAY_UPSTREAM_INCLUDE_USAGE": "false",
+        }
+
+    def stop(self) -> None:
+        self.stack.stop()
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def relay(self, processes: int = 1) -> list[str]:
+        """Fresh single-process gunicorns (so viewers can be split evenly): their base URLs."""
+        return [self.stack.start_web(workers=1) for _ in range(processes)]
+
+    def stop_relays(self) -> None:
+        """Stop every gunicorn of the stack (workers stay)."""
+        for proc in [p for p in self.stack.procs if p.name.startswith("gunicorn")]:
+            proc.stop()
+            self.stack.procs.remove(proc)
+
+    def create_job(self, base: str, body: dict) -> dict:
+        response = requests.post(f"{base}/v1/jobs", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def log_length(self, job_id: str) -> int:
+        from relay import keys
+
+        return int(self.redis.llen(keys.events(job_id)))
+
+    def relay_connections(self) -> int:
+        return int(self.redis.info("clients")["connected_clients"]) - 1  # not this probe
+
+    # -- scenarios ------------------------------------------------------------------------------
+
+    def floor(self, tokens: int) -> Row:
+        """The simulator read directly by one viewer: what any relay adds to is this."""
+        sink = Sink()
+        body = json.dumps(sim_body(tokens, stream=True, first_delay=0.2)).encode()
+        group = loadgen.spawn_viewers([f"{self.sim}/chat/completions"], sink, method="POST",
+                                      body=body)  # fmt: skip
+        gevent.joinall(group, timeout=tokens * INTERVAL + 30)
+        complete = sum(1 for n in sink.events if n >= tokens + 2)
+        return latency_row("fan-out", "floor", "1 viewer, direct", 1, sink.latencies,
+                           f"{complete}/1 complete", errors=sink.errors)  # fmt: skip
+
+    def relay_fanout(self, bases: list[str], viewers: int, tokens: int) -> Row:
+        """One job, ``viewers`` viewers split evenly over the gunicorns at ``bases``."""
+        lead = connect_lead(viewers)
+        job = self.create_job(bases[0], sim_body(tokens, first_delay=lead))
+        urls = [on(bases[i % len(bases)], job["events_url"]) for i in range(viewers)]
+        sink = Sink()
+        started = time.monotonic()
+        group = loadgen.spawn_viewers(urls, sink)
+        sink.all_connected.wait(lead + 60)
+        sink.since = time.time()
+        connections = self.relay_connections()
+        gevent.joinall(group, timeout=lead + tokens * INTERVAL + 60)
+        expected = self.log_length(job["id"])
+        complete = sum(1 for n in sink.events if n == expected)
+        load = f"{viewers:,} viewers, {len(bases)} process{'es' if len(bases) > 1 else ''}"
+        return latency_row(
+            "fan-out", "relay", load, viewers, sink.latencies,
+            f"{complete:,}/{viewers:,} got all {expected} events; Redis connections: "
+            f"{connections} (web + worker)",
+            connections=connections, complete=complete, errors=sink.errors[:5],
+            connected_in=round(time.monotonic() - started, 2),
+        )  # fmt: skip
+
+    def peer_fanout(self, viewers: int, tokens: int) -> Row:
+        """The same viewers and chunks through flask-sse (one gunicorn -k gevent process)."""
+        port = free_port()
+        url = f"redis://127.0.0.1:{self.peer_redis_port}/0"
+        peer = start_process(f"flask-sse-{viewers}", [
+            sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
+            "--worker-connections", "10000", "--keep-alive", "75", "-b", f"127.0.0.1:{port}",
+            "--log-level", "warning", "tests.bench.peer_flask_sse:app",
+        ], self.log_dir, {"PEER_REDIS_URL": url})  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: requests.get(f"{base}/", timeout=1).status_code == 404, 20, "peer")
+            channel = f"bench-{viewers}-{time.time_ns()}"
+            sink = Sink()
+            group = loadgen.spawn_viewers([f"{base}/stream?channel={channel}"] * viewers, sink)
+
+            def subscribed() -> bool:
+                return self.peer_redis.pubsub_numsub(channel)[0][1] >= viewers
+
+            # flask-sse sends its headers with the first event: count subscriptions instead.
+            wait_for(subscribed, connect_lead(viewers) + 60, "flask-sse viewers")
+            connections = int(self.peer_redis.info("clients")["connected_clients"]) - 1
+            sink.since = time.time()
+            publisher = subprocess.run(
+                [sys.executable, "-m", "tests.bench.peer_flask_sse", "publish", url,
+                 self.sim, channel, str(tokens), str(INTERVAL)],
+                cwd=ROOT, capture_output=True, text=True, timeout=tokens * INTERVAL + 60,
+            )  # fmt: skip
+            if publisher.returncode:
+                raise RuntimeError(f"publisher failed: {publisher.stderr[-2000:]}")
+            published = json.loads(publisher.stdout)["published"]
+            gevent.joinall(group, timeout=60)
+            complete = sum(1 for n in sink.events if n == published)
+            return latency_row(
+                "fan-out", "flask-sse", f"{viewers:,} viewers, 1 process", viewers,
+                sink.latencies,
+                f"{complete:,}/{viewers:,} got all {published} events; Redis connections: "
+                f"{connections} (web)",
+                connections=connections, complete=complete, errors=sink.errors[:5],
+            )  # fmt: skip
+        finally:
+            peer.stop()
+
+    def many_jobs(self, bases: list[str], jobs: int, per_job: int, tokens: int) -> Row:
+        """``jobs`` concurrent jobs with ``per_job`` viewers each: delivered events/s, latency."""
+        lead = 3.0 + jobs / 200
+        pool = Pool(50)
+        made = pool.map(lambda i: self.create_job(bases[i % len(bases)],
+                                                  sim_body(tokens, first_delay=lead)),
+                        range(jobs))  # fmt: skip
+        urls = [on(bases[(i + k) % len(bases)], job["events_url"])
+                for i, job in enumerate(made) for k in range(per_job)]  # fmt: skip
+        sink = Sink()
+        group = loadgen.spawn_viewers(urls, sink)
+        sink.all_connected.wait(lead + 60)
+        sink.since = time.time()
+        gevent.joinall(group, timeout=lead + tokens * INTERVAL * 3 + 60)
+        expected = {job["id"]: self.log_length(job["id"]) for job in made}
+        complete = sum(1 for n in sink.events if n in expected.values())
+        received = sorted(sink.received)
+        span = received[-1] - received[0] if len(received) > 1 else float("nan")
+        rate = len(received) / span if span else 0.0
+        return latency_row(
+            "many jobs", "relay",
+            f"{jobs} jobs x {per_job} viewers, {len(bases)} processes, {1 / INTERVAL:.0f} "
+            "chunks/s each", len(urls), sink.latencies,
+            f"{rate:,.0f} delivered events/s; {complete:,}/{len(urls):,} viewers got every event",
+            rate=rate, complete=complete, errors=sink.errors[:5],
+        )  # fmt: skip
+
+    def idle_viewers(self, viewers: int) -> Row:
+        """RSS growth of one gunicorn process per idle viewer (a job that has not spoken yet)."""
+        base = self.relay(1)[0]
+        pid = children(self.stack.procs[-1].popen.pid)[0]
+        job = self.create_job(base, sim_body(1, first_delay=600))
+        warm = Sink()  # a first few viewers: lazily imported code and pools are not per viewer
+        warm_group = loadgen.spawn_viewers([on(base, job["events_url"])] * 20, warm)
+        warm.all_connected.wait(30)
+        gevent.sleep(1)
+        before = rss_kib(pid)
+        sink = Sink()
+        group = loadgen.spawn_viewers([on(base, job["events_url"])] * viewers, sink)
+        sink.all_connected.wait(60)
+        gevent.sleep(2)  # let the process settle; nothing else runs
+        after = rss_kib(pid)
+        per_viewer = (after - before) * 1024 / viewers
+        requests.post(on(base, job["cancel_url"]), timeout=10)
+        gevent.joinall(group + warm_group, timeout=30)
+        self.stop_relays()
+        return Row(
+            "idle viewers", "relay", f"{viewers:,} idle viewers, 1 process", viewers,
+            result=f"RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB: "
+            f"{per_viewer / 1024:.1f} KiB per viewer ({sink.connected:,} connected)",
+            extra={"per_viewer_kib": per_viewer / 1024},
+        )  # fmt: skip
+
+    def first_chunk(self, base: str, jobs: int) -> list[Row]:
+        """Time from POST to the first chunk, through the relay and directly, interleaved."""
+        relay_times, direct_times = [], []
+        body = json.dumps(sim_body(3, stream=True)).encode()
+
+        def one(url: str, into: list[float]) -> None:
+            sink = Sink()
+            started = time.monotonic()
+            loadgen.view(loadgen.address(url), loadgen.request_bytes(url, "POST", body), sink)
+            if sink.first_event_at and not sink.errors:
+                into.append(sink.first_event_at[0] - started)
+
+        for _ in range(jobs):
+            one(f"{base}/v1/chat/completions", relay_times)
+            one(f"{self.sim}/chat/completions", direct_times)
+        r, d = summarise(relay_times), summarise(direct_times)
+        overhead = f"overhead p50 {(r.p50 - d.p50) * 1e3:.1f} ms, p99 {(r.p99 - d.p99) * 1e3:.1f} ms"
+        return [
+            latency_row("enqueue to first chunk", "relay", f"{jobs:,} jobs, one at a time", 0,
+                        relay_times, f"POST to first chunk; {overhead}",
+                        overhead_p50_ms=(r.p50 - d.p50) * 1e3,
+                        overhead_p99_ms=(r.p99 - d.p99) * 1e3),
+            latency_row("enqueue to first chunk", "floor", f"{jobs:,} requests, direct", 0,
+                        direct_times, "the simulator's own time to first chunk"),
+        ]  # fmt: skip
+
+    def worker_capacity(self, base: str, streams: int, tokens: int) -> Row:
+        """``streams`` jobs at once on one worker process: publish lag and chunks/s."""
+        from relay import keys
+
+        sink = Sink()
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.psubscribe(keys.live("*"))
+        lead = 2.0 + streams / 200
+        pool = Pool(50)
+        made = pool.map(lambda i: self.create_job(base, sim_body(tokens, first_delay=lead)),
+                        range(streams))  # fmt: skip
+        sink.since = time.time()
+        lags, stamps = [], []
+        ids = {job["id"] for job in made}
+        deadline = time.monotonic() + lead + tokens * INTERVAL * 4 + 30
+        done = 0
+        while done < streams and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            now = time.time()
+            match = loadgen.STAMP.search(message["data"])
+            if match:
+                emitted = float(match.group(1))
+                lags.append(now - emitted)
+                stamps.append(now)
+            elif message["data"].endswith(b" [DONE]"):
+                done += 1
+        pubsub.close()
+        statuses = [self.redis.hget(keys.job(job_id), "status") for job_id in ids]
+        ok = sum(1 for s in statuses if s == b"completed")
+        span = max(stamps) - min(stamps) if len(stamps) > 1 else float("nan")
+        rate = len(stamps) / span if span else 0.0
+        return latency_row(
+            "worker capacity", "relay",
+            f"{streams} concurrent upstream streams, 1 worker process", 0, lags,
+            f"{ok}/{streams} jobs completed; {rate:,.0f} chunks/s published "
+            f"(offered {streams / INTERVAL:,.0f}); latency is emit to publish",
+            rate=rate, done=ok,
+        )  # fmt: skip
+
+
+def print_table(rows: list[Row], header: str) -> str:
+    lines = [header, "",
+             "| scenario | system | load | p50 ms | p99 ms | max ms | result |",
+             "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny loads, for CI")
+    parser.add_argument("--out", type=Path, help="where results.json goes (default: alongside)")
+    parser.add_argument("--only", nargs="*", help="scenario names to run (default: all)")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    out = args.out or (Path(tempfile.mkdtemp(prefix="relay-bench-smoke-")) if smoke
+                       else Path(__file__).resolve().parent)  # fmt: skip
+    log_dir = Path(tempfile.mkdtemp(prefix="relay-bench-logs-"))
+    tokens = 20 if smoke else 150
+    counts = [1, 5] if smoke else [1, 100, 1000, 2000]
+    wanted = set(args.only or ["fanout", "peer", "many", "idle", "first", "worker"])
+    bench = Bench(smoke, log_dir)
+    rows = bench.rows
+    header = f"machine: {machine()}"
+    print(header, f"\nlogs: {log_dir}\n", flush=True)
+    try:
+        bench.stack.start_worker(concurrency=1024, env={"RELAY_WORKER_CONCURRENCY": "1024"})
+        if "fanout" in wanted:
+            rows.append(bench.floor(tokens))
+            print(rows[-1].cells(), flush=True)
+            bases = bench.relay(2)
+            for n in counts:
+                rows.append(bench.relay_fanout(bases[:1], n, tokens))
+                print(rows[-1].cells(), flush=True)
+            rows.append(bench.relay_fanout(bases, 10 if smoke else 4000, tokens))
+            print(rows[-1].cells(), flush=True)
+            bench.stop_relays()
+        if "peer" in wanted:
+            for n in counts:
+                rows.append(bench.peer_fanout(n, tokens))
+                print(rows[-1].cells(), flush=True)
+        if "many" in wanted:
+            bases = bench.relay(2)
+            rows.append(bench.many_jobs(bases, 5 if smoke else 500, 2, 50 if smoke else 250))
+            print(rows[-1].cells(), flush=True)
+            bench.stop_relays()
+        if "idle" in wanted:
+            rows.append(bench.idle_viewers(20 if smoke else 2000))
+            print(rows[-1].cells(), flush=True)
+        if "first" in wanted:
+            base = bench.relay(1)[0]
+            rows += bench.first_chunk(base, 10 if smoke else 1000)
+            print(rows[-1].cells(), flush=True)
+            bench.stop_relays()
+        if "worker" in wanted:
+            base = bench.relay(1)[0]
+            for streams in [5] if smoke else [100, 200, 400]:
+                rows.append(bench.worker_capacity(base, streams, 20 if smoke else 250))
+                print(rows[-1].cells(), flush=True)
+            bench.stop_relays()
+    finally:
+        bench.stop()
+    print()
+    print_table(rows, header)
+    (out / "results.json").write_text(
+        json.dumps({"machine": machine(), "rows": [asdict(r) for r in rows]}, indent=1)
+    )
+    print(f"\nwrote {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
