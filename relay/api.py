@@ -21,7 +21,7 @@ from .errors import InvalidRequest, NotFound, RateLimited, RequestTooLarge, Unav
 from .fanout import LiveEvent, SubscribeTimeout, Viewer
 from .jobs import is_job_id, new_job_id
 from .limits import Throttle
-from .streaming import follow, sse_bytes
+from .streaming import follow, retry_field, sse_bytes
 from .validation import Limits, validate_chat_request
 
 logger = logging.getLogger(__name__)
@@ -177,15 +177,20 @@ def stream_response(
     mimetype: str,
     headers: dict[str, str] | None = None,
     owner: bool = False,
+    direct: bytes | None = None,
 ) -> Response:
     """A streamed response following one job, rendered by ``render``.
 
     Attaching happens in the view, so a failure is still a proper JSON error. ``owner`` marks
     the stream that created its job: closed before the end while nobody else watches, it
-    cancels the job (``CANCEL_ON_DISCONNECT``).
+    cancels the job (``CANCEL_ON_DISCONNECT``). Given ``direct`` (the bytes to write before
+    the first event), the dispatcher may write live events to the client itself (only for
+    :func:`sse_bytes`, see :func:`follow`).
     """
     relay = state()
     viewer = _attach(job_id)
+    if direct is not None and current_app.config["DIRECT_WRITES"]:
+        _allow_direct(viewer, direct)
     relay.store.add_viewer(job_id, 1)
     restore_timeout = _cut_off_stalled_client(float(current_app.config["SEND_TIMEOUT_SECONDS"]))
     # Read configuration here: the generator runs after the request context is gone.
@@ -217,6 +222,16 @@ def stream_response(
     response = Response(body(), mimetype=mimetype, headers={**STREAM_HEADERS, **(headers or {})})
     response.call_on_close(on_close)
     return response
+
+
+def _allow_direct(viewer: Viewer, prefix: bytes) -> None:
+    """The fast path needs the client's socket and how the server frames the body: known for
+    gunicorn's gevent worker (HTTP/1.1 chunked, one chunk per write; HTTP/1.0 raw)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None or request.method == "HEAD":  # HEAD: gunicorn writes no body at all
+        return
+    chunked = request.environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
+    viewer.allow_direct(sock, chunked, prefix)
 
 
 def _cut_off_stalled_client(seconds: float) -> Callable[[], None]:
@@ -256,6 +271,7 @@ def _event_stream(
         mimetype="text/event-stream",
         headers=headers,
         owner=owner,
+        direct=retry_field(retry_ms),
     )
 
 

@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "KEEPALIVE_SECONDS": 15.0,
     "RETRY_MS": 2000,
     "VIEWER_QUEUE_SIZE": 1024,
+    # Caught-up viewers get live events written by the process's dispatcher in one send each
+    # (relay.fanout); false routes every event through the viewer's own greenlet.
+    "DIRECT_WRITES": True,
     "WORKER_CONCURRENCY": 256,
     "WORKER_GRACE_SECONDS": 30.0,
     "CANCEL_ON_DISCONNECT": True,

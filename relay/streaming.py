@@ -22,6 +22,11 @@ def follow(
     Subscribing before reading the log closes the gap between backlog and live; the price is
     that an event may arrive both ways, so live events at or before the last id sent are
     dropped, and a live event that skips ids sends the viewer back to the log to fill the gap.
+
+    A viewer allowed the fast path (:meth:`Viewer.allow_direct`) hands its socket to the
+    dispatcher whenever it has caught up, and takes it back when woken; this requires a
+    renderer that writes each event as its ``frame`` in exactly one write, as :func:`sse_bytes`
+    does, so that being resumed after a ``yield`` means the bytes are on the socket.
     """
     last = after
 
@@ -40,6 +45,7 @@ def follow(
         nonlocal last
         for seq, data in store.read_events(viewer.job_id, last):
             last = seq
+            viewer.prefix = b""  # the renderer adds it to the first event it writes
             yield LiveEvent(seq, data, format_event(data, id=seq), data == DONE_BYTES)
 
     try:
@@ -48,16 +54,27 @@ def follow(
             if event.done:
                 return
         while not viewer.closed:
+            # Resumed after a yield, every byte yielded so far is written: the socket is free.
+            direct = viewer.go_direct(last)
             try:
                 event = viewer.queue.get(timeout=idle)
             except Empty:
+                event = None
+            if direct:
+                sent = viewer.take_back()
+                progressed, last = sent > last, sent
+                if viewer.finished:
+                    return  # the dispatcher wrote [DONE]
+            if viewer.closed:
+                return
+            if event is None:
+                if direct and progressed:
+                    continue  # events flowed directly: the client is there, the job alive
                 yield None
                 if not store.exists(viewer.job_id):
                     yield from lost()
                     return
                 event = RESYNC  # re-check the log in case pub/sub missed an event
-            if viewer.closed:
-                return
             if event is RESYNC or viewer.stale or event.seq > last + 1:
                 viewer.stale = False  # before reading: anything newer lands in the mailbox
                 for logged in from_log():
@@ -68,6 +85,7 @@ def follow(
             if event.seq <= last:
                 continue
             last = event.seq
+            viewer.prefix = b""
             yield event
             if event.done:
                 return
@@ -75,11 +93,16 @@ def follow(
         hub.detach(viewer)
 
 
+def retry_field(retry_ms: int) -> bytes:
+    """The reconnection delay hint, sent with a stream's first event."""
+    # It rides on a real event: a retry-only event is a blank event to the openai SDK, which
+    # then fails to parse its empty data.
+    return b"retry: %d\n" % retry_ms
+
+
 def sse_bytes(events: Iterator[LiveEvent | None], *, retry_ms: int) -> Iterator[bytes]:
     """The SSE rendering of :func:`follow`'s events, with keep-alive comments while idle."""
-    # The retry hint rides on the first real event: a retry-only event is a blank event to
-    # the openai SDK, which then fails to parse its empty data.
-    retry = b"retry: %d\n" % retry_ms
+    retry = retry_field(retry_ms)
     yield format_comment("stream open")  # sends the headers now, whatever the backlog
     for event in events:
         if event is None:

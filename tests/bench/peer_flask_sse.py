@@ -40,9 +40,12 @@ def publish(redis_url: str, upstream: str, channel: str, tokens: int, interval: 
         "simulator": {"tokens": tokens, "interval": interval, "timestamps": True},
     }
     published = 0
-    with app.app_context(), requests.post(
-        f"{upstream}/chat/completions", json=body, stream=True, timeout=(5, 60)
-    ) as response:
+    with (
+        app.app_context(),
+        requests.post(
+            f"{upstream}/chat/completions", json=body, stream=True, timeout=(5, 60)
+        ) as response,
+    ):
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith(b"data: "):

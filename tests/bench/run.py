@@ -15,14 +15,17 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from array import array  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
@@ -35,8 +38,7 @@ from gevent.pool import Pool  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench import loadgen  # noqa: E402
-from tests.bench.loadgen import Sink, summarise  # noqa: E402
+from tests.bench.loadgen import DATA, STAMP, request_bytes  # noqa: E402
 from tests.conftest import Proc, Stack, free_port, start_process, wait_for  # noqa: E402
 
 INTERVAL = 0.02  # a chunk every 20 ms: 50 tokens/s, a fast model
@@ -72,6 +74,99 @@ def latency_row(scenario: str, system: str, load: str, viewers: int, values, res
         return Row(scenario, system, load, viewers, 0, None, None, None, result, extra)
     return Row(scenario, system, load, viewers, s.samples, s.p50 * 1e3, s.p99 * 1e3,
                s.max * 1e3, result, extra)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Summary:
+    samples: int
+    p50: float
+    p99: float
+    max: float
+
+
+def summarise(values) -> Summary:
+    """p50, p99 and max of ``values`` (nearest rank)."""
+    ordered = sorted(values)
+    if not ordered:
+        return Summary(0, float("nan"), float("nan"), float("nan"))
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))]
+
+    return Summary(len(ordered), rank(0.50), rank(0.99), ordered[-1])
+
+
+@dataclass
+class Seen:
+    """What a group of viewers saw (from :mod:`tests.bench.loadgen`)."""
+
+    emitted: array
+    received: array
+    events: list[int]
+    errors: list[str]
+
+    def latencies(self, since: float) -> list[float]:
+        """Emit-to-receipt times of events emitted at or after ``since`` (wall clock)."""
+        return [r - e for e, r in zip(self.emitted, self.received, strict=True) if e >= since]
+
+    def rate(self, since: float) -> float:
+        """Delivered stamped events per second, from ``since`` to the last receipt."""
+        kept = [r for e, r in zip(self.emitted, self.received, strict=True) if e >= since]
+        return len(kept) / (max(kept) - min(kept)) if len(kept) > 1 else 0.0
+
+
+class Viewers:
+    """Viewers held by load generator processes (``clients`` of them share ``urls``)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, urls: list[str], log_dir: Path, *, method: str = "GET", body: bytes = b"",
+                 timeout: float = 120.0, ready_on: str = "headers", clients: int = 1) -> None:  # fmt: skip
+        self.dirs: list[Path] = []
+        self.procs: list[subprocess.Popen] = []
+        clients = max(1, min(clients, len(urls)))
+        for k in range(clients):
+            work = log_dir / f"viewers-{next(self._ids)}"
+            work.mkdir()
+            (work / "urls").write_text("\n".join(urls[k::clients]))
+            cmd = [sys.executable, "-m", "tests.bench.loadgen", "--urls", str(work / "urls"),
+                   "--out", str(work), "--method", method, "--timeout", str(timeout),
+                   "--ready-on", ready_on]  # fmt: skip
+            if body:
+                (work / "body").write_bytes(body)
+                cmd += ["--body", str(work / "body")]
+            self.dirs.append(work)
+            self.procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                               stderr=open(work / "stderr", "w")))  # fmt: skip
+
+    def wait_ready(self) -> float:
+        """Block until every viewer is connected; when that was (wall clock)."""
+        times = []
+        for proc, work in zip(self.procs, self.dirs, strict=True):
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line.startswith("ready"):
+                raise RuntimeError(
+                    f"load generator failed: {(work / 'stderr').read_text()[-2000:]}"
+                )
+            times.append(float(line.split()[1]))
+        return max(times)
+
+    def seen(self, timeout: float) -> Seen:
+        """Wait for every viewer to finish; what they saw."""
+        out = Seen(array("d"), array("d"), [], [])
+        for proc, work in zip(self.procs, self.dirs, strict=True):
+            proc.wait(timeout)
+            if proc.returncode:
+                raise RuntimeError(
+                    f"load generator failed: {(work / 'stderr').read_text()[-2000:]}"
+                )
+            result = json.loads((work / "result.json").read_text())
+            out.events += result["events"]
+            out.errors += result["errors"]
+            for name in ("emitted", "received"):
+                with open(work / f"{name}.bin", "rb") as f:
+                    getattr(out, name).frombytes(f.read())
+        return out
 
 
 def machine() -> str:
@@ -129,8 +224,9 @@ def connect_lead(viewers: int) -> float:
 class Bench:
     """The processes of a run, and the scenarios run against them."""
 
-    def __init__(self, smoke: bool, log_dir: Path) -> None:
+    def __init__(self, smoke: bool, log_dir: Path, clients: int = 1) -> None:
         self.smoke = smoke
+        self.clients = clients
         self.log_dir = log_dir
         self.procs: list[Proc] = []
         self.rows: list[Row] = []
@@ -189,38 +285,39 @@ class Bench:
 
     # -- scenarios ------------------------------------------------------------------------------
 
+    def viewers(self, urls: list[str], **kwargs) -> Viewers:
+        return Viewers(urls, self.log_dir, clients=self.clients, **kwargs)
+
     def floor(self, tokens: int) -> Row:
         """The simulator read directly by one viewer: what any relay adds to is this."""
-        sink = Sink()
-        body = json.dumps(sim_body(tokens, stream=True, first_delay=0.2)).encode()
-        group = loadgen.spawn_viewers([f"{self.sim}/chat/completions"], sink, method="POST",
-                                      body=body)  # fmt: skip
-        gevent.joinall(group, timeout=tokens * INTERVAL + 30)
-        complete = sum(1 for n in sink.events if n >= tokens + 2)
-        return latency_row("fan-out", "floor", "1 viewer, direct", 1, sink.latencies,
-                           f"{complete}/1 complete", errors=sink.errors)  # fmt: skip
+        body = json.dumps(sim_body(tokens, stream=True, first_delay=0.5)).encode()
+        group = self.viewers([f"{self.sim}/chat/completions"], method="POST", body=body)
+        since = group.wait_ready()
+        seen = group.seen(tokens * INTERVAL + 30)
+        complete = sum(1 for n in seen.events if n >= tokens + 2)
+        return latency_row("fan-out", "floor", "1 viewer, direct", 1, seen.latencies(since),
+                           f"{complete}/1 complete", errors=seen.errors)  # fmt: skip
 
     def relay_fanout(self, bases: list[str], viewers: int, tokens: int) -> Row:
         """One job, ``viewers`` viewers split evenly over the gunicorns at ``bases``."""
         lead = connect_lead(viewers)
         job = self.create_job(bases[0], sim_body(tokens, first_delay=lead))
         urls = [on(bases[i % len(bases)], job["events_url"]) for i in range(viewers)]
-        sink = Sink()
         started = time.monotonic()
-        group = loadgen.spawn_viewers(urls, sink)
-        sink.all_connected.wait(lead + 60)
-        sink.since = time.time()
+        group = self.viewers(urls)
+        since = group.wait_ready()
+        connected_in = time.monotonic() - started
         connections = self.relay_connections()
-        gevent.joinall(group, timeout=lead + tokens * INTERVAL + 60)
+        seen = group.seen(lead + tokens * INTERVAL + 60)
         expected = self.log_length(job["id"])
-        complete = sum(1 for n in sink.events if n == expected)
+        complete = sum(1 for n in seen.events if n == expected)
         load = f"{viewers:,} viewers, {len(bases)} process{'es' if len(bases) > 1 else ''}"
         return latency_row(
-            "fan-out", "relay", load, viewers, sink.latencies,
+            "fan-out", "relay", load, viewers, seen.latencies(since),
             f"{complete:,}/{viewers:,} got all {expected} events; Redis connections: "
             f"{connections} (web + worker)",
-            connections=connections, complete=complete, errors=sink.errors[:5],
-            connected_in=round(time.monotonic() - started, 2),
+            connections=connections, complete=complete, errors=seen.errors[:5],
+            connected_in=round(connected_in, 2),
         )  # fmt: skip
 
     def peer_fanout(self, viewers: int, tokens: int) -> Row:
@@ -236,8 +333,8 @@ class Bench:
             base = f"http://127.0.0.1:{port}"
             wait_for(lambda: requests.get(f"{base}/", timeout=1).status_code == 404, 20, "peer")
             channel = f"bench-{viewers}-{time.time_ns()}"
-            sink = Sink()
-            group = loadgen.spawn_viewers([f"{base}/stream?channel={channel}"] * viewers, sink)
+            group = self.viewers([f"{base}/stream?channel={channel}"] * viewers, ready_on="sent")
+            group.wait_ready()
 
             def subscribed() -> bool:
                 return self.peer_redis.pubsub_numsub(channel)[0][1] >= viewers
@@ -245,7 +342,7 @@ class Bench:
             # flask-sse sends its headers with the first event: count subscriptions instead.
             wait_for(subscribed, connect_lead(viewers) + 60, "flask-sse viewers")
             connections = int(self.peer_redis.info("clients")["connected_clients"]) - 1
-            sink.since = time.time()
+            since = time.time()
             publisher = subprocess.run(
                 [sys.executable, "-m", "tests.bench.peer_flask_sse", "publish", url,
                  self.sim, channel, str(tokens), str(INTERVAL)],
@@ -254,14 +351,14 @@ class Bench:
             if publisher.returncode:
                 raise RuntimeError(f"publisher failed: {publisher.stderr[-2000:]}")
             published = json.loads(publisher.stdout)["published"]
-            gevent.joinall(group, timeout=60)
-            complete = sum(1 for n in sink.events if n == published)
+            seen = group.seen(60)
+            complete = sum(1 for n in seen.events if n == published)
             return latency_row(
                 "fan-out", "flask-sse", f"{viewers:,} viewers, 1 process", viewers,
-                sink.latencies,
+                seen.latencies(since),
                 f"{complete:,}/{viewers:,} got all {published} events; Redis connections: "
                 f"{connections} (web)",
-                connections=connections, complete=complete, errors=sink.errors[:5],
+                connections=connections, complete=complete, errors=seen.errors[:5],
             )  # fmt: skip
         finally:
             peer.stop()
@@ -275,22 +372,18 @@ class Bench:
                         range(jobs))  # fmt: skip
         urls = [on(bases[(i + k) % len(bases)], job["events_url"])
                 for i, job in enumerate(made) for k in range(per_job)]  # fmt: skip
-        sink = Sink()
-        group = loadgen.spawn_viewers(urls, sink)
-        sink.all_connected.wait(lead + 60)
-        sink.since = time.time()
-        gevent.joinall(group, timeout=lead + tokens * INTERVAL * 3 + 60)
-        expected = {job["id"]: self.log_length(job["id"]) for job in made}
-        complete = sum(1 for n in sink.events if n in expected.values())
-        received = sorted(sink.received)
-        span = received[-1] - received[0] if len(received) > 1 else float("nan")
-        rate = len(received) / span if span else 0.0
+        group = self.viewers(urls)
+        since = group.wait_ready()
+        seen = group.seen(lead + tokens * INTERVAL * 3 + 60)
+        expected = {self.log_length(job["id"]) for job in made}
+        complete = sum(1 for n in seen.events if n in expected)
+        rate = seen.rate(since)
         return latency_row(
             "many jobs", "relay",
             f"{jobs} jobs x {per_job} viewers, {len(bases)} processes, {1 / INTERVAL:.0f} "
-            "chunks/s each", len(urls), sink.latencies,
+            "chunks/s each", len(urls), seen.latencies(since),
             f"{rate:,.0f} delivered events/s; {complete:,}/{len(urls):,} viewers got every event",
-            rate=rate, complete=complete, errors=sink.errors[:5],
+            rate=rate, complete=complete, errors=seen.errors[:5],
         )  # fmt: skip
 
     def idle_viewers(self, viewers: int) -> Row:
@@ -298,44 +391,54 @@ class Bench:
         base = self.relay(1)[0]
         pid = children(self.stack.procs[-1].popen.pid)[0]
         job = self.create_job(base, sim_body(1, first_delay=600))
-        warm = Sink()  # a first few viewers: lazily imported code and pools are not per viewer
-        warm_group = loadgen.spawn_viewers([on(base, job["events_url"])] * 20, warm)
-        warm.all_connected.wait(30)
+        url = on(base, job["events_url"])
+        warm = self.viewers([url] * 20)  # lazily imported code and pools are not per viewer
+        warm.wait_ready()
         gevent.sleep(1)
         before = rss_kib(pid)
-        sink = Sink()
-        group = loadgen.spawn_viewers([on(base, job["events_url"])] * viewers, sink)
-        sink.all_connected.wait(60)
+        group = self.viewers([url] * viewers)
+        group.wait_ready()
         gevent.sleep(2)  # let the process settle; nothing else runs
         after = rss_kib(pid)
         per_viewer = (after - before) * 1024 / viewers
         requests.post(on(base, job["cancel_url"]), timeout=10)
-        gevent.joinall(group + warm_group, timeout=30)
+        seen = group.seen(30)
+        warm.seen(30)
         self.stop_relays()
         return Row(
             "idle viewers", "relay", f"{viewers:,} idle viewers, 1 process", viewers,
             result=f"RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB: "
-            f"{per_viewer / 1024:.1f} KiB per viewer ({sink.connected:,} connected)",
+            f"{per_viewer / 1024:.1f} KiB per viewer ({len(seen.events) - len(seen.errors):,} "
+            "ended cleanly on cancel)",
             extra={"per_viewer_kib": per_viewer / 1024},
         )  # fmt: skip
 
     def first_chunk(self, base: str, jobs: int) -> list[Row]:
         """Time from POST to the first chunk, through the relay and directly, interleaved."""
-        relay_times, direct_times = [], []
+        relay_times: list[float] = []
+        direct_times: list[float] = []
         body = json.dumps(sim_body(3, stream=True)).encode()
 
         def one(url: str, into: list[float]) -> None:
-            sink = Sink()
+            parts = urlsplit(url)
             started = time.monotonic()
-            loadgen.view(loadgen.address(url), loadgen.request_bytes(url, "POST", body), sink)
-            if sink.first_event_at and not sink.errors:
-                into.append(sink.first_event_at[0] - started)
+            with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+                sock.sendall(request_bytes(url, "POST", body))
+                buf = b""
+                while not DATA.search(buf):
+                    more = sock.recv(65536)
+                    if not more:
+                        return
+                    buf += more
+                into.append(time.monotonic() - started)
 
         for _ in range(jobs):
             one(f"{base}/v1/chat/completions", relay_times)
             one(f"{self.sim}/chat/completions", direct_times)
         r, d = summarise(relay_times), summarise(direct_times)
-        overhead = f"overhead p50 {(r.p50 - d.p50) * 1e3:.1f} ms, p99 {(r.p99 - d.p99) * 1e3:.1f} ms"
+        overhead = (
+            f"overhead p50 {(r.p50 - d.p50) * 1e3:.1f} ms, p99 {(r.p99 - d.p99) * 1e3:.1f} ms"
+        )
         return [
             latency_row("enqueue to first chunk", "relay", f"{jobs:,} jobs, one at a time", 0,
                         relay_times, f"POST to first chunk; {overhead}",
@@ -349,14 +452,12 @@ class Bench:
         """``streams`` jobs at once on one worker process: publish lag and chunks/s."""
         from relay import keys
 
-        sink = Sink()
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         pubsub.psubscribe(keys.live("*"))
         lead = 2.0 + streams / 200
         pool = Pool(50)
         made = pool.map(lambda i: self.create_job(base, sim_body(tokens, first_delay=lead)),
                         range(streams))  # fmt: skip
-        sink.since = time.time()
         lags, stamps = [], []
         ids = {job["id"] for job in made}
         deadline = time.monotonic() + lead + tokens * INTERVAL * 4 + 30
@@ -366,7 +467,7 @@ class Bench:
             if message is None:
                 continue
             now = time.time()
-            match = loadgen.STAMP.search(message["data"])
+            match = STAMP.search(message["data"])
             if match:
                 emitted = float(match.group(1))
                 lags.append(now - emitted)
@@ -402,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny loads, for CI")
     parser.add_argument("--out", type=Path, help="where results.json goes (default: alongside)")
     parser.add_argument("--only", nargs="*", help="scenario names to run (default: all)")
+    parser.add_argument("--clients", type=int, default=1, help="load generator processes")
     args = parser.parse_args(argv)
     smoke = args.smoke
     out = args.out or (Path(tempfile.mkdtemp(prefix="relay-bench-smoke-")) if smoke
@@ -410,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = 20 if smoke else 150
     counts = [1, 5] if smoke else [1, 100, 1000, 2000]
     wanted = set(args.only or ["fanout", "peer", "many", "idle", "first", "worker"])
-    bench = Bench(smoke, log_dir)
+    bench = Bench(smoke, log_dir, args.clients)
     rows = bench.rows
     header = f"machine: {machine()}"
     print(header, f"\nlogs: {log_dir}\n", flush=True)
