@@ -60,8 +60,10 @@ class SubscribeTimeout(Exception):
 class Viewer:
     """One stream's mailbox for the live events of one job."""
 
-    __slots__ = ("job_id", "channel", "queue", "stale", "closable", "closed", "sock",
-                 "chunked", "direct", "sent", "pending", "finished", "prefix", "_write")  # fmt: skip
+    __slots__ = (
+        "job_id", "channel", "queue", "stale", "closable", "closed",
+        "sock", "chunked", "direct", "sent", "pending", "finished", "prefix", "_write",
+    )  # fmt: skip
 
     def __init__(self, job_id: str, maxsize: int, closable: bool = True) -> None:
         self.job_id = job_id
@@ -86,7 +88,7 @@ class Viewer:
         # gevent's socket wraps a non-blocking one: its own send is the cheapest call that can
         # never wait (about a third of the dispatcher's time per viewer went to the wrapper).
         raw = getattr(sock, "_sock", None)
-        self._write = raw.send if raw is not None else partial(sock.send, timeout=0.0)
+        self._write = raw.send if raw is not None else partial(sock.send, timeout=0.0)  # type: ignore[call-arg]
 
     def go_direct(self, last: int) -> bool:
         """Hand the socket to the dispatcher, if nothing is waiting in the mailbox."""

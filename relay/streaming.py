@@ -29,6 +29,7 @@ def follow(
     does, so that being resumed after a ``yield`` means the bytes are on the socket.
     """
     last = after
+    event: LiveEvent | None
 
     def lost() -> Iterator[LiveEvent]:
         # The job vanished under its viewer (Redis restarted without persistence, or the job
@@ -49,9 +50,9 @@ def follow(
             yield LiveEvent(seq, data, format_event(data, id=seq), data == DONE_BYTES)
 
     try:
-        for event in from_log():
-            yield event
-            if event.done:
+        for backlog in from_log():
+            yield backlog
+            if backlog.done:
                 return
         while not viewer.closed:
             # Resumed after a yield, every byte yielded so far is written: the socket is free.

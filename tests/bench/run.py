@@ -120,8 +120,10 @@ class Viewers:
 
     _ids = itertools.count()
 
-    def __init__(self, urls: list[str], log_dir: Path, *, method: str = "GET", body: bytes = b"",
-                 timeout: float = 120.0, ready_on: str = "headers", clients: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, urls: list[str], log_dir: Path, *, method: str = "GET", body: bytes = b"",
+        timeout: float = 120.0, ready_on: str = "headers", clients: int = 1,
+    ) -> None:  # fmt: skip
         self.dirs: list[Path] = []
         self.procs: list[subprocess.Popen] = []
         clients = max(1, min(clients, len(urls)))
@@ -237,8 +239,8 @@ class Bench:
             self.procs.append(start_process(name, [binary, "--port", str(port), "--save", "",
                                                    "--appendonly", "no", "--maxclients", "15000"],
                                             log_dir))  # fmt: skip
-        self.procs.append(start_process("simulator", [sys.executable, "-m", "relay.simulator",
-                                                      "--port", str(self.sim_port)], log_dir))  # fmt: skip
+        simulator = [sys.executable, "-m", "relay.simulator", "--port", str(self.sim_port)]
+        self.procs.append(start_process("simulator", simulator, log_dir))
         self.sim = f"http://127.0.0.1:{self.sim_port}/v1"
         self.redis = redis.Redis(port=self.redis_port)
         self.peer_redis = redis.Redis(port=self.peer_redis_port)
