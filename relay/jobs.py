@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import NoScriptError
 
 from . import keys, limits, metrics
 from .access import Access
@@ -184,6 +185,26 @@ class JobStore:
                 args=[attempt, self.max_age, text_delta, *events],
             )
         )
+
+    def publish_many(self, batch: list[tuple[str, int, list[str], str]]) -> list[int | Exception]:
+        """:meth:`publish` for several jobs in one round trip; each result or its error."""
+        script = self.scripts.publish
+
+        def send(entries: list[tuple[str, int, list[str], str]]) -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, attempt, events, text_delta in entries:
+                job_keys = keys.job_keys(job_id)
+                pipe.evalsha(script.sha, len(job_keys), *job_keys, attempt, self.max_age,
+                             text_delta, *events)  # fmt: skip
+            return pipe.execute(raise_on_error=False)
+
+        results = send(batch)
+        missed = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missed:  # Redis lost its script cache (a restart): those publishes did not run
+            script.sha = self.redis.script_load(script.script)
+            for i, result in zip(missed, send([batch[i] for i in missed]), strict=True):
+                results[i] = result
+        return [r if isinstance(r, Exception) else int(r) for r in results]
 
     def finish(
         self,

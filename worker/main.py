@@ -22,6 +22,7 @@ from relay.jobs import JobStore
 from relay.redis_client import connect
 
 from . import janitor
+from .publisher import Publisher
 from .runner import JobCancelled, JobContext, run_job
 from .upstream import Upstream
 
@@ -74,6 +75,7 @@ class Worker:
         )
         self.ctx = JobContext(
             store=self.store,
+            publisher=Publisher(self.store),
             session=_session(self.concurrency),
             upstream=Upstream(
                 base_url=settings["UPSTREAM_BASE_URL"],

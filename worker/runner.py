@@ -18,6 +18,7 @@ from relay.conversations import Conversations, Turn
 from relay.jobs import JobStore
 
 from . import moderation
+from .publisher import Publisher
 from .upstream import Upstream, UpstreamError, iter_chunks, open_stream
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,13 @@ class JobContext:
     moderation: bool = False
     moderation_fail_open: bool = False
     moderation_model: str = ""
+    publisher: Publisher | None = None  # batches publishes across jobs (store.publish if None)
+
+    def publish(self, job_id: str, attempt: int, events: list[str], text_delta: str = "") -> int:
+        """Append and publish events; 0 means the job is no longer ours."""
+        if self.publisher is not None:
+            return self.publisher.publish(job_id, attempt, events, text_delta)
+        return self.store.publish(job_id, attempt, events, text_delta)
 
 
 def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
@@ -113,7 +121,7 @@ def _stream(
                 usage = chunk["usage"]
                 if _is_usage_only(chunk) and not wants_usage:
                     continue
-            if not store.publish(job_id, attempt, [data], text):
+            if not ctx.publish(job_id, attempt, [data], text):
                 raise JobLost(job_id)
             published += 1
             if published == 1:
@@ -159,7 +167,7 @@ def _refused_by_moderation(
         body.get("model", ""),
         content=moderation.REFUSAL,
     )
-    if not ctx.store.publish(job_id, attempt, [chunk], moderation.REFUSAL):
+    if not ctx.publish(job_id, attempt, [chunk], moderation.REFUSAL):
         raise JobLost(job_id)
     if not ctx.store.complete(job_id, attempt, "content_filter", None):
         raise JobLost(job_id)
