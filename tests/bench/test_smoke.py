@@ -1,0 +1,40 @@
+"""CI's smoke run of the benchmark suite: every scenario end to end at tiny loads.
+
+The numbers are not checked (CI machines vary and share cores); that every scenario runs, every
+viewer gets every event, and the report's rows are all there, is.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(240)
+def test_the_benchmark_suite_runs_at_tiny_loads(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.bench.run", "--smoke", "--clients", "2", "--out",
+         str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=220,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    seen = {(r["scenario"], r["system"]) for r in rows}
+    assert seen == {
+        ("fan-out", "floor"), ("fan-out", "relay"), ("fan-out", "flask-sse"),
+        ("many jobs", "relay"), ("idle viewers", "relay"),
+        ("enqueue to first chunk", "relay"), ("enqueue to first chunk", "floor"),
+        ("worker capacity", "relay"),
+    }  # fmt: skip
+    for row in rows:
+        if row["scenario"] in ("fan-out", "many jobs"):
+            assert row["extra"].get("complete", 1) == row["viewers"], row
+            assert row["samples"] > 0, row
+            assert not row["extra"].get("errors"), row
+    workers = [r for r in rows if r["scenario"] == "worker capacity"]
+    assert all(r["extra"]["done"] == 5 for r in workers), workers
