@@ -41,8 +41,13 @@ Profiles are py-spy samples of the process named, taken during the scenario
   near 7,000 chunks/s, so 200 streams at 50 chunks/s fell seconds behind. Publishes of all
   running jobs now go out as one pipeline per batch (`worker/publisher.py`). What is left is
   `requests`/`http.client` reading the upstream's chunked body and the SSE decoder.
-- **Many jobs** is the whole pipeline on two cores: simulator, worker, Redis (a Lua script
-  per chunk), two gunicorns and the measuring client all share them.
+- **Many jobs** (missed) is the whole pipeline on two cores: the simulator, the worker (one
+  process tops out near 15,000 chunks/s, see worker capacity at 400 streams), Redis (a Lua
+  script per chunk), two gunicorns and the measuring clients all share them. At 250 jobs x 2
+  viewers the machine delivers ~19,500 events/s but p99 is ~230 ms; at 500 jobs it delivers
+  ~22,000 events/s while falling seconds behind. Not done yet: coalescing a job's deltas when
+  the worker falls behind (fewer, larger events, bounded latency) and a second worker process
+  pinned against the web tier; both would trade events/s for latency rather than add capacity.
 """
 
 
