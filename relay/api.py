@@ -166,7 +166,7 @@ def _attach(job_id: str, *, closable: bool = True) -> Viewer:
         raise Unavailable("The relay could not subscribe to the job; try again.") from None
 
 
-Render = Callable[[Iterator[LiveEvent | None]], Iterator[bytes]]
+Render = Callable[[Iterator[LiveEvent | None], Viewer], Iterator[bytes]]
 
 
 def stream_response(
@@ -201,7 +201,7 @@ def stream_response(
 
     def body() -> Iterator[bytes]:
         nonlocal finished
-        yield from render(follow(relay.store, relay.hub, viewer, after, idle=idle))
+        yield from render(follow(relay.store, relay.hub, viewer, after, idle=idle), viewer)
         finished = True
 
     def on_close() -> None:
@@ -230,8 +230,12 @@ def _allow_direct(viewer: Viewer, prefix: bytes) -> None:
     sock = request.environ.get("gunicorn.socket")
     if sock is None or request.method == "HEAD":  # HEAD: gunicorn writes no body at all
         return
-    chunked = request.environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
-    viewer.allow_direct(sock, chunked, prefix)
+    protocol = request.environ.get("SERVER_PROTOCOL")
+    # Plain HTTP/1.x on a plain socket only: under TLS (gunicorn --certfile) the raw socket
+    # beneath would get plaintext, and HTTP/2 multiplexes streams on one socket.
+    if protocol not in ("HTTP/1.0", "HTTP/1.1") or hasattr(sock, "cipher"):
+        return
+    viewer.allow_direct(sock, protocol == "HTTP/1.1", prefix)
 
 
 def _cut_off_stalled_client(seconds: float) -> Callable[[], None]:
@@ -267,7 +271,7 @@ def _event_stream(
     return stream_response(
         job_id,
         after,
-        lambda events: sse_bytes(events, retry_ms=retry_ms),
+        lambda events, viewer: sse_bytes(events, retry_ms=retry_ms, viewer=viewer),
         mimetype="text/event-stream",
         headers=headers,
         owner=owner,

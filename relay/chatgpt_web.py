@@ -122,7 +122,7 @@ def chat_process() -> Response:
     return stream_response(
         submission.job_id,
         0,
-        lambda events: chat_process_lines(events, submission.turn),
+        lambda events, _viewer: chat_process_lines(events, submission.turn),
         mimetype="application/octet-stream",
         headers=link_headers(submission),
         owner=True,  # the front end's Stop button aborts the request: that cancels the job

@@ -139,11 +139,13 @@ class Viewer:
             self._hand_back()  # its own next write fails the same way and ends the stream
             return
         self.sent = event.seq
+        if event.done:
+            self.finished = True  # once ``pending`` is written, if any, the stream is complete
         if written < len(data):
             self.pending = data[written:]  # a slow client: its greenlet writes the rest
             self._hand_back()
         elif event.done:
-            self.direct, self.finished = False, True
+            self.direct = False
             self._wake()
 
     def _hand_back(self) -> None:

@@ -46,7 +46,6 @@ def follow(
         nonlocal last
         for seq, data in store.read_events(viewer.job_id, last):
             last = seq
-            viewer.prefix = b""  # the renderer adds it to the first event it writes
             yield LiveEvent(seq, data, format_event(data, id=seq), data == DONE_BYTES)
 
     try:
@@ -86,7 +85,6 @@ def follow(
             if event.seq <= last:
                 continue
             last = event.seq
-            viewer.prefix = b""
             yield event
             if event.done:
                 return
@@ -101,14 +99,22 @@ def retry_field(retry_ms: int) -> bytes:
     return b"retry: %d\n" % retry_ms
 
 
-def sse_bytes(events: Iterator[LiveEvent | None], *, retry_ms: int) -> Iterator[bytes]:
-    """The SSE rendering of :func:`follow`'s events, with keep-alive comments while idle."""
+def sse_bytes(
+    events: Iterator[LiveEvent | None], *, retry_ms: int, viewer: Viewer | None = None
+) -> Iterator[bytes]:
+    """The SSE rendering of :func:`follow`'s events, with keep-alive comments while idle.
+
+    The retry hint goes once, with the first event, whoever writes it: a ``viewer`` on the
+    fast path holds it as its ``prefix`` until the dispatcher or this renderer takes it.
+    """
     retry = retry_field(retry_ms)
     yield format_comment("stream open")  # sends the headers now, whatever the backlog
     for event in events:
         if event is None:
             yield format_comment("keep-alive")  # a write is the only way to notice a dead client
         elif retry:
+            if viewer is not None and viewer.sock is not None:
+                retry, viewer.prefix = viewer.prefix, b""  # empty: the dispatcher wrote it
             yield retry + event.frame
             retry = b""
         else:

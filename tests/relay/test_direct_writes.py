@@ -7,29 +7,49 @@ the response), HTTP/1.0 bodies unframed, the retry hint once on the first event,
 contiguous, one ``[DONE]`` at the end. Viewers attach while the job waits for its first chunk
 (the simulator's ``first_delay``), so that its live events are the ones written directly;
 each test checks that no event was logged yet once they are all attached.
+
+The last tests reproduce bugs the first version of the fast path had (a doubled retry hint
+after a hand-back, a [DONE] left unfinished by a partial send, plaintext written under TLS).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import re
+import shutil
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import fakeredis
+import gevent
+import gevent.socket
 import openai
 import pytest
 import requests
 
 from relay import keys
+from relay.chunks import DONE_BYTES
+from relay.fanout import LiveEvent, Viewer, http_chunk
+from relay.jobs import JobStore
 from relay.simulator import reply_text
-from tests.conftest import Stack, wait_for
+from relay.sse import format_event
+from relay.streaming import follow
+from tests.conftest import GUNICORN_CONF, Stack, free_port, relay_stack, start_process, wait_for
 from tests.helpers import Received, chat_body, create_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
+integration = pytest.mark.integration
 
 KEEPALIVE = b": keep-alive\n\n"
 OPENING = b": stream open\n\n"
@@ -42,11 +62,15 @@ IO_TIMEOUT = 20.0  # the bound on reading any one response
 class Conn:
     """One TCP connection to a relay; every read is bounded by the connection's deadline."""
 
-    def __init__(self, base: str, timeout: float = IO_TIMEOUT) -> None:
+    def __init__(self, base: str, timeout: float = IO_TIMEOUT, rcvbuf: int = 0) -> None:
         parts = urlsplit(base)
         self.host = f"{parts.hostname}:{parts.port}"
         self.deadline = time.monotonic() + timeout
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        self.sock = socket.socket()
+        if rcvbuf:  # before connecting: it sets the window the server may fill
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((parts.hostname, parts.port))
         self.buf = bytearray()
         self.eof = False
 
@@ -120,20 +144,24 @@ class Conn:
             headers[name.lower()] = value.strip()
         return status, headers
 
+    def read_chunk(self) -> tuple[bytes, bytes]:
+        """One chunk of a chunked body, decoded strictly: its chunk-size line plain hex (no
+        extensions), its data followed by CRLF. (Its bytes on the wire, its data.)"""
+        line = self.read_until(b"\r\n", 16)
+        assert re.fullmatch(rb"[0-9A-Fa-f]+", line), f"bad chunk-size line {line!r}"
+        size = int(line, 16)
+        data = self.read_exact(size + 2)
+        assert data[-2:] == b"\r\n", f"chunk of {size} bytes not followed by CRLF: {data!r}"
+        return line + b"\r\n" + data, data[:-2]
+
     def read_chunked(self) -> list[tuple[bytes, bytes]]:
-        """A chunked body, decoded strictly: each chunk-size line plain hex (no extensions),
-        each chunk's data followed by CRLF, ended by ``0`` CRLF CRLF without trailers.
-        Each chunk as (its bytes on the wire, its data), the last-chunk included."""
+        """The rest of a chunked body, to its last-chunk (``0`` CRLF, then the CRLF that ends
+        the message: no trailers), which is included."""
         chunks = []
         while True:
-            line = self.read_until(b"\r\n", 16)
-            assert re.fullmatch(rb"[0-9A-Fa-f]+", line), f"bad chunk-size line {line!r}"
-            size = int(line, 16)
-            data = self.read_exact(size + 2)
-            assert data[-2:] == b"\r\n", f"chunk of {size} bytes not followed by CRLF: {data!r}"
-            chunks.append((line + b"\r\n" + data, data[:-2]))
-            if size == 0:
-                return chunks  # the last-chunk, and the empty line that ends the message
+            chunks.append(self.read_chunk())
+            if not chunks[-1][1]:
+                return chunks
 
 
 def target_of(url: str) -> str:
@@ -264,6 +292,15 @@ def logged(stack: Stack, job_id: str) -> int:
         return client.llen(keys.events(job_id))
 
 
+def last_logged(stack: Stack, job_id: str) -> bytes | None:
+    with stack.redis() as client:
+        return client.lindex(keys.events(job_id), -1)
+
+
+def wait_for_the_end(stack: Stack, job_id: str, timeout: float = 15) -> None:
+    wait_for(lambda: last_logged(stack, job_id) == DONE_BYTES, timeout, f"job {job_id} to end")
+
+
 def wait_for_viewers(base: str, count: int) -> None:
     wait_for(lambda: viewers_of(base) == count, 10, f"{count} viewers attached on {base}")
 
@@ -295,18 +332,29 @@ def watch_before_first_event(
 
 
 @pytest.fixture(scope="module")
-def plain_base(running_stack: tuple[Stack, str]) -> str:
+def fast_stack(redis_server: str, simulator: str, log_dir: Path) -> Iterator[tuple[Stack, str]]:
+    """The module's gunicorn (the fast path on, as by default) and worker; requests of up to
+    32 MB, for replies bigger than a connection's kernel buffers."""
+    with relay_stack(
+        redis_server, simulator, log_dir, RELAY_MAX_BODY_BYTES=str(32 * 1024 * 1024)
+    ) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def plain_base(fast_stack: tuple[Stack, str]) -> str:
     """A second gunicorn on the same Redis with the fast path switched off."""
-    return running_stack[0].start_web(env={"RELAY_DIRECT_WRITES": "false"})
+    return fast_stack[0].start_web(env={"RELAY_DIRECT_WRITES": "false"})
 
 
 # -- the tests -----------------------------------------------------------------------------------
 
 
+@integration
 def test_chunked_viewers_attached_before_the_first_event_read_identical_strict_streams(
-    running_stack,
+    fast_stack,
 ):
-    stack, base = running_stack
+    stack, base = fast_stack
     body = chat_body("twenty viewers", tokens=40, interval=0.02, first_delay=1.5)
     job = create_job(base, body)
     with ThreadPoolExecutor(20) as pool:
@@ -327,8 +375,9 @@ def test_chunked_viewers_attached_before_the_first_event_read_identical_strict_s
     assert reference[1].startswith(b"retry: %d\nid: 1\ndata: " % RETRY_MS)
 
 
-def test_http_1_0_viewers_get_an_unframed_body_and_a_closed_connection(running_stack):
-    stack, base = running_stack
+@integration
+def test_http_1_0_viewers_get_an_unframed_body_and_a_closed_connection(fast_stack):
+    stack, base = fast_stack
     body = chat_body("http/1.0", tokens=30, interval=0.02, first_delay=1.5)
     job = create_job(base, body)
     # HTTP/1.0 and HTTP/1.1 viewers of one job: the dispatcher frames each its own way.
@@ -358,8 +407,9 @@ def test_http_1_0_viewers_get_an_unframed_body_and_a_closed_connection(running_s
         check_events(parse_sse(stream.body))
 
 
-def test_a_late_joiner_with_last_event_id_gets_exactly_the_events_after_it(running_stack):
-    stack, base = running_stack
+@integration
+def test_a_late_joiner_with_last_event_id_gets_exactly_the_events_after_it(fast_stack):
+    stack, base = fast_stack
     body = chat_body("late joiner", tokens=120, interval=0.02, first_delay=0.3)
     job = create_job(base, body)
     wait_for_viewers(base, 0)
@@ -377,8 +427,7 @@ def test_a_late_joiner_with_last_event_id_gets_exactly_the_events_after_it(runni
         assert joined.wait(10), "the late joiner got no response headers"
         # Attached (headers are sent after attaching) while the job still runs: the events
         # it has not missed reach it live.
-        with stack.redis() as client:
-            assert client.lindex(keys.events(job["id"]), -1) != b"[DONE]", "joined too late"
+        assert last_logged(stack, job["id"]) != DONE_BYTES, "joined too late"
         whole = whole_future.result(timeout=IO_TIMEOUT + 5)
         late = late_future.result(timeout=IO_TIMEOUT + 5)
 
@@ -391,8 +440,9 @@ def test_a_late_joiner_with_last_event_id_gets_exactly_the_events_after_it(runni
     check_chunks_are_whole_writes(late.chunks)
 
 
-def test_the_fast_path_and_the_slow_path_write_the_same_stream(running_stack, plain_base):
-    stack, base = running_stack
+@integration
+def test_the_fast_path_and_the_slow_path_write_the_same_stream(fast_stack, plain_base):
+    stack, base = fast_stack
     body = chat_body("both paths", tokens=40, interval=0.02, first_delay=1.5)
     job = create_job(base, body)
     with ThreadPoolExecutor(6) as pool:
@@ -417,8 +467,9 @@ def test_the_fast_path_and_the_slow_path_write_the_same_stream(running_stack, pl
     assert parse_sse(fast.body).text == reply_text(body)
 
 
-def test_head_on_the_events_url_answers_at_once_and_writes_no_body(running_stack):
-    stack, base = running_stack
+@integration
+def test_head_on_the_events_url_answers_at_once_and_writes_no_body(fast_stack):
+    stack, base = fast_stack
     job = create_job(base, chat_body("head", tokens=20, interval=0.02, first_delay=1.0))
     wait_for_viewers(base, 0)
     with Conn(base, timeout=IO_TIMEOUT) as conn:
@@ -433,9 +484,7 @@ def test_head_on_the_events_url_answers_at_once_and_writes_no_body(running_stack
         wait_for_viewers(base, 0)
         # The job streams while the connection stays open: none of its live events may reach
         # this socket, so the next response on it comes right after the HEAD's headers.
-        wait_for(
-            lambda: stack.redis().lindex(keys.events(job["id"]), -1) == b"[DONE]", 10, "the job"
-        )
+        wait_for_the_end(stack, job["id"])
         conn.request("GET", "/healthz", headers={"Connection": "close"})
         after = conn.read_to_eof()
     assert after.startswith(b"HTTP/1.1 200 "), f"bytes after the HEAD response: {after[:300]!r}"
@@ -446,8 +495,9 @@ def test_head_on_the_events_url_answers_at_once_and_writes_no_body(running_stack
     assert response.status_code == 200 and response.content == b""
 
 
-def test_the_openai_sdk_streams_whole_replies_through_the_fast_path(running_stack):
-    _, base = running_stack
+@integration
+def test_the_openai_sdk_streams_whole_replies_through_the_fast_path(fast_stack):
+    _, base = fast_stack
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=20)
     bodies = [
         chat_body(f"sdk {i}", tokens=30 + 10 * i, interval=0.02, first_delay=0.5) for i in range(3)
@@ -478,3 +528,147 @@ def test_the_openai_sdk_streams_whole_replies_through_the_fast_path(running_stac
         assert text == reply_text(body)
         assert reasons == ["stop"]
         assert usage is not None and usage.completion_tokens == body["simulator"]["tokens"]
+
+
+@integration
+def test_viewers_that_vanish_mid_stream_leave_the_others_whole(fast_stack):
+    stack, base = fast_stack
+    body = chat_body("vanishing viewers", tokens=60, interval=0.02, first_delay=1.5)
+    job = create_job(base, body)
+    wait_for_viewers(base, 0)
+    gone = [Conn(base) for _ in range(4)]
+    try:
+        for conn in gone:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.request("GET", target_of(job["events_url"]))
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(read_sse_stream, base, job["events_url"]) for _ in range(4)]
+            wait_for_viewers(base, 8)
+            assert logged(stack, job["id"]) == 0, "first_delay too short: the job started too soon"
+            for conn in gone:  # each vanishes (a reset) once a few events were written to it
+                conn.read_head()
+                while conn.buf.count(b"\nid: ") < 5:
+                    assert conn._more(), "the relay closed the stream early"
+                conn.close()
+            streams = [future.result(timeout=IO_TIMEOUT + 5) for future in futures]
+    finally:
+        for conn in gone:
+            conn.close()
+    for stream in streams:
+        events = parse_sse(stream.body)
+        check_events(events)
+        assert events.text == reply_text(body)
+    # The vanished viewers' writes failed (on the fast path: the dispatcher's), which ended
+    # their streams and detached them.
+    wait_for_viewers(base, 0)
+
+
+@integration
+def test_a_slow_reader_handed_back_to_its_greenlet_gets_the_retry_hint_once(fast_stack):
+    stack, base = fast_stack
+    # More than the kernel can buffer for one connection, so a direct send has to fall short.
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    pieces = 2 * wmem_max // 100_000 + 1
+    if pieces > 300:
+        pytest.skip(f"tcp_wmem allows {wmem_max} bytes per socket: too big a reply needed")
+    words = [f"{i:05d}" + "x" * (100_000 - 6) for i in range(pieces)]
+    body = chat_body("slow reader", reply=" ".join(words), interval=0.001, first_delay=1.0)
+    job = create_job(base, body)
+    wait_for_viewers(base, 0)
+    with Conn(base, timeout=30, rcvbuf=8192) as conn:
+        conn.request("GET", target_of(job["events_url"]))
+        conn.read_head()
+        wait_for_viewers(base, 1)
+        assert logged(stack, job["id"]) == 0, "first_delay too short: the job started too soon"
+        first = [conn.read_chunk()]  # the opening, keep-alives, then event 1 (direct)
+        while first[-1][1] in (OPENING, KEEPALIVE):
+            first.append(conn.read_chunk())
+        assert first[-1][1].startswith(b"retry: "), first
+        # The client stops reading while the rest of the job is written to it.
+        wait_for_the_end(stack, job["id"])
+        rest = conn.read_chunked()
+    events = parse_sse(b"".join(data for _, data in first + rest))
+    assert events.text == reply_text(body)
+    assert events.ids == list(range(1, len(events.ids) + 1)) and events.data[-1] == b"[DONE]"
+    check_events(events)  # exactly one retry hint, on the first event
+
+
+@integration
+def test_the_fast_path_keeps_a_tls_connection_intact(fast_stack, tmp_path):
+    stack, base = fast_stack
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "-k", "gevent", "-w", "1",
+        "-b", f"127.0.0.1:{port}", "--certfile", str(cert), "--keyfile", str(key),
+        "relay:create_app()",
+    ]  # fmt: skip
+    stack.procs.append(start_process("gunicorn-tls", cmd, stack.log_dir, stack.settings()))
+    tls = f"https://127.0.0.1:{port}"
+    wait_for(lambda: requests.get(f"{tls}/healthz", timeout=1, verify=cert).ok, 20, "TLS gunicorn")
+    body = chat_body("tls", tokens=20, interval=0.02, first_delay=1.0)
+    job = create_job(base, body)
+    url = tls + target_of(job["events_url"])
+    try:
+        with requests.get(url, stream=True, timeout=IO_TIMEOUT, verify=cert) as response:
+            received = b"".join(response.iter_content(chunk_size=None))
+    except requests.exceptions.SSLError as exc:
+        pytest.fail(f"the TLS stream broke: {exc}")
+    events = parse_sse(received)
+    check_events(events)
+    assert events.text == reply_text(body)
+
+
+class NoHub:
+    """follow() only detaches from the hub at the end."""
+
+    def detach(self, viewer: Viewer) -> None:
+        pass
+
+
+def test_a_done_event_a_direct_send_could_not_write_still_ends_the_stream():
+    # In process, with a real socket that takes no more bytes: when this happens to [DONE] in
+    # a live relay depends on the client's and the kernel's timing, so it is forced here.
+    redis = fakeredis.FakeRedis()
+    store = JobStore(redis, retention=60, max_age=600)
+    job_id = store.create({"model": "m", "messages": []})
+    redis.rpush(keys.events(job_id), b'{"n": 1}')
+    ours, theirs = gevent.socket.socketpair()
+    with ours, theirs:
+        viewer = Viewer(job_id, 8)
+        viewer.allow_direct(ours, chunked=False)
+        events = follow(store, NoHub(), viewer, 0, idle=0.05)  # type: ignore[arg-type]
+        assert next(events).seq == 1  # from the log; rendered (the renderer is left out here)
+        rest = gevent.spawn(lambda: list(itertools.islice(events, 5)))
+        with gevent.Timeout(5):
+            while not viewer.direct:  # caught up: the dispatcher now writes to the socket
+                gevent.sleep(0.001)
+        raw = ours._sock  # the client stops reading: fill what the kernel buffers for it
+        for size in (65536, 1024, 1):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    raw.send(b":" * size)
+        redis.rpush(keys.events(job_id), DONE_BYTES)
+        frame = format_event(DONE_BYTES, id=2)
+        viewer.offer(LiveEvent(2, DONE_BYTES, frame, True, http_chunk(frame)))
+        assert viewer.pending == frame and not viewer.direct  # handed back, nothing written
+
+        received = bytearray()
+
+        def read() -> None:  # the client reads again
+            while not received.endswith(frame):
+                received.extend(theirs.recv(65536))
+
+        reader = gevent.spawn(read)
+        rest.join(5)
+        reader.join(5)
+        assert received.endswith(frame)
+        assert rest.successful() and rest.value == [], f"after [DONE]: {rest.value}"
