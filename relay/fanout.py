@@ -26,12 +26,12 @@ import gevent
 from gevent.event import Event
 from gevent.queue import Full, Queue
 from redis import Redis
-from redis.client import PubSub
 from redis.exceptions import RedisError
 
 from . import keys
 from .chunks import DONE_BYTES, decode_live
 from .sse import format_event
+from .subscription import Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Hub:
         self._ready: dict[bytes, Event] = {}
         self._unacked: dict[bytes, int] = {}
         self._resync: set[bytes] = set()
-        self._pubsub: PubSub | None = None
+        self._pubsub: Subscription | None = None
         self._broken = False
         self._runner: gevent.Greenlet | None = None
         self.closing = False
@@ -260,10 +260,7 @@ class Hub:
             self._broken = True
 
     def _connect(self) -> None:
-        pubsub = self._redis.pubsub()
-        # Connect before other greenlets can see it: two subscribing at once on an unconnected
-        # PubSub would each open a connection, and one's subscriptions would never be confirmed.
-        pubsub.ping()
+        pubsub = Subscription(self._redis)  # connected before other greenlets can see it
         self._pubsub, self._broken, self._unacked = pubsub, False, {}
         # Read after connecting (no switch from here on): viewers that attached meanwhile
         # found no connection and rely on this to subscribe them.
@@ -280,7 +277,7 @@ class Hub:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             try:
-                pubsub.reset()
+                pubsub.close()
             except Exception:  # noqa: BLE001 - the connection is already broken
                 pass
         # New viewers must wait for the next confirmed subscription.
@@ -294,9 +291,11 @@ class Hub:
                     self._connect()
                 if self._broken:
                     raise ConnectionError("a pub/sub command failed")
-                message = self._pubsub.get_message(timeout=1.0)  # type: ignore[union-attr]
-                if message is not None:
-                    self._dispatch(message)
+                for reply in self._pubsub.read(timeout=1.0):  # type: ignore[union-attr]
+                    try:
+                        self._dispatch(reply)
+                    except Exception:  # one bad message must not drop the rest of the read
+                        logger.exception("fan-out dispatcher error")
                 backoff = 0.1
             except (RedisError, OSError) as exc:
                 logger.warning("pub/sub connection lost (%s); retrying in %.1fs", exc, backoff)
@@ -307,19 +306,20 @@ class Hub:
                 logger.exception("fan-out dispatcher error")
                 gevent.sleep(0.1)
 
-    def _dispatch(self, message: dict) -> None:
-        kind = message["type"]
-        channel = message["channel"]
-        if kind == "message":
+    def _dispatch(self, reply: list | bytes) -> None:
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # a PONG
+        kind, channel = reply[0], reply[1]
+        if kind == b"message":
             viewers = self._viewers.get(channel)
             if not viewers:
                 return
-            seq, data = decode_live(message["data"])
+            seq, data = decode_live(reply[2])
             frame = format_event(data, id=seq)
             event = LiveEvent(seq, data, frame, data == DONE_BYTES, http_chunk(frame))
             for viewer in viewers:
                 viewer.offer(event)
-        elif kind == "subscribe":
+        elif kind == b"subscribe":
             left = self._unacked.get(channel, 1) - 1
             if left > 0:
                 self._unacked[channel] = left
