@@ -88,6 +88,11 @@ class RelayCollector(Collector):
             value=number("viewers"),
         )  # fmt: skip
         yield _counter("relay_deltas_relayed", "Content deltas relayed.", number("deltas"))
+        yield _counter(
+            "relay_deltas_coalesced",
+            "Content deltas merged into the event before them because a worker was behind.",
+            number("deltas_coalesced"),
+        )
         errors = CounterMetricFamily(
             "relay_upstream_errors", "Jobs failed by an upstream error, by code.", labels=["code"]
         )

@@ -47,11 +47,27 @@ class JobContext:
     moderation_model: str = ""
     publisher: Publisher | None = None  # batches publishes across jobs (store.publish if None)
 
-    def publish(self, job_id: str, attempt: int, events: list[str], text_delta: str = "") -> int:
-        """Append and publish events; 0 means the job is no longer ours."""
+    def publish(
+        self,
+        job_id: str,
+        attempt: int,
+        events: list[str],
+        text_delta: str = "",
+        chunk: dict[str, Any] | None = None,
+    ) -> int:
+        """Append and publish events (batched: see :meth:`flush`); 0: the job is no longer ours.
+
+        ``chunk`` is the one event's parsed JSON: its text may merge into an unsent event.
+        """
         if self.publisher is not None:
-            return self.publisher.publish(job_id, attempt, events, text_delta)
+            return self.publisher.publish(job_id, attempt, events, text_delta, chunk)
         return self.store.publish(job_id, attempt, events, text_delta)
+
+    def flush(self, job_id: str, attempt: int) -> int:
+        """Wait until the job's publishes are in Redis: before its end is written."""
+        if self.publisher is not None:
+            return self.publisher.flush(job_id, attempt)
+        return 1
 
 
 def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
@@ -121,11 +137,13 @@ def _stream(
                 usage = chunk["usage"]
                 if _is_usage_only(chunk) and not wants_usage:
                     continue
-            if not ctx.publish(job_id, attempt, [data], text):
+            if not ctx.publish(job_id, attempt, [data], text, chunk):
                 raise JobLost(job_id)
             published += 1
             if published == 1:
                 metrics.observe_first_chunk(store.redis, time.time() - created_at)
+        if not ctx.flush(job_id, attempt):
+            raise JobLost(job_id)
     finally:
         response.close()
         with contextlib.suppress(RedisError):  # never mask the job's own outcome
@@ -167,7 +185,9 @@ def _refused_by_moderation(
         body.get("model", ""),
         content=moderation.REFUSAL,
     )
-    if not ctx.publish(job_id, attempt, [chunk], moderation.REFUSAL):
+    if not ctx.publish(job_id, attempt, [chunk], moderation.REFUSAL) or not ctx.flush(
+        job_id, attempt
+    ):
         raise JobLost(job_id)
     if not ctx.store.complete(job_id, attempt, "content_filter", None):
         raise JobLost(job_id)
@@ -187,6 +207,8 @@ def handle_job_failure(
     2. Log it with the job id.
     """
     metrics.upstream_error(ctx.store.redis, error.code)
+    with contextlib.suppress(Exception):  # the text so far goes before the error, if it can
+        ctx.flush(job_id, attempt)
     ended = ctx.store.fail(
         job_id, attempt, error.message, type=error.type, code=error.code, model=model
     )
@@ -245,3 +267,6 @@ def _run(ctx: JobContext, job_id: str) -> None:
             "The relay worker had an internal error.", type="server_error", code="internal_error"
         )
         handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""))
+    finally:
+        with contextlib.suppress(Exception):  # the publisher forgets the job
+            ctx.flush(job_id, attempt)

@@ -1,0 +1,139 @@
+"""worker.publisher on fakeredis (with Lua): batching, merging a lagging job's text, results."""
+
+from __future__ import annotations
+
+import json
+
+import fakeredis
+import gevent
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from relay import keys
+from relay.chunks import dumps
+from relay.jobs import JobStore
+from worker.publisher import Publisher, mergeable
+
+REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def delta(text: str, stamp: float = 0.0, **choice) -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "x_sim_emitted_at": stamp,
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None, **choice}],
+    }
+
+
+@pytest.fixture
+def store() -> JobStore:
+    return JobStore(fakeredis.FakeRedis(), retention=60, max_age=600)
+
+
+def running_job(store: JobStore) -> tuple[str, int]:
+    job_id = store.create(REQUEST)
+    return job_id, store.claim(job_id, "w1")
+
+
+def logged(store: JobStore, job_id: str) -> list[dict]:
+    return [json.loads(data) for _, data in store.read_events(job_id)]
+
+
+def coalesced(store: JobStore) -> int:
+    return int(store.redis.hget(keys.METRICS, "deltas_coalesced") or 0)
+
+
+def publish(pub: Publisher, job: tuple[str, int], chunk: dict) -> int:
+    text = chunk["choices"][0]["delta"].get("content") or ""
+    return pub.publish(*job, [dumps(chunk)], text, chunk)
+
+
+def test_a_job_that_keeps_up_gets_one_event_per_chunk(store: JobStore) -> None:
+    pub, job = Publisher(store), running_job(store)
+    for i, word in enumerate(["Hel", "lo", "!"]):
+        assert publish(pub, job, delta(word, stamp=i))
+        gevent.idle()  # the job waits for its upstream: the batch goes out meanwhile
+    assert pub.flush(*job) == 3
+    texts = [e["choices"][0]["delta"]["content"] for e in logged(store, job[0])]
+    assert texts == ["Hel", "lo", "!"]
+    assert coalesced(store) == 0
+
+
+def test_a_lagging_job_merges_its_text_into_the_unsent_event(store: JobStore) -> None:
+    pub, job = Publisher(store), running_job(store)
+    role = {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    assert pub.publish(*job, [dumps(role)], "", role)
+    # No switch between these: the job read them all before the publisher could send any.
+    for i, word in enumerate(["The", " quick", " brown"]):
+        assert publish(pub, job, delta(word, stamp=10 + i))
+    end = delta("", stamp=20, finish_reason="stop")
+    end["choices"][0]["delta"] = {}
+    assert pub.publish(*job, [dumps(end)], "", end)
+    assert publish(pub, job, delta(" fox", stamp=30))
+    assert pub.flush(*job) == 4
+    events = logged(store, job[0])
+    assert [e["choices"][0]["delta"] for e in events] == [
+        {"role": "assistant"},
+        {"content": "The quick brown"},
+        {},
+        {"content": " fox"},
+    ]
+    # The merged event keeps the first chunk's fields: its emit time is the earliest.
+    assert events[1]["x_sim_emitted_at"] == 10 and events[1]["id"] == "chatcmpl-1"
+    assert store.status(job[0])["text"] == "The quick brown fox"
+    assert coalesced(store) == 2  # counted for /metrics
+
+
+def test_jobs_queued_together_go_out_in_one_batch_each_in_order(store: JobStore) -> None:
+    pub = Publisher(store)
+    jobs = [running_job(store) for _ in range(3)]
+    for word in ["a", "b"]:
+        for job in jobs:
+            publish(pub, job, delta(word))
+    for job in jobs:
+        assert pub.flush(*job) == 1
+        assert [e["choices"][0]["delta"]["content"] for e in logged(store, job[0])] == ["ab"]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        delta("x", finish_reason="length"),
+        delta("x", logprobs={"content": []}),
+        {**delta("x"), "usage": {"total_tokens": 1}},
+        {"choices": [{"index": 1, "delta": {"content": "x"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "x", "role": "assistant"}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": []}}]},
+        {"choices": [{"index": 0, "delta": {"content": None}}]},
+        {"choices": [delta("x")["choices"][0], {"index": 1, "delta": {"content": "y"}}]},
+    ],
+)
+def test_only_plain_text_deltas_merge(chunk: dict) -> None:
+    assert mergeable(delta("plain"))
+    assert not mergeable(chunk)
+
+
+def test_a_job_no_longer_ours_is_reported_by_the_next_publish_and_the_flush(
+    store: JobStore,
+) -> None:
+    pub, job = Publisher(store), running_job(store)
+    store.fail(job[0], None, "taken over")
+    assert publish(pub, job, delta("late"))
+    gevent.idle()  # the batch is sent and refused
+    assert publish(pub, job, delta("later")) == 0
+    assert pub.flush(*job) == 0
+    assert "late" not in store.status(job[0])["text"]
+
+
+def test_a_redis_error_reaches_the_job(store: JobStore) -> None:
+    pub, job = Publisher(store), running_job(store)
+
+    def broken(batch):
+        raise RedisConnectionError("gone")
+
+    store.publish_many = broken  # type: ignore[method-assign]
+    publish(pub, job, delta("x"))
+    with pytest.raises(RedisConnectionError):
+        pub.flush(*job)
+    assert pub.flush(*job) == 1  # reported once, then forgotten
