@@ -7,7 +7,13 @@ thread, no greenlet per viewer: at 100,000 events a second a greenlet switch per
 make the measuring client the bottleneck, which is what the first version of this tool did).
 For every event carrying the simulator's ``"x_sim_emitted_at"`` stamp it records the emit time
 and the moment its bytes arrived, to ``DIR/emitted.bin`` and ``DIR/received.bin`` (float64
-pairs, same order); per-viewer event counts and errors go to ``DIR/result.json``. It prints
+pairs, same order); per-viewer event counts and errors go to ``DIR/result.json``.
+
+The moment of arrival is the kernel's (``SO_TIMESTAMPNS``: when the bytes reached the socket),
+not when this loop got round to reading them. With a thousand sockets ready at once on a
+shared core, the loop's own queue added 1-2 ms to the median, charged to whatever it was
+measuring. A read that returns several events gets the time of its last segment for all of
+them, which can only overstate a latency. It prints
 ``ready`` once every viewer has its response headers (or, with ``--ready-on sent``, once every
 request is sent: flask-sse sends no headers before its first event).
 
@@ -23,14 +29,19 @@ import argparse
 import errno
 import json
 import re
+import resource
 import select
 import socket
+import struct
 import sys
 import time
 from array import array
 from pathlib import Path
 from urllib.parse import urlsplit
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python names it from 3.14
+TIMESPEC = struct.Struct("@qq")
+ANCILLARY = socket.CMSG_SPACE(TIMESPEC.size)
 STAMP = re.compile(rb'"x_sim_emitted_at":\s*([0-9.]+)')
 DATA = re.compile(rb"(?:^|\n)data:")
 KEY = b'"x_sim_emitted_at":'  # the simulator adds it last: its value ends at "}"
@@ -62,6 +73,20 @@ class Stream:
         self.error = ""
 
 
+def arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """When the kernel received the last bytes read (wall clock); now, if it did not say."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            seconds, nanoseconds = TIMESPEC.unpack(data)
+            return seconds + nanoseconds * 1e-9
+    return time.time()
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(urls: list[str], method: str, body: bytes, timeout: float, ready_on: str) -> dict:
     """Open every stream, read each to ``[DONE]``; the stamps seen and per-viewer results."""
     emitted, received = array("d"), array("d")
@@ -70,6 +95,7 @@ def run(urls: list[str], method: str, body: bytes, timeout: float, ready_on: str
     todo = list(reversed(urls))
     open_ = ready_count = 0
     announced = False
+    cpu_at_ready = 0.0
     deadline = time.monotonic() + timeout
     next_tick = 0.0
 
@@ -91,6 +117,7 @@ def run(urls: list[str], method: str, body: bytes, timeout: float, ready_on: str
                 parts = urlsplit(url)
                 sock = socket.socket()
                 sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 try:
                     sock.connect((parts.hostname, parts.port or 80))
                 except BlockingIOError:
@@ -113,13 +140,13 @@ def run(urls: list[str], method: str, body: bytes, timeout: float, ready_on: str
                         if ready_on == "sent":
                             ready_count += 1
                 continue
-            try:
-                data = stream.sock.recv(16384)  # a bigger buffer costs more to allocate
+            try:  # a bigger buffer costs more to allocate
+                data, ancillary, _, _ = stream.sock.recvmsg(16384, ANCILLARY)
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:
                     finish(stream, repr(exc))
                 continue
-            arrived = time.time()
+            arrived = arrival(ancillary)
             if not data:
                 finish(stream, "" if stream.done else "closed before [DONE]")
                 continue
@@ -156,12 +183,14 @@ def run(urls: list[str], method: str, body: bytes, timeout: float, ready_on: str
                 finish(stream)
         if not announced and ready_count >= len(urls):
             announced = True
+            cpu_at_ready = cpu_seconds()
             print("ready", time.time(), flush=True)
     errors = [s.error for s in streams.values() if s.error]
     errors += ["timed out"] * sum(1 for s in streams.values() if not s.done)
     return {
         "events": [s.events for s in streams.values()],
         "errors": errors,
+        "cpu_seconds": cpu_seconds() - cpu_at_ready,  # this client's own cost, once all connected
         "emitted": emitted,
         "received": received,
     }

@@ -3,11 +3,13 @@
     bash tests/bench/run.sh            # the full suite; rewrites tests/bench/RESULTS.md + p99.png
     bash tests/bench/run.sh --smoke    # a tiny version (what CI runs), written to a temp dir
 
-Every scenario starts from real processes on free ports: redis-server, the simulator (chunks
-carry their emit time), gunicorn -k gevent serving the relay, worker processes, and gunicorn
--k gevent serving flask-sse with the same settings. Viewers are greenlets in this process
-(:mod:`tests.bench.loadgen`). Latency is the simulator's emit timestamp to a viewer's receipt
-of the event's bytes, so it includes everything between the model and the screen.
+Every scenario starts from real processes on free ports: redis-server, the simulator's
+streams (served by :mod:`tests.bench.upstream`; each chunk carries its emit time), gunicorn
+-k gevent serving the relay, worker processes, and gunicorn -k gevent serving flask-sse with the
+same settings. Viewers are held by load generator processes (:mod:`tests.bench.loadgen`, one
+epoll loop each). Latency is the simulator's emit timestamp to the kernel's receipt of the
+event's bytes on the viewer's socket, so it includes everything between the model and the
+screen but the measuring client's own wait for a core.
 """
 
 from gevent import monkey
@@ -104,10 +106,22 @@ class Seen:
     received: array
     events: list[int]
     errors: list[str]
+    cpu_seconds: float = 0.0  # the load generators' own CPU time while viewers were connected
 
     def latencies(self, since: float) -> list[float]:
         """Emit-to-receipt times of events emitted at or after ``since`` (wall clock)."""
         return [r - e for e, r in zip(self.emitted, self.received, strict=True) if e >= since]
+
+    def spreads(self, since: float) -> list[float]:
+        """For each event emitted at or after ``since``: its last viewer's receipt minus its
+        first's (how long one event's fan-out took, as the viewers' kernels saw it)."""
+        first: dict[float, float] = {}
+        last: dict[float, float] = {}
+        for e, r in zip(self.emitted, self.received, strict=True):
+            if e >= since:
+                first[e] = min(first.get(e, r), r)
+                last[e] = max(last.get(e, r), r)
+        return [last[e] - first[e] for e in first]
 
     def rate(self, since: float) -> float:
         """Delivered stamped events per second, from ``since`` to the last receipt."""
@@ -165,6 +179,7 @@ class Viewers:
             result = json.loads((work / "result.json").read_text())
             out.events += result["events"]
             out.errors += result["errors"]
+            out.cpu_seconds += result["cpu_seconds"]
             for name in ("emitted", "received"):
                 with open(work / f"{name}.bin", "rb") as f:
                     getattr(out, name).frombytes(f.read())
@@ -197,6 +212,39 @@ def rss_kib(pid: int) -> int:
 def children(pid: int) -> list[int]:
     text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return [int(p) for p in text.split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Cores each part of the stack used between :meth:`start` and :meth:`stop`.
+
+    On two shared cores the parts compete: this is what says which one a scenario is short of.
+    """
+
+    def __init__(self, parts: dict[str, list[int]]) -> None:
+        self.parts = parts  # role -> pids (the gunicorns' workers, not their masters)
+        self.before: dict[str, float] = {}
+        self.started = 0.0
+
+    def _sample(self) -> dict[str, float]:
+        return {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in self.parts.items()}
+
+    def start(self, at: float = 0.0) -> None:
+        """Start at monotonic time ``at`` (when the chunks begin), or now if that has passed."""
+        gevent.sleep(max(0.0, at - time.monotonic()))
+        self.before, self.started = self._sample(), time.monotonic()
+
+    def stop(self, clients_cpu: float) -> dict[str, float]:
+        """Cores per role (``clients``: the load generators' own figure)."""
+        after, wall = self._sample(), time.monotonic() - self.started
+        cores = {role: (after[role] - self.before[role]) / wall for role in self.parts}
+        cores["clients"] = clients_cpu / wall
+        return {role: round(value, 2) for role, value in cores.items()}
 
 
 def sim_body(tokens: int, *, first_delay: float = 0.0, interval: float = INTERVAL,
@@ -239,8 +287,10 @@ class Bench:
             self.procs.append(start_process(name, [binary, "--port", str(port), "--save", "",
                                                    "--appendonly", "no", "--maxclients", "15000"],
                                             log_dir))  # fmt: skip
-        simulator = [sys.executable, "-m", "relay.simulator", "--port", str(self.sim_port)]
-        self.procs.append(start_process("simulator", simulator, log_dir))
+        # The simulator's chunks from one epoll loop: relay.simulator (a greenlet per stream)
+        # took up to half a core from the system under test (tests/bench/upstream.py).
+        upstream = [sys.executable, "-m", "tests.bench.upstream", "--port", str(self.sim_port)]
+        self.procs.append(start_process("simulator", upstream, log_dir))
         self.sim = f"http://127.0.0.1:{self.sim_port}/v1"
         self.redis = redis.Redis(port=self.redis_port)
         self.peer_redis = redis.Redis(port=self.peer_redis_port)
@@ -282,6 +332,20 @@ class Bench:
 
         return int(self.redis.llen(keys.events(job_id)))
 
+    def cpu_meter(self) -> CpuMeter:
+        """A meter over every running part: Redis, the simulator, workers, gunicorn workers."""
+        parts: dict[str, list[int]] = {"simulator": [], "redis": [], "worker": [], "web": []}
+        for proc in self.procs + self.stack.procs:
+            if not proc.alive():
+                continue
+            if proc.name == "redis" or proc.name == "simulator":
+                parts[proc.name].append(proc.popen.pid)
+            elif proc.name.startswith("gunicorn"):
+                parts["web"] += children(proc.popen.pid)
+            elif proc.name.startswith("test-worker"):
+                parts["worker"].append(proc.popen.pid)
+        return CpuMeter(parts)
+
     def relay_connections(self) -> int:
         return int(self.redis.info("clients")["connected_clients"]) - 1  # not this probe
 
@@ -303,6 +367,7 @@ class Bench:
     def relay_fanout(self, bases: list[str], viewers: int, tokens: int) -> Row:
         """One job, ``viewers`` viewers split evenly over the gunicorns at ``bases``."""
         lead = connect_lead(viewers)
+        chunks_from = time.monotonic() + lead
         job = self.create_job(bases[0], sim_body(tokens, first_delay=lead))
         urls = [on(bases[i % len(bases)], job["events_url"]) for i in range(viewers)]
         started = time.monotonic()
@@ -310,16 +375,36 @@ class Bench:
         since = group.wait_ready()
         connected_in = time.monotonic() - started
         connections = self.relay_connections()
+        meter = self.cpu_meter()
+        meter.start(chunks_from)
         seen = group.seen(lead + tokens * INTERVAL + 60)
+        cpu = meter.stop(seen.cpu_seconds)
         expected = self.log_length(job["id"])
         complete = sum(1 for n in seen.events if n == expected)
+        spread = summarise(seen.spreads(since)).p50 * 1e3
         load = f"{viewers:,} viewers, {len(bases)} process{'es' if len(bases) > 1 else ''}"
         return latency_row(
             "fan-out", "relay", load, viewers, seen.latencies(since),
-            f"{complete:,}/{viewers:,} got all {expected} events; Redis connections: "
-            f"{connections} (web + worker)",
+            f"{complete:,}/{viewers:,} got all {expected} events; first to last viewer "
+            f"{spread:.1f} ms (p50); Redis connections: {connections} (web + worker)",
             connections=connections, complete=complete, errors=seen.errors[:5],
-            connected_in=round(connected_in, 2),
+            connected_in=round(connected_in, 2), cpu=cpu, spread_p50_ms=spread,
+        )  # fmt: skip
+
+    def kernel_fanout(self, viewers: int) -> Row:
+        """One thread sending one event to ``viewers`` sockets: the fan-out loop's floor."""
+        run = subprocess.run(
+            [sys.executable, "-m", "tests.bench.sendloop", "--viewers", str(viewers),
+             "--rounds", "20" if self.smoke else "200"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        r = json.loads(run.stdout)
+        return Row(
+            "fan-out", "kernel", f"{viewers:,} sockets, 1 thread, no relay", viewers,
+            p50_ms=r["loop_p50_ms"], p99_ms=r["loop_p99_ms"],
+            result=f"one send() per socket: {r['send_us']:.1f} us each; the times are the "
+            "whole loop's (first to last socket)",
+            extra=r,
         )  # fmt: skip
 
     def peer_fanout(self, viewers: int, tokens: int) -> Row:
@@ -368,6 +453,7 @@ class Bench:
     def many_jobs(self, bases: list[str], jobs: int, per_job: int, tokens: int) -> Row:
         """``jobs`` concurrent jobs with ``per_job`` viewers each: delivered events/s, latency."""
         lead = 3.0 + jobs / 200
+        chunks_from = time.monotonic() + lead
         pool = Pool(50)
         made = pool.map(lambda i: self.create_job(bases[i % len(bases)],
                                                   sim_body(tokens, first_delay=lead)),
@@ -376,7 +462,10 @@ class Bench:
                 for i, job in enumerate(made) for k in range(per_job)]  # fmt: skip
         group = self.viewers(urls)
         since = group.wait_ready()
+        meter = self.cpu_meter()
+        meter.start(chunks_from)
         seen = group.seen(lead + tokens * INTERVAL * 3 + 60)
+        cpu = meter.stop(seen.cpu_seconds)
         expected = {self.log_length(job["id"]) for job in made}
         complete = sum(1 for n in seen.events if n in expected)
         rate = seen.rate(since)
@@ -385,7 +474,7 @@ class Bench:
             f"{jobs} jobs x {per_job} viewers, {len(bases)} processes, {1 / INTERVAL:.0f} "
             "chunks/s each", len(urls), seen.latencies(since),
             f"{rate:,.0f} delivered events/s; {complete:,}/{len(urls):,} viewers got every event",
-            rate=rate, complete=complete, errors=seen.errors[:5],
+            rate=rate, complete=complete, errors=seen.errors[:5], cpu=cpu,
         )  # fmt: skip
 
     def idle_viewers(self, viewers: int) -> Row:
@@ -531,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in counts:
                 rows.append(bench.relay_fanout(bases[:1], n, tokens))
                 print(rows[-1].cells(), flush=True)
+            rows.append(bench.kernel_fanout(5 if smoke else 1000))
+            print(rows[-1].cells(), flush=True)
             rows.append(bench.relay_fanout(bases, 10 if smoke else 4000, tokens))
             print(rows[-1].cells(), flush=True)
             bench.stop_relays()
