@@ -19,7 +19,8 @@ from relay.jobs import JobStore
 
 from . import moderation
 from .publisher import Publisher
-from .upstream import Upstream, UpstreamError, iter_chunks, open_stream
+from .reader import follow_chunks, iter_chunks
+from .upstream import Upstream, UpstreamError, open_stream
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,27 @@ def _is_usage_only(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and bool(chunk.get("usage"))
 
 
+def _observe_first_chunk(redis: Any, seconds: float) -> None:
+    """Record enqueue-to-first-chunk off the chunk's path (it may run in an event-loop
+    callback, which must not wait for Redis); a lost sample is better than a stalled stream."""
+
+    def observe() -> None:
+        with contextlib.suppress(RedisError):
+            metrics.observe_first_chunk(redis, seconds)
+
+    gevent.spawn(observe)
+
+
+@dataclass
+class _Relayed:
+    """What a job's stream has relayed so far."""
+
+    parts: list[str]
+    finish_reason: str | None = None
+    usage: dict | None = None
+    published: int = 0
+
+
 def _stream(
     ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None, created_at: float
 ) -> None:
@@ -120,43 +142,48 @@ def _stream(
     store = ctx.store
     body, wants_usage = _upstream_request(ctx, body)
     response = _open_with_retries(ctx, job_id, body)
-    finish_reason: str | None = None
-    usage: dict | None = None
-    parts: list[str] = []
-    published = 0
+    relayed = _Relayed(parts=[])
+
+    def relay(data: str, chunk: dict[str, Any]) -> None:
+        """One chunk: never waits (with a publisher, it runs in an event-loop callback)."""
+        if turn is not None and chunk.get("id") != turn.message_id:
+            # The completion's id is the reply's message id: the next parentMessageId.
+            chunk["id"] = turn.message_id
+            data = dumps(chunk)
+        text, reason = _delta_text(chunk)
+        relayed.parts.append(text)
+        relayed.finish_reason = reason or relayed.finish_reason
+        if chunk.get("usage"):
+            relayed.usage = chunk["usage"]
+            if _is_usage_only(chunk) and not wants_usage:
+                return
+        if not ctx.publish(job_id, attempt, [data], text, chunk):
+            raise JobLost(job_id)
+        relayed.published += 1
+        if relayed.published == 1:
+            _observe_first_chunk(store.redis, time.time() - created_at)
+
     try:
-        for data, chunk in iter_chunks(response):
-            if turn is not None and chunk.get("id") != turn.message_id:
-                # The completion's id is the reply's message id: the next parentMessageId.
-                chunk["id"] = turn.message_id
-                data = dumps(chunk)
-            text, reason = _delta_text(chunk)
-            parts.append(text)
-            finish_reason = reason or finish_reason
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-                if _is_usage_only(chunk) and not wants_usage:
-                    continue
-            if not ctx.publish(job_id, attempt, [data], text, chunk):
-                raise JobLost(job_id)
-            published += 1
-            if published == 1:
-                metrics.observe_first_chunk(store.redis, time.time() - created_at)
+        if ctx.publisher is not None:  # publishing only queues: chunks go from the event loop
+            follow_chunks(response, relay, ctx.upstream.read_timeout)
+        else:
+            for data, chunk in iter_chunks(response):
+                relay(data, chunk)
         if not ctx.flush(job_id, attempt):
             raise JobLost(job_id)
     finally:
         response.close()
         with contextlib.suppress(RedisError):  # never mask the job's own outcome
-            metrics.count(store.redis, "deltas", sum(1 for part in parts if part))
-    if finish_reason is None:
+            metrics.count(store.redis, "deltas", sum(1 for part in relayed.parts if part))
+    if relayed.finish_reason is None:
         # DESIGN.md: a stream that ends with neither a finish_reason nor [DONE] is a failure.
         raise UpstreamError(
             "The upstream closed the stream before it finished.", code="upstream_incomplete"
         )
-    if not store.complete(job_id, attempt, finish_reason, usage):
+    if not store.complete(job_id, attempt, relayed.finish_reason, relayed.usage):
         raise JobLost(job_id)
     if turn is not None and ctx.conversations is not None:
-        ctx.conversations.save_reply(turn, "".join(parts))
+        ctx.conversations.save_reply(turn, "".join(relayed.parts))
 
 
 def _refused_by_moderation(

@@ -1,4 +1,4 @@
-"""Talking to the upstream: one streaming Chat Completions call, read as parsed SSE chunks.
+"""Talking to the upstream: one streaming Chat Completions call (its body: :mod:`worker.reader`).
 
 Everything that can go wrong on the upstream side ends up as :class:`UpstreamError`, carrying
 a message fit for the viewer and whether trying again could help.
@@ -6,22 +6,15 @@ a message fit for the viewer and whether trying again could help.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import orjson
 import requests
-import urllib3.exceptions
 
-from relay.chunks import DONE, dumps
-
-from .chunked import ChunkedDecoder, ChunkedError
-from .sse_decoder import SSEDecoder, SSEProtocolError
+from relay.chunks import dumps
 
 _ERROR_BODY_LIMIT = 64 * 1024
-_READ_SIZE = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -56,7 +49,7 @@ class Upstream:
         return self.base_url.rstrip("/") + "/chat/completions"
 
 
-def _error_from_json(payload: Any, fallback: str) -> tuple[str, str, str | None]:
+def error_from_json(payload: Any, fallback: str) -> tuple[str, str, str | None]:
     """(message, type, code) from an OpenAI-style ``{"error": ...}`` payload, or a fallback."""
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
@@ -115,7 +108,7 @@ def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> re
     if status >= 400:
         payload = _read_error_body(response)
         response.close()
-        message, type_, code = _error_from_json(payload, f"HTTP {status}")
+        message, type_, code = error_from_json(payload, f"HTTP {status}")
         raise UpstreamError(
             f"The upstream answered {status}: {message}",
             type=type_,
@@ -128,91 +121,6 @@ def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> re
         # An error (or a non-streamed answer) sent as plain JSON in place of a stream.
         payload = _read_error_body(response)
         response.close()
-        message, type_, code = _error_from_json(payload, "expected an event stream, got JSON")
+        message, type_, code = error_from_json(payload, "expected an event stream, got JSON")
         raise UpstreamError(f"The upstream answered: {message}", type=type_, code=code)
     return response
-
-
-def body_reader(response: requests.Response) -> Callable[[], bytes]:
-    """A function giving the body's next bytes as they arrive, and b"" at its end.
-
-    A chunked, unencoded body (what every streaming upstream sends) is read straight from
-    http.client's buffered socket reader, one ``read1`` per arrival, and its framing is
-    stripped by :class:`~worker.chunked.ChunkedDecoder`: http.client's own chunk reading cost
-    a fifth of the worker's time per chunk. Anything else is read through urllib3 as usual.
-    A body cut off before its last chunk raises ``ConnectionResetError``.
-    """
-    raw = response.raw
-    inner = getattr(raw, "_fp", None)  # http.client's response, its headers already read
-    fp: Any = getattr(inner, "fp", None)
-    if (
-        not getattr(inner, "chunked", False)
-        or getattr(inner, "chunk_left", 0) is not None  # it has started on the body
-        or not hasattr(fp, "read1")
-        or response.headers.get("Content-Encoding", "identity").lower() != "identity"
-    ):
-        return partial(raw.read1, _READ_SIZE)
-    chunks = ChunkedDecoder()
-
-    def read() -> bytes:
-        while not chunks.done:
-            block = fp.read1(_READ_SIZE)
-            if not block:
-                raise ConnectionResetError("the upstream closed the connection mid-body")
-            if payload := chunks.feed(block):
-                return payload
-        return b""
-
-    return read
-
-
-def iter_chunks(response: requests.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Each ``data`` payload with its parsed JSON, up to ``[DONE]`` (not included).
-
-    Raises :class:`UpstreamError` for an error object, malformed data, a read timeout, or a
-    connection that breaks; returns normally at ``[DONE]`` or at a clean end of the body (the
-    caller decides whether an end without ``[DONE]`` is acceptable).
-    """
-    decoder = SSEDecoder()
-    read = body_reader(response)
-    try:
-        while True:
-            block = read()
-            if not block:
-                return
-            for event in decoder.feed(block):
-                data = event.data
-                if data == DONE:
-                    return
-                if not data.strip():
-                    continue
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise UpstreamError(
-                        "The upstream sent malformed data (not JSON).", code="upstream_malformed"
-                    ) from None
-                if not isinstance(chunk, dict):
-                    raise UpstreamError(
-                        "The upstream sent malformed data (not an object).",
-                        code="upstream_malformed",
-                    )
-                if chunk.get("error") or event.event == "error":
-                    message, type_, code = _error_from_json(chunk, "error event")
-                    raise UpstreamError(
-                        f"The upstream failed mid-stream: {message}", type=type_, code=code
-                    )
-                yield (data if "\n" not in data else dumps(chunk)), chunk
-    except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
-        raise UpstreamError(
-            "The upstream stopped sending (read timeout).", code="upstream_timeout"
-        ) from None
-    except (SSEProtocolError, ChunkedError) as exc:
-        raise UpstreamError(
-            f"The upstream sent a malformed stream: {exc}", code="upstream_malformed"
-        ) from None
-    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-        raise UpstreamError(
-            f"The upstream connection broke mid-stream ({exc.__class__.__name__}).",
-            code="upstream_disconnected",
-        ) from None

@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from worker.upstream import Upstream, UpstreamError, body_reader, iter_chunks, open_stream
+from worker.reader import body_reader, follow_chunks, iter_chunks
+from worker.upstream import Upstream, UpstreamError, open_stream
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,15 +47,18 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Connection", "close")
         self.end_headers()
-        for piece in Script.pieces:
-            if isinstance(piece, float):
-                time.sleep(piece)
-            else:
-                chunked = Script.framing == "chunked"
-                self.wfile.write(b"%X\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
-                self.wfile.flush()
-        if Script.framing == "chunked":
-            self.wfile.write(b"0\r\n\r\n")
+        chunked = Script.framing == "chunked"
+        try:
+            for piece in Script.pieces:
+                if isinstance(piece, float):
+                    time.sleep(piece)
+                else:
+                    self.wfile.write(b"%X\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                    self.wfile.flush()
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading (a test that ends on an error)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -85,12 +89,23 @@ def answer(
     Script.framing = framing
 
 
-def relay(server: str, read_timeout: float = 5.0) -> list[dict]:
+@pytest.fixture(params=["pull", "push"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """How the body is read: iter_chunks (the job's greenlet waits) or follow_chunks (the
+    event loop calls back); every outcome must be the same."""
+    return request.param
+
+
+def relay(server: str, read_timeout: float = 5.0, mode: str = "pull") -> list[dict]:
     upstream = Upstream(base_url=server, read_timeout=read_timeout)
     with requests.Session() as session:
         response = open_stream(session, upstream, {"model": "m", "messages": []})
         try:
-            return [chunk for _, chunk in iter_chunks(response)]
+            if mode == "pull":
+                return [chunk for _, chunk in iter_chunks(response)]
+            chunks: list[dict] = []
+            follow_chunks(response, lambda _, chunk: chunks.append(chunk), read_timeout)
+            return chunks
         finally:
             response.close()
 
@@ -108,9 +123,9 @@ def relay(server: str, read_timeout: float = 5.0) -> list[dict]:
     ids=["lf", "crlf", "crlf-split", "comments-event-id", "multi-line-data", "split-json"],
 )
 @pytest.mark.parametrize("framing", ["close", "chunked"])
-def test_stream_shapes_all_yield_the_same_chunk(server, pieces, framing):
+def test_stream_shapes_all_yield_the_same_chunk(server, pieces, framing, mode):
     answer(pieces, framing=framing)
-    chunks = relay(server)
+    chunks = relay(server, mode=mode)
     assert [c["choices"][0]["delta"]["content"] for c in chunks] == ["hi"]
 
 
@@ -136,10 +151,10 @@ def test_a_chunked_body_is_read_past_http_client(server):
     ],
     ids=["cut-off-mid-chunk", "bad-size", "no-crlf-after-data"],
 )
-def test_broken_chunked_framing_is_an_upstream_error(server, pieces, code):
+def test_broken_chunked_framing_is_an_upstream_error(server, pieces, code, mode):
     answer(pieces, framing="raw-chunked")
     with pytest.raises(UpstreamError) as info:
-        relay(server)
+        relay(server, mode=mode)
     assert info.value.code == code
 
 
@@ -152,9 +167,10 @@ def test_multi_line_data_is_relayed_as_one_compact_line(server):
     assert data == '{"choices":[]}'
 
 
-def test_an_end_without_done_returns_so_the_caller_can_judge_it(server):
-    answer([b"data: " + CHUNK + b"\n\n"])
-    assert len(relay(server)) == 1
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_an_end_without_done_returns_so_the_caller_can_judge_it(server, framing, mode):
+    answer([b"data: " + CHUNK + b"\n\n"], framing=framing)
+    assert len(relay(server, mode=mode)) == 1
 
 
 @pytest.mark.parametrize(
@@ -173,20 +189,24 @@ def test_an_end_without_done_returns_so_the_caller_can_judge_it(server):
     ids=["401-json", "502-html", "200-json-error", "mid-stream-error", "error-event",
          "not-json", "not-object"],
 )  # fmt: skip
-def test_upstream_errors_become_upstream_error(server, pieces, status, content_type, code, message):
-    answer(pieces, status=status, content_type=content_type)
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_upstream_errors_become_upstream_error(
+    server, pieces, status, content_type, code, message, framing, mode
+):
+    answer(pieces, status=status, content_type=content_type, framing=framing)
     with pytest.raises(UpstreamError) as info:
-        relay(server)
+        relay(server, mode=mode)
     if code:
         assert info.value.code == code
     assert message in info.value.message
 
 
-def test_silence_longer_than_the_read_timeout_is_a_timeout(server):
-    answer([b"data: " + CHUNK + b"\n\n", 3.0, b"data: [DONE]\n\n"])
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_silence_longer_than_the_read_timeout_is_a_timeout(server, framing, mode):
+    answer([b"data: " + CHUNK + b"\n\n", 3.0, b"data: [DONE]\n\n"], framing=framing)
     started = time.monotonic()
     with pytest.raises(UpstreamError) as info:
-        relay(server, read_timeout=0.5)
+        relay(server, read_timeout=0.5, mode=mode)
     assert info.value.code == "upstream_timeout"
     assert time.monotonic() - started < 2.5
 
@@ -198,3 +218,26 @@ def test_connection_refused_is_retryable():
     with pytest.raises(UpstreamError) as info:
         relay(url)
     assert info.value.code == "upstream_unreachable" and info.value.retryable
+
+
+def test_an_exception_from_the_callback_ends_the_stream_with_it(server):
+    answer([b"data: " + CHUNK + b"\n\n", 0.05, b"data: " + CHUNK + b"\n\n"], framing="chunked")
+
+    class Lost(Exception):
+        pass
+
+    seen: list[dict] = []
+
+    def on_chunk(_: str, chunk: dict) -> None:
+        seen.append(chunk)
+        if len(seen) == 2:  # the second arrives later: in the event loop's callback
+            raise Lost
+
+    with requests.Session() as session:
+        response = open_stream(session, Upstream(base_url=server), {})
+        try:
+            with pytest.raises(Lost):
+                follow_chunks(response, on_chunk, 5.0)
+        finally:
+            response.close()
+    assert len(seen) == 2
