@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis import Redis
@@ -186,17 +186,26 @@ class JobStore:
             )
         )
 
-    def publish_many(self, batch: list[tuple[str, int, list[str], str]]) -> list[int | Exception]:
-        """:meth:`publish` for several jobs in one round trip; each result or its error."""
+    def publish_many(
+        self,
+        batch: list[tuple[str, int, list[str], str]],
+        execute: Callable[[list[tuple[Any, ...]]], list[Any]] | None = None,
+    ) -> list[int | Exception]:
+        """:meth:`publish` for several jobs in one round trip; each result or its error.
+
+        ``execute`` runs a list of commands and returns their replies, errors as exception
+        values (default: a redis-py pipeline on this store's client).
+        """
         script = self.scripts.publish
+        run = execute or self._pipeline
 
         def send(entries: list[tuple[str, int, list[str], str]]) -> list[Any]:
-            pipe = self.redis.pipeline(transaction=False)
+            commands = []
             for job_id, attempt, events, text_delta in entries:
                 job_keys = keys.job_keys(job_id)
-                pipe.evalsha(script.sha, len(job_keys), *job_keys, attempt, self.max_age,
-                             text_delta, *events)  # fmt: skip
-            return pipe.execute(raise_on_error=False)
+                commands.append(("EVALSHA", script.sha, len(job_keys), *job_keys, attempt,
+                                 self.max_age, text_delta, *events))  # fmt: skip
+            return run(commands)
 
         results = send(batch)
         missed = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
@@ -205,6 +214,12 @@ class JobStore:
             for i, result in zip(missed, send([batch[i] for i in missed]), strict=True):
                 results[i] = result
         return [r if isinstance(r, Exception) else int(r) for r in results]
+
+    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
 
     def finish(
         self,

@@ -75,7 +75,7 @@ class Worker:
         )
         self.ctx = JobContext(
             store=self.store,
-            publisher=Publisher(self.store),
+            publisher=Publisher(self.store, raw=True),
             session=_session(self.concurrency),
             upstream=Upstream(
                 base_url=settings["UPSTREAM_BASE_URL"],

@@ -6,6 +6,7 @@ import json
 
 import fakeredis
 import gevent
+import gevent.event
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -129,7 +130,7 @@ def test_a_job_no_longer_ours_is_reported_by_the_next_publish_and_the_flush(
 def test_a_redis_error_reaches_the_job(store: JobStore) -> None:
     pub, job = Publisher(store), running_job(store)
 
-    def broken(batch):
+    def broken(batch, execute=None):
         raise RedisConnectionError("gone")
 
     store.publish_many = broken  # type: ignore[method-assign]
@@ -137,3 +138,61 @@ def test_a_redis_error_reaches_the_job(store: JobStore) -> None:
     with pytest.raises(RedisConnectionError):
         pub.flush(*job)
     assert pub.flush(*job) == 1  # reported once, then forgotten
+
+
+class Held:
+    """publish_many that waits for ``release`` (a batch on the wire), then fails or not."""
+
+    def __init__(self, store: JobStore, fail: bool = False) -> None:
+        self.release = gevent.event.Event()
+        self.calls: list[list] = []
+        self._real, self._fail = store.publish_many, fail
+        store.publish_many = self  # type: ignore[method-assign]
+
+    def __call__(self, batch: list, execute: object = None) -> list:
+        self.calls.append(batch)
+        self.release.wait()
+        if self._fail and len(self.calls) == 1:
+            raise RedisConnectionError("gone")
+        return self._real(batch)
+
+
+def test_flush_waits_for_a_batch_already_on_the_wire(store: JobStore) -> None:
+    """The job's end must come after its last events: a flush that returned while they were
+    in flight let the end be written first, and the events were then refused (lost)."""
+    pub, job = Publisher(store), running_job(store)
+    held = Held(store)
+    publish(pub, job, delta("last words"))
+    gevent.idle()  # the batch is taken and sent; its replies have not come
+    flusher = gevent.spawn(pub.flush, *job)
+    gevent.idle()
+    assert not flusher.ready()
+    held.release.set()
+    assert flusher.get(timeout=5) == 1
+    assert [e["choices"][0]["delta"]["content"] for e in logged(store, job[0])] == ["last words"]
+
+
+def test_events_queued_behind_a_failed_batch_are_not_sent(store: JobStore) -> None:
+    """Sending them would leave a hole in the log where the failed batch's events were."""
+    pub, job = Publisher(store), running_job(store)
+    held = Held(store, fail=True)
+    publish(pub, job, delta("lost"))
+    gevent.idle()  # on the wire
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    assert pub.publish(*job, [dumps(role)], "", role)  # queued behind it (not mergeable)
+    held.release.set()
+    with pytest.raises(RedisConnectionError):
+        pub.flush(*job)
+    assert len(held.calls) == 1 and logged(store, job[0]) == []
+
+
+def test_jobs_are_spread_over_lanes_that_send_at_once(store: JobStore) -> None:
+    pub = Publisher(store, lanes=4)
+    held = Held(store)
+    jobs = [running_job(store) for _ in range(32)]
+    for job in jobs:
+        publish(pub, job, delta("x"))
+    gevent.idle()
+    assert len(held.calls) == 4  # each lane's batch is on the wire together
+    held.release.set()
+    assert all(pub.flush(*job) == 1 for job in jobs)

@@ -1,0 +1,58 @@
+"""relay.redis_raw against a real redis-server: batches, error replies as values, lost links."""
+
+from __future__ import annotations
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from relay.jobs import JobStore
+from relay.redis_client import connect
+from relay.redis_raw import RawConnection
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
+
+REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_batch_gets_every_reply_in_order_with_errors_as_values(redis_url: str) -> None:
+    conn = RawConnection(connect(redis_url))
+    try:
+        replies = conn.execute([
+            ("SET", "k", "v"), ("INCR", "n"), ("EVALSHA", "0" * 40, 0), ("INCR", "k"),
+            ("GET", "k"), ("INCRBY", "n", 41),
+        ])  # fmt: skip
+        assert replies[:2] == [b"OK", 1] and replies[4:] == [b"v", 42]
+        assert isinstance(replies[2], NoScriptError)
+        assert isinstance(replies[3], ResponseError) and "not an integer" in str(replies[3])
+        big = conn.execute([("INCR", "n")] * 5000)  # more replies than one read brings
+        assert big == list(range(43, 5043))
+    finally:
+        conn.close()
+
+
+def test_a_lost_connection_is_a_redis_connection_error(redis_url: str) -> None:
+    client = connect(redis_url)
+    conn = RawConnection(client)
+    conn.execute([("CLIENT", "SETNAME", "doomed")])
+    client.client_kill_filter(_type="normal", skipme=True)
+    with pytest.raises(RedisConnectionError):
+        conn.execute([("PING",)])
+
+
+def test_publish_many_through_it_matches_the_pipeline(redis_url: str) -> None:
+    """Including the script cache lost (SCRIPT FLUSH, as after a restart): loaded again."""
+    client = connect(redis_url)
+    store = JobStore(client, retention=60, max_age=600)
+    conn = RawConnection(client)
+    try:
+        jobs = [store.create(REQUEST) for _ in range(3)]
+        attempts = [store.claim(job_id, "w") for job_id in jobs]
+        batch = [(j, a, ['{"n":1}'], "x") for j, a in zip(jobs, attempts, strict=True)]
+        assert store.publish_many(batch, conn.execute) == [1, 1, 1]
+        client.script_flush()
+        assert store.publish_many(batch, conn.execute) == [2, 2, 2]
+        assert store.publish_many(batch) == [3, 3, 3]  # the redis-py pipeline: same results
+        assert [store.status(j)["text"] for j in jobs] == ["xxx"] * 3
+    finally:
+        conn.close()
