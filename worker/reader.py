@@ -3,8 +3,8 @@
 :func:`iter_chunks` pulls: the job's greenlet reads and waits, chunk by chunk. :func:`follow_chunks`
 pushes: the event loop calls back when the socket is readable, and each chunk is handled right
 there, with no greenlet switch, no gevent ``Timeout`` and no failed ``recv`` per chunk. At 200
-streams of 50 chunks/s that was half of a worker's cost of reading (60 us a chunk against 30),
-and the worker is the part of the stack that needs a core first. Both share
+streams of 50 chunks/s that was a third of a worker's cost of reading (about 60 us a chunk
+against 40: ``python -m tests.bench.readloop``), and the worker needs a core first. Both share
 :class:`ChunkParser`, so what counts as a chunk, an error or the end is decided in one place.
 """
 

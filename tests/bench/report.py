@@ -15,39 +15,58 @@ NOTES = """\
 ## What limits it (from the profiles)
 
 Profiles are py-spy samples of the process named, taken during the scenario
-(`py-spy record -p PID -f raw`), summarised by self time.
+(`bash tests/bench/run.sh --only many --profile DIR`, then `python -m tests.bench.profile DIR`).
 
-- **Fan-out.** Before this work each viewer's greenlet woke for every event, took it from its
-  mailbox and wrote it through werkzeug and gunicorn, with a gevent `Timeout` per write:
-  about 40 us per viewer per event, so 1,000 viewers at 50 events/s needed the whole core and
-  latency grew (p50 19-32 ms). Now a caught-up viewer hands its socket to the dispatcher, which
-  writes each event (framed once per process) with one non-blocking `send`: 90% of the
-  dispatcher's samples are inside that `send`, i.e. the kernel's loopback TCP path, about
-  4 us per viewer. One event to 1,000 viewers is therefore a ~4 ms loop: the median viewer
-  gets it ~2 ms after the first, which is what stands between the relay's p50 at 1,000
-  viewers and the 2 ms target. Going below needs the sends spread over several cores
-  (more gunicorn processes, as the 4,000-viewer row does) or a kernel-batched API Python does
-  not have.
-- **The measuring client** shares the two cores. Its first version (a greenlet per viewer)
-  used a full core at 1,000 viewers and was the bottleneck; it is now one epoll loop per
-  process (`--clients 2` runs two) using about 0.3 of a core at 50,000 events/s. Reading
-  1,000 sockets one after another still adds its own ~1-2 ms to the median.
+- **Fan-out (1,000 viewers: p99 met, p50 missed).** A caught-up viewer's socket is written by
+  the dispatcher itself, one non-blocking `send` per viewer per event, framed once per
+  process. That `send` is the kernel's loopback TCP path, receiver included, and it is most of
+  the web process's samples. The `kernel` row measures it with no relay at all: one thread
+  sending one event to 1,000 sockets takes 6.5 ms here (6.5 us a socket; 4-5 us on the
+  machine of the previous run). The relay's first-to-last-viewer spread at 1,000 viewers,
+  8.4 ms, is that loop plus about 2 us of Python per viewer. The median viewer waits for half
+  of it, so the relay adds about 5 ms at p50: the 2 ms target would need the loop under 2-3 ms,
+  below what the kernel alone takes on this machine from one thread. Threads do not help (a
+  second sending thread made the loop slower: the GIL changes hands at every send); more
+  gunicorn processes do, when there are cores for them.
+- **4,000 viewers on two processes** all get every event, but the two web processes and the
+  load generators then need about 1.9 of the 2 cores (200,000 sends and receipts a second),
+  so events queue: p99 about half a second on this machine (49 ms on the previous one).
+  2,000 on one process keeps p99 under 50 ms.
+- **Measuring.** Receipt times come from the kernel (`SO_TIMESTAMPNS`); before, the load
+  generator's own queue (reading 1,000 ready sockets on a shared core) added 1-2 ms to every
+  median, charged to whatever it measured. The upstream is `tests/bench/upstream.py`: the gevent
+  simulator took 0.35-0.5 of a core at 10,000 chunks/s, which the system under test then did
+  not have. The load generators still take a quarter to half a core (see the table above).
 - **flask-sse** holds one Redis pub/sub connection per viewer and parses every message once
   per viewer (JSON, then `Message.__str__`) in that viewer's greenlet; its publisher opens a
   new Redis client per `publish`. At 1,000 viewers the process is CPU-bound and its latency
   grows for as long as the stream lasts.
-- **Worker.** Publishing every chunk with its own `EVALSHA` spent two thirds of the worker in
-  redis-py's per-command path (pool checkout, `_checkpid`, send, wait, parse) and capped it
-  near 7,000 chunks/s, so 200 streams at 50 chunks/s fell seconds behind. Publishes of all
-  running jobs now go out as one pipeline per batch (`worker/publisher.py`). What is left is
-  `requests`/`http.client` reading the upstream's chunked body and the SSE decoder.
-- **Many jobs** (missed) is the whole pipeline on two cores: the simulator, the worker (one
-  process tops out near 15,000 chunks/s, see worker capacity at 400 streams), Redis (a Lua
-  script per chunk), two gunicorns and the measuring clients all share them. At 250 jobs x 2
-  viewers the machine delivers ~19,500 events/s but p99 is ~230 ms; at 500 jobs it delivers
-  ~22,000 events/s while falling seconds behind. Not done yet: coalescing a job's deltas when
-  the worker falls behind (fewer, larger events, bounded latency) and a second worker process
-  pinned against the web tier; both would trade events/s for latency rather than add capacity.
+- **Worker.** Per upstream chunk it now pays for one `recv` (the kernel), the chunked framing,
+  the SSE decoder and orjson, and a share of one batched send to Redis. What went: http.client's
+  chunk reading (`readline`, read, CRLF, through urllib3: a fifth of the time), the greenlet
+  switch, gevent `Timeout` and failed `recv` of every blocking read (the event loop now calls
+  back when a socket is readable: 58-65 -> 37-42 us a chunk at 200 streams, reading alone,
+  `python -m tests.bench.readloop`),
+  and redis-py's pipeline (pool checkout with a `poll`, packing and parsing: a third of a busy
+  worker; now hiredis on connections of the publisher's own). One process keeps up with 200
+  streams of 50 chunks/s (10,000 chunks/s offered, every job ending within ~30 ms of its
+  upstream); at 400 streams it falls behind, and its jobs' text deltas merge.
+- **Many jobs (missed).** The whole pipeline shares two cores: at 200 jobs x 2 viewers the
+  worker, both web processes, Redis (a Lua script per event), the upstream and the measuring
+  clients use about 1.7 of them, and every chunk crosses five processes that each wait for a
+  core. Up to ~12,500 delivered events/s (150 jobs) p99 stays under 10 ms; at 200 jobs
+  (~15,000 events/s) it is about 50 ms, at the target's edge, and beyond that the worker
+  falls behind. It then merges each lagging job's text deltas into the event it has not sent
+  yet (`worker/publisher.py`): viewers get every chunk's text in fewer events, and latency
+  stays bounded: 500 jobs x 2 viewers (50,000 events/s offered) ends at p99 ~0.25 s, where
+  the same load on this machine before merging fell 7 s behind. 20,000 events/s at p99 50 ms
+  needs roughly a third less CPU per event than this; what is left per event is mostly kernel
+  work (two loopback sends and a receive per chunk before the viewers' own) and the worker's
+  Python, which a second machine, or fewer hops, would cut.
+- **Enqueue to first chunk** is about 9-11 ms over the upstream's own time on this machine
+  (5.7 ms on the previous one): a new upstream connection per job (the worker closes it at
+  `[DONE]`, before its last chunk frame is read), the claim, and the viewer's subscription and
+  log read before the first event. Reusing upstream connections is the next thing to try.
 """
 
 
@@ -71,9 +90,15 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     if floor and relay_1k and relay_1k["p50_ms"] is not None:
         add50 = relay_1k["p50_ms"] - floor["p50_ms"]
         add99 = relay_1k["p99_ms"] - floor["p99_ms"]
+        kernel = find("fan-out", "kernel", 1000)
+        spread = relay_1k["extra"].get("spread_p50_ms")
+        why = ""
+        if kernel and spread is not None:
+            why = (f" (first to last viewer {spread:.1f} ms; the kernel alone takes "
+                   f"{kernel['p50_ms']:.1f} ms to send one event to 1,000 sockets)")  # fmt: skip
         out.append((
             "1,000 viewers, 1 process: adds <= 2 ms at p50, <= 15 ms at p99 over the floor",
-            f"adds {add50:.1f} ms at p50, {add99:.1f} ms at p99",
+            f"adds {add50:.1f} ms at p50, {add99:.1f} ms at p99{why}",
             add50 <= 2 and add99 <= 15,
         ))  # fmt: skip
     relay_2k = find("fan-out", "relay", 2000, "1 process")
@@ -94,9 +119,15 @@ def targets(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
     many = max(loads, key=lambda r: (r["p99_ms"] <= 50, r["extra"]["rate"]), default=None)
     if many:
         rate = many["extra"]["rate"]
+        chunks = many["extra"].get("chunk_rate")
+        merged = (
+            f", {chunks:,.0f} upstream chunks/s with {many['extra']['merged']:.0%} merged"
+            if chunks
+            else ""
+        )
         out.append((
             ">= 20,000 delivered events/s with p99 <= 50 ms",
-            f"{rate:,.0f} events/s, p99 {many['p99_ms']:.1f} ms ({many['load']})",
+            f"{rate:,.0f} events/s{merged}, p99 {many['p99_ms']:.1f} ms ({many['load']})",
             rate >= 20000 and many["p99_ms"] <= 50,
         ))  # fmt: skip
     first = find("enqueue to first chunk", "relay")
@@ -163,6 +194,31 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_table(rows: list[dict]) -> list[str]:
+    """Cores each part of the stack used during each scenario that measured it."""
+    measured = [r for r in rows if r["extra"].get("cpu")]
+    if not measured:
+        return []
+    parts = ["simulator", "worker", "redis", "web", "clients"]
+    lines = [
+        "## Where the cores went",
+        "",
+        "Cores used by each part while the chunks flowed (`/proc/<pid>/stat`; `web` is every",
+        "gunicorn worker, `clients` the load generators' own count), out of 2.",
+        "",
+        "| scenario | load | " + " | ".join(parts) + " | total |",
+        "|---|---|" + "---:|" * (len(parts) + 1),
+    ]
+    for r in measured:
+        cpu = r["extra"]["cpu"]
+        cells = [f"{cpu.get(part, 0):.2f}" for part in parts]
+        total = sum(cpu.get(part, 0) for part in parts)
+        lines.append(
+            f"| {r['scenario']} | {r['load']} | " + " | ".join(cells) + f" | {total:.2f} |"
+        )
+    return lines + [""]
+
+
 def write(results: Path, out_dir: Path) -> Path:
     """RESULTS.md (and p99.png beside it) from ``results``; the report's path."""
     data = json.loads(results.read_text())
@@ -171,13 +227,18 @@ def write(results: Path, out_dir: Path) -> Path:
     lines = [
         "# chat-relay benchmarks",
         "",
-        "Regenerate everything here with `bash tests/bench/run.sh` (about 5 minutes; it starts",
+        "Regenerate everything here with `bash tests/bench/run.sh` (about 8 minutes; it starts",
         "and stops its own processes). Not part of CI's test run, which runs `--smoke`.",
         "",
         f"Machine: {data['machine']}. Command: `{data.get('command', 'tests/bench/run.sh')}`.",
-        "Latency is the simulator's emit time (carried in each chunk) to the moment a viewer",
-        "received the event's bytes; p50 / p99 / max over every event emitted after all",
-        "viewers were connected. Absolute times are indicative; ratios within one run hold.",
+        "Latency is the simulator's emit time (carried in each chunk) to the moment the",
+        "viewer's kernel received the event's bytes (`SO_TIMESTAMPNS`); p50 / p99 / max over",
+        "every event emitted after all viewers were connected. The upstream",
+        "(`tests/bench/upstream.py`, the simulator's chunks from one epoll loop) and the",
+        "viewers (`tests/bench/loadgen.py`) share the two cores with the system under test.",
+        "Absolute times are indicative (this machine's timings vary by tens of percent from",
+        "run to run); ratios within one run hold. `--profile DIR` adds py-spy profiles of the",
+        "worker and web processes (`python -m tests.bench.profile DIR` summarises them).",
         "",
         "## Targets",
         "",
@@ -198,7 +259,7 @@ def write(results: Path, out_dir: Path) -> Path:
         cells += ["" if r[k] is None else f"{r[k]:.1f}" for k in ("p50_ms", "p99_ms", "max_ms")]
         cells.append(r["result"])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![p99 latency against viewers](p99.png)", "", NOTES]
+    lines += ["", "![p99 latency against viewers](p99.png)", "", *cpu_table(rows), NOTES]
     path = out_dir / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path

@@ -9,5 +9,5 @@ cd "$ROOT"
 ensure_command redis-server redis-server
 ensure_venv bench
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true   # thousands of sockets on each side
-say "running the benchmarks (about 5 minutes)"
+say "running the benchmarks (about 8 minutes)"
 exec "$PY" -m tests.bench.run --clients 2 "$@"
