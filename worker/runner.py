@@ -180,10 +180,11 @@ def _stream(
         raise UpstreamError(
             "The upstream closed the stream before it finished.", code="upstream_incomplete"
         )
+    if turn is not None and ctx.conversations is not None:
+        # Before the end: a client that has seen [DONE] may name this reply as its parent at once.
+        ctx.conversations.save_reply(turn, "".join(relayed.parts))
     if not store.complete(job_id, attempt, relayed.finish_reason, relayed.usage):
         raise JobLost(job_id)
-    if turn is not None and ctx.conversations is not None:
-        ctx.conversations.save_reply(turn, "".join(relayed.parts))
 
 
 def _refused_by_moderation(
@@ -216,10 +217,10 @@ def _refused_by_moderation(
         job_id, attempt
     ):
         raise JobLost(job_id)
+    if turn is not None and ctx.conversations is not None:
+        ctx.conversations.save_reply(turn, moderation.REFUSAL)  # before the end, as above
     if not ctx.store.complete(job_id, attempt, "content_filter", None):
         raise JobLost(job_id)
-    if turn is not None and ctx.conversations is not None:
-        ctx.conversations.save_reply(turn, moderation.REFUSAL)
     return True
 
 
