@@ -63,10 +63,13 @@ Profiles are py-spy samples of the process named, taken during the scenario
   needs roughly a third less CPU per event than this; what is left per event is mostly kernel
   work (two loopback sends and a receive per chunk before the viewers' own) and the worker's
   Python, which a second machine, or fewer hops, would cut.
-- **Enqueue to first chunk** is about 9-11 ms over the upstream's own time on this machine
-  (5.7 ms on the previous one): a new upstream connection per job (the worker closes it at
-  `[DONE]`, before its last chunk frame is read), the claim, and the viewer's subscription and
-  log read before the first event. Reusing upstream connections is the next thing to try.
+- **Enqueue to first chunk** was 6.7-10.5 ms over the upstream's own time at p50 in five runs
+  on this machine (`--only first`), and 7.9-8.9 ms for the code before this work measured the
+  same way: the 10 ms target is met in most runs and missed by 0.5 ms in the run above (5.7 ms
+  on the previous machine). Not profiled further. What it is made of: the claim (`BLMOVE`,
+  then the claim script and the job's load), a new upstream connection per job (the worker
+  closes it at `[DONE]`, before the body's last chunk frame), the first publish, and the
+  viewer's subscription and log read before its first event.
 """
 
 
