@@ -2,10 +2,10 @@
 
 A worker streams hundreds of jobs at once. Publishing each chunk with its own ``EVALSHA`` spent
 two thirds of the worker's time in redis-py's per-command path (pool checkout, send, wait,
-parse) and capped one process near 7,000 chunks/s. Here a job's greenlet queues its publish and
-goes back to its upstream at once; one greenlet sends whatever has queued as one pipeline. Idle,
-a batch is one publish and costs what it did; busy, batches grow by themselves while the
-previous one is on the wire.
+parse) and capped one process near 7,000 chunks/s. Here a job queues its publish and goes back
+to its upstream at once; each lane (a share of the jobs) has one greenlet that sends whatever
+has queued as one batch. Idle, a batch is one publish; busy, batches grow by themselves while
+the previous one is on the wire.
 
 Under saturation a job may read its next chunk before its previous one was sent. Plain text
 deltas then merge into the queued event (its content grows, it keeps the first chunk's id,
