@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .chunks import DONE_BYTES, loads
+from .chunks import DONE_BYTES, completion_id, loads
 
 
 class Aggregate:
@@ -68,7 +68,7 @@ class Aggregate:
 
     def completion(self, job_id: str) -> dict[str, Any]:
         return {
-            "id": self.meta.get("id", f"chatcmpl-{job_id}"),
+            "id": self.meta.get("id", completion_id(job_id)),
             "object": "chat.completion",
             "created": self.meta.get("created", 0),
             "model": self.meta.get("model", ""),

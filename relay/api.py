@@ -101,7 +101,11 @@ def _admit(throttle: Throttle, caller: str, rpm: int) -> None:
 
 
 def submit_job(body: Any = None) -> Submission:
-    """Check limits, validate the body, rebuild its conversation, then store and queue the job."""
+    """Check limits, validate the body, rebuild its conversation, then store and queue the job.
+
+    Nothing is written before every limit has been checked: a refused request leaves no trace
+    but its count against the rate limit.
+    """
     throttle = state().throttle
     caller, rpm, concurrency = _caller()
     _admit(throttle, caller, rpm)
@@ -115,7 +119,8 @@ def submit_job(body: Any = None) -> Submission:
     )
     body = validate_chat_request(body, default_model=config["DEFAULT_MODEL"], limits=limits)
     relay = state()
-    request, turn = relay.conversations.prepare(body)
+    owner = g.api_key["id"] if g.get("api_key") else ""
+    draft = relay.conversations.prepare(body, owner)
     job_id = new_job_id()
     max_age = int(config["JOB_MAX_AGE_SECONDS"])
     if not throttle.acquire(caller, job_id, concurrency, max_age):
@@ -125,16 +130,17 @@ def submit_job(body: Any = None) -> Submission:
             retry_after=1,
             code="concurrency_limit_exceeded",
         )
-    grant = Access.new(owner=g.api_key["id"] if g.get("api_key") else "")
+    grant = Access.new(owner=owner)
     try:
+        turn = relay.conversations.save(draft)
         limited_as = caller if concurrency > 0 else ""
-        relay.store.create(request, turn, access=grant, job_id=job_id, limited_as=limited_as)
+        relay.store.create(draft.request, turn, access=grant, job_id=job_id, limited_as=limited_as)
     except BaseException:
         throttle.release(caller, job_id)
         raise
     logs.bind_job(job_id)
-    logger.info("job %s queued (model %s)", job_id, request.get("model"))
-    return Submission(job_id, request, turn, grant)
+    logger.info("job %s queued (model %s)", job_id, draft.request.get("model"))
+    return Submission(job_id, draft.request, turn, grant)
 
 
 def _cancel(job_id: str) -> None:
@@ -361,7 +367,18 @@ def job_status(job_id: str):
     status = state().store.status(job_id)
     if status is None:
         raise _unknown(job_id)
+    if not _by_creating_key(grant):
+        # The conversation's ids let their holder continue it: a read token grants watching.
+        status.pop("messageId", None)
+        status.pop("parentMessageId", None)
     return jsonify({**status, **job_links(job_id, grant)})
+
+
+def _by_creating_key(grant: Access) -> bool:
+    authorization = request.headers.get("Authorization")
+    return bool(grant.owner and authorization) and grant.is_owner(
+        access.caller_key_id(state().redis, authorization)
+    )
 
 
 @api.get("/v1/jobs/<job_id>/events")

@@ -25,6 +25,12 @@ def loads(data: str | bytes) -> Any:
     return orjson.loads(data)
 
 
+def completion_id(job_id: str) -> str:
+    """The ``id`` of every chunk of a job's stream: public, like the job id (it grants nothing,
+    unlike the reply's message id, which only the creator is given)."""
+    return f"chatcmpl-{job_id}"
+
+
 def error_body(
     message: str, type: str = "server_error", code: str | None = None, param: str | None = None
 ) -> dict[str, Any]:
@@ -46,7 +52,7 @@ def error_chunk(
     for OpenAI's own mid-stream errors; ``object``/``choices`` keep chunk parsers happy.
     """
     chunk = {
-        "id": f"chatcmpl-{job_id}",
+        "id": completion_id(job_id),
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,

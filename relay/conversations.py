@@ -1,16 +1,30 @@
-"""Conversations by message id, as the ``chatgpt`` npm package keeps them.
+"""Conversations by message id, as the ``chatgpt`` npm package keeps them, owned by their creator.
 
 Every job stores the messages it was given and, once it ends, the assistant's reply, each with
-an id and a pointer to its parent. A later request that names ``parentMessageId`` gets its
-history rebuilt by walking that chain, newest first, until the token budget is spent; the
-system message is always kept. Messages outlive jobs (``CONVERSATION_TTL_SECONDS``).
+a pointer to its parent. A later request that names ``parentMessageId`` gets its history rebuilt
+by walking that chain, newest first, until the token budget is spent; the system message is
+always kept.
+
+Who may continue a conversation: the API key that started it (``""`` when the relay runs open).
+The ids a client may name as ``parentMessageId`` are handed out only to the creator (the job's
+``POST`` answer, ``X-Relay-Message-Id``, chatgpt-web's lines): they are 122-bit random secrets,
+distinct from the completion id viewers see in chunks. A watch link or a chunk therefore never
+leads into the conversation, and an id presented by anyone but its owner is answered exactly as
+an unknown one.
+
+Storage is proportional to what was sent: one hash per conversation (:func:`relay.keys.
+conversation`) holds its owner, each distinct system prompt once, and one compact record per
+message; a follow-up reads only the records its token budget takes (a Lua script walks the chain
+inside Redis). Only the two ids handed out per turn get a key of their own
+(:func:`relay.keys.message`). Conversations outlive jobs (``CONVERSATION_TTL_SECONDS``).
 """
 
 from __future__ import annotations
 
-import time
+import hashlib
+import hmac
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from redis import Redis
@@ -18,29 +32,126 @@ from redis import Redis
 from . import keys, tokens
 from .chunks import dumps, loads
 from .errors import InvalidRequest, NotFound
+from .redis_client import as_text
 
 SYSTEM_ROLES = ("system", "developer")
-MAX_DEPTH = 10_000  # a chain is walked one message per round trip: bound it
+MAX_DEPTH = 10_000  # a chain walk is bounded by its budget; this bounds a corrupt one as well
+MAX_NEW_MESSAGES = 1_000  # records one request may add, whatever RELAY_MAX_MESSAGES says
+NO_PARENT = "-"
+
+# KEYS[1]: the conversation. ARGV: ttl, the parent's number (NO_PARENT: a new conversation),
+# owner, system id, system text ('' if it is stored already), k, then k (record) values.
+# Records: "<tokens> <parent> <role> <content JSON>". Returns the number given to the first new
+# message (the reply's number is first + k), or 0 if the conversation to continue is gone.
+_APPEND = """
+local k = tonumber(ARGV[6])
+if ARGV[2] == '-' then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[3])
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[1], 's:' .. ARGV[4], ARGV[5]) end
+local first = redis.call('HINCRBY', KEYS[1], 'next', k + 1) - k
+local parent = ARGV[2]
+for i = 0, k - 1 do
+  local tokens, rest = string.match(ARGV[7 + i], '^(%d+) (.*)$')
+  redis.call('HSET', KEYS[1], 'm:' .. (first + i), tokens .. ' ' .. parent .. ' ' .. rest)
+  parent = tostring(first + i)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return first
+"""
+
+# KEYS[1]: the conversation. ARGV: ttl, message number, record. A script and not HSET: Redis
+# keeps a large HSET value in the buffer it was read into, up to twice its size.
+_REPLY = """
+redis.call('HSET', KEYS[1], 'm:' .. ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1]: the conversation. ARGV: the newest message's number, token budget, most messages.
+# Walks the parent chain newest first and returns the records that fit the budget; a record
+# over it is read only inside Redis, never sent.
+_HISTORY = """
+local out = {}
+local n = ARGV[1]
+local budget = tonumber(ARGV[2])
+local most = tonumber(ARGV[3])
+while n ~= '-' and #out < most do
+  local record = redis.call('HGET', KEYS[1], 'm:' .. n)
+  if not record then break end
+  local a = string.find(record, ' ', 1, true)
+  local b = string.find(record, ' ', a + 1, true)
+  local cost = tonumber(string.sub(record, 1, a - 1))
+  if cost > budget then break end
+  budget = budget - cost
+  out[#out + 1] = record
+  n = string.sub(record, a + 1, b - 1)
+end
+return out
+"""
 
 
 def new_message_id() -> str:
     return str(uuid.uuid4())
 
 
+def system_id(text: str) -> str:
+    """A system prompt's name inside its conversation: stored once however often it is used."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Turn:
-    """A job's place in its conversation."""
+    """A job's place in its conversation, kept in the job's hash."""
 
-    message_id: str  # the assistant's reply: the next request's parentMessageId
-    parent_message_id: str  # the user message it answers
-    system: str | None
+    conversation_id: str
+    message_id: str  # the reply's id: the next request's parentMessageId (creator only)
+    parent_message_id: str  # the id of the last new message, which the reply answers
+    reply_number: int  # the reply's record in the conversation
+    parent_number: int
+    system: str = ""  # the system prompt's id ("" for none), inherited by follow-ups
+    # How many messages at the start (system) and end of the upstream request are new to the
+    # conversation: what moderation must see.
+    new_head: int = 0
+    new_tail: int = 0
 
     def to_json(self) -> str:
         return dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> Turn:
-        return cls(**loads(raw))
+    def from_json(cls, raw: str | bytes) -> Turn | None:
+        """The turn, or None for one written by an older relay (its reply is not kept)."""
+        values = loads(raw)
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in values.items() if k in names})
+        except TypeError:
+            return None
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a message id points: a message of a conversation the caller owns."""
+
+    conversation_id: str
+    number: int
+    system: str  # the system prompt's id in force there ("" for none)
+    system_text: str
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A prepared turn, nothing written yet: the caller checks its limits first."""
+
+    request: dict[str, Any]  # what goes upstream
+    owner: str  # who starts the conversation (a new one only)
+    parent: Position | None
+    new: list[dict[str, Any]]
+    system: str
+    system_text: str  # to store ("" if the conversation has it already)
+    new_head: int
 
 
 class Conversations:
@@ -56,20 +167,38 @@ class Conversations:
         self.ttl = ttl
         self.max_context_tokens = max_context_tokens
         self.max_response_tokens = max_response_tokens
+        self._append = redis.register_script(_APPEND)
+        self._history = redis.register_script(_HISTORY)
+        self._reply = redis.register_script(_REPLY)
 
-    def get(self, message_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(keys.message(message_id)) if _plausible(message_id) else None
-        return loads(raw) if raw else None
+    def find(self, message_id: Any, owner: str) -> Position | None:
+        """The message ``message_id`` names, if it exists and ``owner`` owns its conversation."""
+        if not _plausible(message_id):
+            return None
+        handle = as_text(self.redis.get(keys.message(message_id))).split(" ")
+        if len(handle) != 3 or not handle[1].isdigit():
+            return None
+        conversation_id, number, system = handle
+        system = "" if system == NO_PARENT else system
+        stored_owner, system_text = self.redis.hmget(
+            keys.conversation(conversation_id), "owner", f"s:{system}"
+        )
+        if stored_owner is None or not hmac.compare_digest(
+            as_text(stored_owner).encode(), owner.encode()
+        ):
+            return None
+        return Position(conversation_id, int(number), system, as_text(system_text))
 
-    def prepare(self, body: dict[str, Any]) -> tuple[dict[str, Any], Turn]:
-        """The request to send upstream, with its history rebuilt, and the turn it makes.
+    def prepare(self, body: dict[str, Any], owner: str = "") -> Draft:
+        """The request to send upstream, with its history rebuilt; writes nothing.
 
         ``body`` may carry ``parentMessageId``, ``systemMessage`` and ``prompt`` (the new user
-        input, as an alternative to ``messages``); they are not sent upstream.
+        input, as an alternative to ``messages``); they are not sent upstream. A parent that
+        does not exist or that ``owner`` does not own is :class:`NotFound`, alike.
         """
         request = dict(body)
         parent_id = request.pop("parentMessageId", None)
-        system = request.pop("systemMessage", None)
+        given_system = request.pop("systemMessage", None)
         prompt = request.pop("prompt", None)
         new = list(request.get("messages") or [])
         if prompt is not None:
@@ -77,11 +206,12 @@ class Conversations:
         leading = []
         while new and new[0].get("role") in SYSTEM_ROLES:
             leading.append(new.pop(0))
+        system = given_system
         if system is None and leading:
             system = "\n".join(tokens.content_text(m.get("content")) for m in leading)
         parent = None
         if parent_id is not None:
-            parent = self.get(parent_id)
+            parent = self.find(parent_id, owner)
             if parent is None:
                 raise NotFound(
                     f"No message with id '{parent_id}' (unknown, or the conversation expired).",
@@ -89,17 +219,26 @@ class Conversations:
                     code="message_not_found",
                 )
             if system is None:
-                system = parent.get("system")
+                system = parent.system_text or None
         if not new:
             raise InvalidRequest(
                 "A new message is required: 'prompt' or a non-system entry in 'messages'.",
                 param="messages",
                 code="missing_required",
             )
+        if len(new) > MAX_NEW_MESSAGES:
+            raise InvalidRequest(
+                f"Too many messages: {len(new)} (a conversation takes at most "
+                f"{MAX_NEW_MESSAGES} at once).",
+                param="messages",
+                code="too_many_messages",
+            )
         head = [{"role": "system", "content": system}] if system else []
+        sid = system_id(system) if system else ""
+        seen = parent is not None and sid == parent.system
         if parent is None:
             history: list[dict[str, Any]] = []
-            head = leading if body.get("systemMessage") is None else head
+            head = leading if given_system is None else head
         else:
             reply_room = (
                 request.get("max_tokens")
@@ -107,57 +246,113 @@ class Conversations:
                 or self.max_response_tokens
             )
             budget = self.max_context_tokens - reply_room - tokens.messages_tokens(head + new)
-            history = self._history(parent, budget)
+            history = self._read_history(parent, budget)
         request["messages"] = head + history + new
-        last_id = self._store_new(new, parent_id, system)
-        return request, Turn(new_message_id(), last_id, system)
+        return Draft(
+            request=request,
+            owner=owner,
+            parent=parent,
+            new=new,
+            system=sid,
+            system_text="" if seen else (system or ""),
+            new_head=0 if seen else len(head),
+        )
 
-    def _history(self, parent: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    def _read_history(self, parent: Position, budget: int) -> list[dict[str, Any]]:
         """The chain ending at ``parent``, oldest first, as much of it as fits ``budget``."""
-        newest_first: list[dict[str, Any]] = []
-        node: dict[str, Any] | None = parent
-        while node is not None and len(newest_first) < MAX_DEPTH:
-            message = {"role": node["role"], "content": node["content"]}
-            cost = tokens.message_tokens(message)
-            if cost > budget:
-                break
-            budget -= cost
-            newest_first.append(message)
-            node = self.get(node["parentMessageId"]) if node.get("parentMessageId") else None
-        return newest_first[::-1]
+        if budget <= 0:
+            return []
+        records = self._history(
+            keys=[keys.conversation(parent.conversation_id)],
+            args=[parent.number, budget, MAX_DEPTH],
+        )
+        history = []
+        for record in reversed(records):
+            _tokens, _parent, role, content = as_text(record).split(" ", 3)
+            history.append({"role": role, "content": loads(content)})
+        return history
 
-    def _store_new(
-        self, messages: list[dict[str, Any]], parent_id: str | None, system: str | None
-    ) -> str:
-        """Chain the new messages after ``parent_id``; the id of the last one."""
+    def save(self, draft: Draft) -> Turn:
+        """Store the draft's new messages after its parent: the turn the job will answer."""
+        conversation_id = draft.parent.conversation_id if draft.parent else new_message_id()
+        parent_number = str(draft.parent.number) if draft.parent else NO_PARENT
+        records = [_record(m.get("role"), m.get("content")) for m in draft.new]
+        first = int(
+            self._append(
+                keys=[keys.conversation(conversation_id)],
+                args=[
+                    self.ttl,
+                    parent_number,
+                    draft.owner,
+                    draft.system or NO_PARENT,
+                    draft.system_text,
+                    len(records),
+                    *records,
+                ],
+            )  # fmt: skip
+        )
+        if not first:  # expired between prepare and save
+            raise NotFound(
+                "The conversation expired.", param="parentMessageId", code="message_not_found"
+            )
+        turn = Turn(
+            conversation_id=conversation_id,
+            message_id=new_message_id(),
+            parent_message_id=new_message_id(),
+            reply_number=first + len(records),
+            parent_number=first + len(records) - 1,
+            system=draft.system,
+            new_head=draft.new_head,
+            new_tail=len(draft.new),
+        )
+        self._point(turn.parent_message_id, turn, turn.parent_number)
+        return turn
+
+    def save_reply(self, turn: Turn, text: str, cost: int | None = None) -> None:
+        """Store the assistant's reply (complete or cancelled) so it can be a parent.
+
+        ``cost``: its tokens, if the caller counted them already (see :func:`reply_cost`).
+        """
+        record = _record("assistant", text, cost)
+        tokens_, rest = record.split(" ", 1)
         pipe = self.redis.pipeline(transaction=False)
-        for message in messages:
-            message_id = new_message_id()
-            record = {
-                "id": message_id,
-                "role": message.get("role"),
-                "content": message.get("content"),
-                "parentMessageId": parent_id,
-                "system": system,
-                "createdAt": time.time(),
-            }
-            pipe.set(keys.message(message_id), dumps(record), ex=self.ttl)
-            parent_id = message_id
+        self._reply(
+            keys=[keys.conversation(turn.conversation_id)],
+            args=[self.ttl, turn.reply_number, f"{tokens_} {turn.parent_number} {rest}"],
+            client=pipe,
+        )
+        self._point(turn.message_id, turn, turn.reply_number, pipe)
         pipe.execute()
-        assert parent_id is not None
-        return parent_id
 
-    def save_reply(self, turn: Turn, text: str) -> None:
-        """Store the assistant's reply (complete or cancelled) so it can be a parent."""
-        record = {
-            "id": turn.message_id,
-            "role": "assistant",
-            "content": text,
-            "parentMessageId": turn.parent_message_id,
-            "system": turn.system,
-            "createdAt": time.time(),
-        }
-        self.redis.set(keys.message(turn.message_id), dumps(record), ex=self.ttl)
+    def _point(self, message_id: str, turn: Turn, number: int, pipe: Any = None) -> None:
+        """Make ``message_id`` name a message (a key of its own: only handed-out ids get one)."""
+        value = f"{turn.conversation_id} {number} {turn.system or NO_PARENT}"
+        (pipe or self.redis).set(keys.message(message_id), value, ex=self.ttl)
+
+    def get(self, message_id: str, owner: str = "") -> dict[str, Any] | None:
+        """One message as ``{"role", "content"}`` (for tests and tools)."""
+        position = self.find(message_id, owner)
+        if position is None:
+            return None
+        records = self._history(
+            keys=[keys.conversation(position.conversation_id)], args=[position.number, 1 << 62, 1]
+        )
+        if not records:
+            return None
+        _tokens, parent, role, content = as_text(records[0]).split(" ", 3)
+        return {"role": role, "content": loads(content), "parent": parent}
+
+
+def reply_cost(text: str) -> int:
+    """The tokens a reply takes in a history."""
+    return tokens.message_tokens({"role": "assistant", "content": text})
+
+
+def _record(role: Any, content: Any, cost: int | None = None) -> str:
+    """A message as the append script takes it: ``"<tokens> <role> <content JSON>"``."""
+    if cost is None:
+        cost = tokens.message_tokens({"role": role, "content": content})
+    return f"{cost} {role} {dumps(content)}"
 
 
 def _plausible(message_id: Any) -> bool:

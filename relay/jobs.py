@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError
 
 from . import keys, limits, metrics
 from .access import Access
-from .chunks import CANCELLED, DONE, dumps, error_chunk, final_chunk, loads
+from .chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
 from .conversations import Turn
 from .redis_client import as_text
 from .scripts import Scripts
@@ -75,10 +75,11 @@ class JobStore:
         fields.update((access or Access.new()).fields())
         if limited_as:  # the caller whose concurrency slot the job holds until it ends
             fields["limited_as"] = limited_as
+        pairs = [item for pair in fields.items() for item in pair]
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
-        pipe.expire(keys.job(job_id), self.max_age)
-        pipe.set(keys.text(job_id), "", ex=self.max_age)
+        self.scripts.create(
+            keys=[keys.job(job_id), keys.text(job_id)], args=[self.max_age, *pairs], client=pipe
+        )
         pipe.lpush(keys.PENDING, job_id)
         metrics.count(pipe, "jobs_created")
         pipe.execute()
@@ -107,6 +108,7 @@ class JobStore:
             "id": job_id,
             "object": "relay.job",
             "status": h.get("status"),
+            # Only for the creator: the API removes them for anyone else (relay.conversations).
             "messageId": turn.message_id if turn else None,
             "parentMessageId": turn.parent_message_id if turn else None,
             "model": h.get("model") or None,
@@ -126,12 +128,8 @@ class JobStore:
 
         Returns whether this call ended it, and the worker running it (to be told to stop).
         """
-        fields = self.redis.hmget(keys.job(job_id), "model", "worker", "conversation")
-        model, worker, conversation = (as_text(v) for v in fields)
-        completion_id = (
-            Turn.from_json(conversation).message_id if conversation else f"chatcmpl-{job_id}"
-        )
-        chunk = final_chunk(completion_id, CANCELLED, model)
+        model, worker = (as_text(v) for v in self.redis.hmget(keys.job(job_id), "model", "worker"))
+        chunk = final_chunk(completion_id(job_id), CANCELLED, model)
         ended = self.finish(job_id, None, "cancelled", [chunk, DONE], {"finish_reason": CANCELLED})
         if ended and worker:
             self.redis.publish(keys.control(worker), f"cancel {job_id}")

@@ -40,8 +40,19 @@ def viewers(job_id: str) -> str:
     return f"{PREFIX}:{{{job_id}}}:viewers"
 
 
+def conversation(conversation_id: str) -> str:
+    """Hash: one conversation (:mod:`relay.conversations`): ``owner`` (the API key id that
+    started it, "" when open), ``next`` (the last message number given), ``s:<id>`` (each
+    system prompt, once), ``m:<n>`` (message n: ``"<tokens> <parent n> <role> <content>"``)."""
+    return f"{PREFIX}:{{{conversation_id}}}:conversation"
+
+
 def message(message_id: str) -> str:
-    """String (JSON): one conversation message; outlives the job that made it."""
+    """String: where a handed-out message id points, ``"<conversation id> <n> <system id>"``.
+
+    Only the creator is given these ids (the reply's, and its question's); they expire with
+    ``CONVERSATION_TTL_SECONDS`` from when they were made.
+    """
     return f"{PREFIX}:{{{message_id}}}:message"
 
 

@@ -65,6 +65,16 @@ return 1
 """
 )
 
+# KEYS: job, text. ARGV: max age, then field/value pairs of the job hash. Written by a script
+# rather than HSET because Redis keeps a large HSET value (over 32 kB) in the buffer it was read
+# into, up to twice its size; a value made inside a script is allocated at its exact size.
+CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '', 'EX', ARGV[1])
+return 1
+"""
+
 # KEYS: job. ARGV: worker id, now. Returns the new attempt number, or 0 if the job is gone or
 # no longer queued (expired, or already ended).
 CLAIM = """
@@ -105,6 +115,7 @@ class Scripts:
     """The scripts registered on one client (``EVALSHA`` with a transparent ``EVAL`` fallback)."""
 
     def __init__(self, redis: Redis) -> None:
+        self.create = redis.register_script(CREATE)
         self.publish = redis.register_script(PUBLISH)
         self.finish = redis.register_script(FINISH)
         self.claim = redis.register_script(CLAIM)

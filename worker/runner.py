@@ -13,8 +13,8 @@ import requests
 from redis.exceptions import RedisError
 
 from relay import metrics, queue
-from relay.chunks import dumps, final_chunk
-from relay.conversations import Conversations, Turn
+from relay.chunks import completion_id, dumps, final_chunk
+from relay.conversations import Conversations, Turn, reply_cost
 from relay.jobs import JobStore
 
 from . import moderation
@@ -143,12 +143,14 @@ def _stream(
     body, wants_usage = _upstream_request(ctx, body)
     response = _open_with_retries(ctx, job_id, body)
     relayed = _Relayed(parts=[])
+    public_id = completion_id(job_id)
 
     def relay(data: str, chunk: dict[str, Any]) -> None:
         """One chunk: never waits (with a publisher, it runs in an event-loop callback)."""
-        if turn is not None and chunk.get("id") != turn.message_id:
-            # The completion's id is the reply's message id: the next parentMessageId.
-            chunk["id"] = turn.message_id
+        if chunk.get("id") != public_id:
+            # One id for the whole stream, whatever the upstream (or a retry) called it; never
+            # the reply's message id, which would let any viewer continue the conversation.
+            chunk["id"] = public_id
             data = dumps(chunk)
         text, reason = _delta_text(chunk)
         relayed.parts.append(text)
@@ -182,9 +184,21 @@ def _stream(
         )
     if turn is not None and ctx.conversations is not None:
         # Before the end: a client that has seen [DONE] may name this reply as its parent at once.
-        ctx.conversations.save_reply(turn, "".join(relayed.parts))
+        text = "".join(relayed.parts)
+        ctx.conversations.save_reply(turn, text, _counted_off_the_loop(text))
     if not store.complete(job_id, attempt, relayed.finish_reason, relayed.usage):
         raise JobLost(job_id)
+
+
+OFF_LOOP_CHARS = 32_768  # ~1.5 ms of counting: less is not worth a thread hand-off
+
+
+def _counted_off_the_loop(text: str) -> int:
+    """A reply's tokens, counted in gevent's thread pool when it is long (tiktoken releases the
+    GIL), so that the worker's other jobs are not held up meanwhile."""
+    if len(text) < OFF_LOOP_CHARS:
+        return reply_cost(text)
+    return int(gevent.get_hub().threadpool.apply(reply_cost, (text,)))
 
 
 def _refused_by_moderation(
@@ -197,7 +211,7 @@ def _refused_by_moderation(
     """
     try:
         flagged = moderation.is_flagged(
-            ctx.session, ctx.upstream, moderation.new_input(body), ctx.moderation_model
+            ctx.session, ctx.upstream, moderation.new_input(body, turn), ctx.moderation_model
         )
     except UpstreamError:
         if not ctx.moderation_fail_open:
@@ -208,7 +222,7 @@ def _refused_by_moderation(
         return False
     logger.info("job %s: input flagged by moderation; refused", job_id)
     chunk = final_chunk(
-        turn.message_id if turn else f"chatcmpl-{job_id}",
+        completion_id(job_id),
         "content_filter",
         body.get("model", ""),
         content=moderation.REFUSAL,

@@ -38,10 +38,11 @@ def node_clients() -> Path:
     return NODE_DIR
 
 
-def test_chatgpt_api_send_message_with_progress_and_a_follow_up(node_clients, running_stack):
-    stack, base = running_stack
+def test_chatgpt_api_holds_a_three_turn_conversation_with_a_key(node_clients, stack):
+    base = stack.start_web(env={"RELAY_API_KEYS": "npm-key-1"})
+    stack.start_worker()
     result = subprocess.run(
-        ["node", "chatgpt_api.mjs", base],
+        ["node", "chatgpt_api.mjs", base, "npm-key-1"],
         cwd=node_clients,
         capture_output=True,
         text=True,
@@ -53,13 +54,15 @@ def test_chatgpt_api_send_message_with_progress_and_a_follow_up(node_clients, ru
     assert out["first"]["text"] == expected
     assert out["finishReason"] == "stop"
     assert len(set(out["progress"])) >= 3 and out["progress"][-1] == expected
-    assert out["second"]["text"] == expected
-    assert out["second"]["id"] != out["first"]["id"]
+    assert out["third"]["text"] == expected
+    assert len({out[turn]["id"] for turn in ("first", "second", "third")}) == 3
     # The package rebuilt the history itself; the upstream got the whole chain through the relay.
     bodies = requests.get(stack.upstream.removesuffix("/v1") + "/_sim/requests", timeout=5).json()
-    sent = next(b for b in reversed(bodies) if b["messages"][-1]["content"] == "A follow-up")
-    assert sent["messages"][-3:] == [
+    sent = next(b for b in reversed(bodies) if b["messages"][-1]["content"] == "A third turn")
+    assert sent["messages"][-5:] == [
         {"role": "user", "content": "Hello from the chatgpt package"},
         {"role": "assistant", "content": expected},
         {"role": "user", "content": "A follow-up"},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "A third turn"},
     ]

@@ -19,10 +19,11 @@ def run_turn(base: str, body: dict) -> tuple[dict, str]:
     job = create_job(base, body)
     received, _ = read_stream(job["events_url"])
     assert received.done and not received.errors, received
-    # The reply's message id is in the job, in every chunk of the stream, and in the status.
-    assert {c["id"] for c in received.chunks} == {job["messageId"]}
+    # The reply's message id is the creator's alone: chunks carry the public completion id, and
+    # the status shows no conversation ids to a holder of the read token.
+    assert {c["id"] for c in received.chunks} == {f"chatcmpl-{job['id']}"}
     status = requests.get(job["status_url"], timeout=5).json()
-    assert status["messageId"] == job["messageId"]
+    assert "messageId" not in status and "parentMessageId" not in status
     return job, received.text
 
 

@@ -270,20 +270,22 @@ def test_a_reply_types_in_over_several_visible_steps(context: BrowserContext, sl
 
 def test_a_follow_up_continues_the_conversation(context: BrowserContext, fast: str, simulator: str):
     page, problems = open_page(context, f"{fast}/")
-    send(page, "First question, follow-up test")
-    expect(last_reply(page)).to_have_attribute("data-status", "done")
-    send(page, "Second question, follow-up test")
-    expect(page.locator(".msg.assistant")).to_have_count(2)
-    expect(last_reply(page)).to_have_attribute("data-status", "done")
+    questions = [f"{n} question, follow-up test" for n in ("First", "Second", "Third")]
+    for count, question in enumerate(questions, start=1):
+        send(page, question)
+        expect(page.locator(".msg.assistant")).to_have_count(count)
+        expect(last_reply(page)).to_have_attribute("data-status", "done")
     expect(last_reply(page).locator(".body")).to_have_text(FAST_REPLY)
 
     sim = simulator.removesuffix("/v1")
     bodies = [b for b in sim_requests(sim) if "follow-up test" in str(b.get("messages"))]
-    assert len(bodies) == 2
-    assert bodies[1]["messages"] == [
-        {"role": "user", "content": "First question, follow-up test"},
+    assert len(bodies) == 3
+    assert bodies[2]["messages"] == [
+        {"role": "user", "content": questions[0]},
         {"role": "assistant", "content": FAST_REPLY},
-        {"role": "user", "content": "Second question, follow-up test"},
+        {"role": "user", "content": questions[1]},
+        {"role": "assistant", "content": FAST_REPLY},
+        {"role": "user", "content": questions[2]},
     ]
     assert not problems
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import fakeredis
+import gevent
 import pytest
 import requests
 
-from relay.conversations import Conversations
+from relay.conversations import Conversations, reply_cost
 from relay.jobs import JobStore
+from worker import runner
 from worker.publisher import Publisher
 from worker.runner import JobContext, run_job
 from worker.upstream import Upstream
@@ -23,9 +27,10 @@ def test_a_reply_is_saved_as_a_parent_before_the_job_ends(simulator: str, publis
     redis = fakeredis.FakeRedis()
     store = JobStore(redis, retention=60, max_age=600)
     conversations = Conversations(redis, ttl=600)
-    body, turn = conversations.prepare({"model": "m", "prompt": "hi",
-                                        "simulator": {"reply": "hello there"}})  # fmt: skip
-    job_id = store.create(body, turn)
+    draft = conversations.prepare({"model": "m", "prompt": "hi",
+                                   "simulator": {"reply": "hello there"}})  # fmt: skip
+    turn = conversations.save(draft)
+    job_id = store.create(draft.request, turn)
     seen_at_end: list[dict | None] = []
     complete = store.complete
 
@@ -43,3 +48,26 @@ def test_a_reply_is_saved_as_a_parent_before_the_job_ends(simulator: str, publis
     assert store.status(job_id)["status"] == "completed"
     (reply,) = seen_at_end
     assert reply is not None and reply["content"] == "hello there"
+
+
+def test_a_long_reply_is_counted_without_holding_up_the_workers_other_jobs():
+    """Counting a long reply's tokens takes tens of milliseconds of CPU; the other jobs'
+    greenlets must keep running meanwhile."""
+    text = "The relay keeps every reply. " * 27_000  # 0.8 MB: ~50 ms to count
+    ticks: list[float] = []
+
+    def tick() -> None:
+        while True:
+            ticks.append(time.perf_counter())
+            gevent.sleep(0.001)
+
+    ticker = gevent.spawn(tick)
+    gevent.sleep(0.01)
+    started = time.perf_counter()
+    cost = runner._counted_off_the_loop(text)
+    took = time.perf_counter() - started
+    ticker.kill()
+    assert cost == reply_cost(text)
+    during = [started, *(t for t in ticks if t >= started), started + took]
+    longest = max(b - a for a, b in zip(during, during[1:], strict=False))
+    assert took > 0.02 and longest < took / 2, f"the loop stood still {longest:.3f}s of {took:.3f}s"
