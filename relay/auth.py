@@ -70,10 +70,15 @@ def key_mode_at_start(settings: Mapping[str, Any]) -> tuple[bool, str]:
         redis.close()
 
 
+def keys_required() -> bool:
+    """Whether any API key exists (then every request that creates something needs one)."""
+    mode: KeyMode = current_app.extensions.setdefault("relay.keymode", KeyMode())
+    return mode.keys_required()
+
+
 def require_api_key() -> dict[str, Any] | None:
     """The caller's key record, or 401; None when the relay runs open (no keys configured)."""
-    mode: KeyMode = current_app.extensions.setdefault("relay.keymode", KeyMode())
-    if not mode.keys_required():
+    if not keys_required():
         return None
     record = apikeys.authenticate(state().redis, request.headers.get("Authorization"))
     if record is None:

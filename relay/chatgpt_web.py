@@ -6,6 +6,10 @@
 and parses the last complete line, and sends ``id`` back as the next
 ``options.parentMessageId``. Jobs made here are ordinary jobs: watchable, cancellable, stored
 in the conversation.
+
+Who may use it: once the relay has API keys, a key (the front end's "secret key" setting, sent
+as ``Authorization: Bearer``), and its conversations are that key's; ``RELAY_CHATGPT_WEB_SECRET``
+gates an open relay (no keys) and never stands in for a key.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from . import apikeys
 from .api import json_body, link_headers, stream_response, submit_job
-from .auth import require_api_key
+from .app import state
+from .auth import keys_required, require_api_key
 from .chunks import dumps, loads
 from .conversations import Turn
 from .errors import InvalidRequest, RelayError, Unauthorized
@@ -43,13 +49,12 @@ def _secret() -> str:
 
 
 def _check_secret() -> None:
-    """chatgpt-web's secret when one is set; otherwise the relay's API keys, if any."""
-    secret = _secret()
-    if not secret:
-        require_api_key()
+    """A relay API key once keys exist; otherwise chatgpt-web's secret, when one is set."""
+    if require_api_key() is not None:
         return
+    secret = _secret()
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), secret.encode()):
+    if secret and not hmac.compare_digest(given.encode(), secret.encode()):
         raise Unauthorized(
             "Error: No access rights (set the secret key in the page's settings).",
             code="invalid_secret",
@@ -76,16 +81,24 @@ def _error(error: RelayError) -> Response:
 
 @chatgpt_web.post("/session")
 def session() -> Response:
-    return _reply("Success", data={"auth": bool(_secret()), "model": "ChatGPTAPI"})
+    # auth: true makes the front end ask for a "secret key" and send it as a Bearer token.
+    auth = keys_required() or bool(_secret())
+    return _reply("Success", data={"auth": auth, "model": "ChatGPTAPI"})
 
 
 @chatgpt_web.post("/verify")
 def verify() -> Response:
+    """Check what the front end's user typed as its secret key: a relay API key once keys
+    exist, else chatgpt-web's secret."""
     body = json_body()
     token = body.get("token") if isinstance(body, dict) else None
-    if not token:
+    if not token or not isinstance(token, str):
         raise InvalidRequest("Secret key is empty", param="token", code="missing_required")
-    if not hmac.compare_digest(str(token).encode(), _secret().encode()):
+    if keys_required():
+        valid = apikeys.authenticate(state().redis, f"Bearer {token}") is not None
+    else:
+        valid = hmac.compare_digest(token.encode(), _secret().encode())
+    if not valid:
         raise Unauthorized("Secret key is invalid", code="invalid_secret")
     return _reply("Success", "Verify successfully")
 

@@ -118,3 +118,37 @@ def test_a_secret_gates_chat_process_and_verify(stack):
         headers={"Authorization": "Bearer s3cret"},
     )
     assert final["detail"]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_with_api_keys_the_front_end_signs_in_with_a_key_and_owns_its_conversations(stack):
+    """The unchanged front end: /api/session says auth is needed, the user types a relay key as
+    the "secret key", /api/verify accepts it, and every request carries it as a Bearer token.
+    A chatgpt-web secret set as well never stands in for a key."""
+    keys = {"RELAY_API_KEYS": "cw-key-a-1,cw-key-b-1", "RELAY_CHATGPT_WEB_SECRET": "s3cret"}
+    base = stack.start_web(env=keys)
+    stack.start_worker()
+    session = requests.post(f"{base}/api/session", timeout=5).json()
+    assert session["data"]["auth"] is True
+    for wrong in ("nope", "s3cret"):
+        refused = requests.post(f"{base}/api/verify", json={"token": wrong}, timeout=5)
+        assert refused.status_code == 401 and refused.json()["status"] == "Unauthorized"
+    verified = requests.post(f"{base}/api/verify", json={"token": "cw-key-a-1"}, timeout=5)
+    assert verified.json()["status"] == "Success"
+    for headers in ({}, {"Authorization": "Bearer s3cret"}):
+        refused = requests.post(f"{base}/api/chat-process", json={"prompt": "x"},
+                                headers=headers, timeout=5)  # fmt: skip
+        assert refused.status_code == 401 and refused.json()["status"] == "Unauthorized"
+
+    as_a, as_b = {"Authorization": "Bearer cw-key-a-1"}, {"Authorization": "Bearer cw-key-b-1"}
+    parent, prompts = None, ["one", "two", "three"]
+    for prompt in prompts:
+        options = {"parentMessageId": parent} if parent else {}
+        body = {"prompt": prompt, "options": options, "simulator": {"tokens": 2}}
+        _, final = chat_process(base, body, headers=as_a)
+        parent = final["id"]
+    reply = reply_text({"simulator": {"tokens": 2}})
+    sent = next(r for r in reversed(recorded(stack)) if r["messages"][-1]["content"] == "three")
+    assert [m["content"] for m in sent["messages"]] == ["one", reply, "two", reply, "three"]
+    theft = {"prompt": "x", "options": {"parentMessageId": parent}}
+    stolen = requests.post(f"{base}/api/chat-process", json=theft, headers=as_b, timeout=5)
+    assert stolen.status_code == 404 and stolen.json()["error"]["code"] == "message_not_found"
