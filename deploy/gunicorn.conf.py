@@ -7,6 +7,7 @@ with gunicorn's own command-line flags.
 
 import multiprocessing
 import os
+import sys
 
 wsgi_app = "relay:create_app()"
 bind = os.environ.get("RELAY_BIND", "127.0.0.1:8000")
@@ -30,25 +31,36 @@ errorlog = "-"
 loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
 
 
+def on_starting(server):
+    """Refuse to start with a bad ``RELAY_*`` setting, naming the variable."""
+    from relay.core.settings import Settings, SettingsError
+
+    try:
+        Settings.from_env()
+    except SettingsError as exc:
+        server.log.error("bad setting: %s", exc)
+        sys.exit(2)
+
+
 def when_ready(server):
     """Say once, at start, whether creating jobs needs an API key (or the relay runs open)."""
-    from relay.auth import key_mode_at_start
-    from relay.config import from_env
+    from relay.core.settings import Settings
+    from relay.web.auth import key_mode_at_start
 
-    open_mode, message = key_mode_at_start(from_env())
+    open_mode, message = key_mode_at_start(Settings.from_env())
     (server.log.warning if open_mode else server.log.info)(message)
 
 
 def post_fork(server, worker):
     """The app's own log lines as JSON with the job id (gunicorn keeps its own format)."""
-    from relay import logs
+    from relay.core import logs
 
     logs.configure(loglevel, os.environ.get("RELAY_LOG_FORMAT", "json"))
 
 
 def post_worker_init(worker):
     """On SIGTERM, end open streams at once instead of holding them to ``graceful_timeout``."""
-    from relay.app import end_streams_on_sigterm
+    from relay.web.app import end_streams_on_sigterm
 
     if hasattr(worker.wsgi, "extensions"):  # the relay's Flask app (not a wrapped one)
         end_streams_on_sigterm(worker.wsgi)

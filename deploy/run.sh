@@ -64,7 +64,7 @@ http_ok() {
 
 start_simulator() {
   say "no upstream configured: starting the simulator on port $SIM_PORT"
-  "$PY" -m relay.simulator --port "$SIM_PORT" --interval "${RELAY_SIM_INTERVAL:-0.05}" \
+  "$PY" -m relay.dev.simulator --port "$SIM_PORT" --interval "${RELAY_SIM_INTERVAL:-0.05}" \
     >"$STATE/simulator.log" 2>&1 &
   PIDS+=($!)
   export RELAY_UPSTREAM_BASE_URL="http://127.0.0.1:$SIM_PORT/v1"
@@ -109,7 +109,7 @@ RELAY_BIND="127.0.0.1:$PORT" RELAY_WEB_PROCESSES="${RELAY_WEB_PROCESSES:-2}" \
   "$PY" -m gunicorn -c deploy/gunicorn.conf.py >"$STATE/web.log" 2>&1 &
 PIDS+=($!)
 
-"$PY" -m relay.demo "http://127.0.0.1:$PORT" || { echo "demo failed; see $STATE/*.log" >&2; exit 1; }
+"$PY" -m relay.dev.demo "http://127.0.0.1:$PORT" || { echo "demo failed; see $STATE/*.log" >&2; exit 1; }
 
 say "the stack is running: open http://127.0.0.1:$PORT/ (Ctrl-C stops it)"
 wait -n "${PIDS[@]}" || true

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Vendor the chat page's two browser libraries from the npm registry into relay/static/vendor/:
+# Vendor the chat page's two browser libraries from the npm registry into relay/web/static/vendor/:
 #   marked     (Markdown -> HTML)           lib/marked.esm.js   -> vendor/marked.esm.js
 #   dompurify  (HTML sanitizer)             dist/purify.es.mjs  -> vendor/purify.es.js
 # The files are committed; run this only to upgrade (edit the versions below), then commit.
@@ -10,7 +10,7 @@ MARKED_VERSION=18.2.1
 DOMPURIFY_VERSION=3.4.18
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEST="$ROOT/relay/static/vendor"
+DEST="$ROOT/relay/web/static/vendor"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 

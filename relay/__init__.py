@@ -13,10 +13,10 @@ if TYPE_CHECKING:
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """The relay's Flask app (see :func:`relay.app.create_app`).
 
-    Imported lazily so that ``python -m relay.simulator`` and the worker can monkey-patch
+    Imported lazily so that ``python -m relay.dev.simulator`` and the worker can monkey-patch
     gevent before Flask and redis are loaded.
     """
-    from .app import create_app as factory
+    from relay.web.app import create_app as factory
 
     return factory(config)
 

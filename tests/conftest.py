@@ -158,7 +158,7 @@ def simulator(log_dir: Path) -> Iterator[str]:
     port = free_port()
     proc = start_process(
         "simulator",
-        [sys.executable, "-m", "relay.simulator", "--port", str(port), "--interval", "0.01"],
+        [sys.executable, "-m", "relay.dev.simulator", "--port", str(port), "--interval", "0.01"],
         log_dir,
     )
     base = f"http://127.0.0.1:{port}"

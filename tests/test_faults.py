@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.conftest import wait_for
 from tests.helpers import chat_body, create_job, read_stream
 from worker.sse_decoder import SSEDecoder

@@ -15,7 +15,7 @@ import pytest
 import redis
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.conftest import Proc, Stack, free_port, start_process, wait_for
 from tests.helpers import chat_body, create_job, read_stream
 

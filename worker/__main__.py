@@ -11,40 +11,39 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
-from relay import logs  # noqa: E402
-from relay.config import from_env  # noqa: E402
+from relay.core import logs  # noqa: E402
+from relay.core.settings import Settings, SettingsError  # noqa: E402
 
 from .main import Worker  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = from_env()
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=settings["WORKER_CONCURRENCY"],
-        help="jobs run at once (default: RELAY_WORKER_CONCURRENCY or %(default)s)",
+        "--concurrency", type=int, help="jobs run at once (default: RELAY_WORKER_CONCURRENCY)"
     )
-    parser.add_argument("--redis-url", default=settings["REDIS_URL"])
-    parser.add_argument("--upstream", default=settings["UPSTREAM_BASE_URL"], help="base URL")
+    parser.add_argument("--redis-url", help="default: RELAY_REDIS_URL")
+    parser.add_argument("--upstream", help="base URL (default: RELAY_UPSTREAM_BASE_URL)")
     parser.add_argument(
         "--grace",
         type=float,
-        default=settings["WORKER_GRACE_SECONDS"],
         help="seconds running jobs get to finish after SIGTERM; then unstarted ones are "
-        "re-queued and the rest fail (default: RELAY_WORKER_GRACE_SECONDS or %(default)s)",
+        "re-queued and the rest fail (default: RELAY_WORKER_GRACE_SECONDS)",
     )
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["json", "text"], default="json")
     args = parser.parse_args(argv)
-    settings.update(
-        WORKER_CONCURRENCY=args.concurrency,
-        REDIS_URL=args.redis_url,
-        UPSTREAM_BASE_URL=args.upstream,
-        WORKER_GRACE_SECONDS=args.grace,
-    )
+    given = {
+        "worker_concurrency": args.concurrency,
+        "redis_url": args.redis_url,
+        "upstream_base_url": args.upstream,
+        "worker_grace_seconds": args.grace,
+    }
+    try:
+        settings = Settings.from_env(**{k: v for k, v in given.items() if v is not None})
+    except SettingsError as exc:
+        parser.exit(2, f"python -m worker: {exc}\n")
     logs.configure(args.log_level, args.log_format)
     worker = Worker(settings, worker_id=args.worker_id)
     gevent.signal_handler(signal.SIGTERM, worker.request_stop)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from relay import queue
-from relay.jobs import JobStore
+from relay.core import queue
+from relay.core.jobs import JobStore
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from gevent.event import Event
 from gevent.pool import Pool
 from redis.exceptions import RedisError
 
-from relay import keys, logs, queue
-from relay.conversations import Conversations
-from relay.jobs import JobStore
-from relay.redis_client import connect
+from relay.core import keys, logs, queue
+from relay.core.connections import connect
+from relay.core.conversations import Conversations
+from relay.core.jobs import JobStore
+from relay.core.settings import Settings
 
 from . import janitor
 from .publisher import Publisher
@@ -51,46 +52,41 @@ def _session(pool_size: int) -> requests.Session:
 
 
 class Worker:
-    def __init__(self, settings: dict[str, Any], worker_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         )
-        self.concurrency = int(settings["WORKER_CONCURRENCY"])
-        self.grace = float(settings.get("WORKER_GRACE_SECONDS", 30.0))
-        lease = float(settings["LEASE_SECONDS"])
+        self.concurrency = settings.worker_concurrency
+        self.grace = settings.worker_grace_seconds
+        lease = settings.lease_seconds
         # A dead worker's heartbeat lapses after half a lease and a janitor looks every quarter
         # lease, so its jobs are recovered within the lease (DESIGN.md invariant 4).
         self.heartbeat_ttl_ms = int(lease * 500)
         self.heartbeat_every = lease / 6
         self.janitor_every = lease / 4
-        self.redis = connect(
-            settings["REDIS_URL"],
-            max_connections=int(settings["REDIS_MAX_CONNECTIONS"]),
-        )
+        self.redis = connect(settings.redis_url, max_connections=settings.redis_max_connections)
         self.store = JobStore(
-            self.redis,
-            retention=int(settings["RETENTION_SECONDS"]),
-            max_age=int(settings["JOB_MAX_AGE_SECONDS"]),
+            self.redis, retention=settings.retention_seconds, max_age=settings.job_max_age_seconds
         )
         self.ctx = JobContext(
             store=self.store,
             publisher=Publisher(self.store, raw=True),
             session=_session(self.concurrency),
             upstream=Upstream(
-                base_url=settings["UPSTREAM_BASE_URL"],
-                api_key=settings["UPSTREAM_API_KEY"] or "",
-                connect_timeout=float(settings["UPSTREAM_CONNECT_TIMEOUT"]),
-                read_timeout=float(settings["UPSTREAM_READ_TIMEOUT"]),
+                base_url=settings.upstream_base_url,
+                api_key=settings.upstream_api_key,
+                connect_timeout=settings.upstream_connect_timeout,
+                read_timeout=settings.upstream_read_timeout,
             ),
             worker_id=self.worker_id,
-            max_retries=int(settings["UPSTREAM_MAX_RETRIES"]),
-            default_model=settings["DEFAULT_MODEL"] or "",
-            include_usage=bool(settings["UPSTREAM_INCLUDE_USAGE"]),
-            moderation=bool(settings["MODERATION"]),
-            moderation_fail_open=bool(settings["MODERATION_FAIL_OPEN"]),
-            moderation_model=settings["MODERATION_MODEL"] or "",
-            conversations=Conversations(self.redis, ttl=int(settings["CONVERSATION_TTL_SECONDS"])),
+            max_retries=settings.upstream_max_retries,
+            default_model=settings.default_model,
+            include_usage=settings.upstream_include_usage,
+            moderation=settings.moderation,
+            moderation_fail_open=settings.moderation_fail_open,
+            moderation_model=settings.moderation_model,
+            conversations=Conversations(self.redis, ttl=settings.conversation_ttl_seconds),
         )
         self.pool = Pool(self.concurrency)
         self.running: dict[str, gevent.Greenlet] = {}

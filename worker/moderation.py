@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import requests
 
-from relay.conversations import Turn
-from relay.tokens import content_text
+from relay.core.conversations import Turn
+from relay.core.tokens import content_text
 
 from .upstream import Upstream, UpstreamError
 

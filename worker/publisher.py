@@ -23,10 +23,10 @@ import gevent
 from gevent.event import AsyncResult, Event
 from redis.exceptions import RedisError
 
-from relay import metrics
-from relay.chunks import dumps
-from relay.jobs import JobStore
-from relay.redis_raw import RawConnection
+from relay.core import metrics
+from relay.core.chunks import dumps
+from relay.core.connections import RawConnection
+from relay.core.jobs import JobStore
 
 
 def mergeable(chunk: dict[str, Any]) -> bool:

@@ -23,7 +23,7 @@ import requests
 import urllib3.exceptions
 from gevent.event import AsyncResult
 
-from relay.chunks import DONE, dumps
+from relay.core.chunks import DONE, dumps
 
 from .chunked import ChunkedDecoder, ChunkedError
 from .sse_decoder import SSEDecoder, SSEProtocolError

@@ -12,10 +12,10 @@ import gevent
 import requests
 from redis.exceptions import RedisError
 
-from relay import metrics, queue
-from relay.chunks import completion_id, dumps, final_chunk
-from relay.conversations import Conversations, Turn, reply_cost
-from relay.jobs import JobStore
+from relay.core import metrics, queue
+from relay.core.chunks import completion_id, dumps, final_chunk
+from relay.core.conversations import Conversations, Turn, reply_cost
+from relay.core.jobs import JobStore
 
 from . import moderation
 from .publisher import Publisher

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import requests
 
-from relay.chunks import dumps
+from relay.core.chunks import dumps
 
 _ERROR_BODY_LIMIT = 64 * 1024
 

@@ -315,7 +315,7 @@ class Bench:
             self.procs.append(start_process(name, [binary, "--port", str(port), "--save", "",
                                                    "--appendonly", "no", "--maxclients", "15000"],
                                             log_dir))  # fmt: skip
-        # The simulator's chunks from one epoll loop: relay.simulator (a greenlet per stream)
+        # The simulator's chunks from one epoll loop: relay.dev.simulator (a greenlet per stream)
         # took up to half a core from the system under test (tests/bench/upstream.py).
         upstream = [sys.executable, "-m", "tests.bench.upstream", "--port", str(self.sim_port)]
         self.procs.append(start_process("simulator", upstream, log_dir))
@@ -356,7 +356,7 @@ class Bench:
         return response.json()
 
     def log_length(self, job_id: str) -> int:
-        from relay import keys
+        from relay.core import keys
 
         return int(self.redis.llen(keys.events(job_id)))
 
@@ -585,7 +585,7 @@ class Bench:
         every job within milliseconds of the upstream; one that does not falls further behind
         with every chunk.
         """
-        from relay import keys
+        from relay.core import keys
 
         lead = 2.0 + streams / 200
         pool = Pool(50)

@@ -3,11 +3,11 @@
     python -m tests.bench.upstream --port PORT
 
 It answers ``POST /v1/chat/completions`` (``stream: true``) with the chunks
-:mod:`relay.simulator` would send for the same body (its ``simulator`` options: ``tokens``,
+:mod:`relay.dev.simulator` would send for the same body (its ``simulator`` options: ``tokens``,
 ``interval``, ``first_delay``, ``timestamps``), and ``GET /healthz``. Faults, formats and
 non-streamed answers are refused with 400: the benchmarks use none of them.
 
-Why not ``relay.simulator`` itself: a real upstream runs on someone else's machine, but here it
+Why not ``relay.dev.simulator`` itself: a real upstream runs on someone else's machine, but here it
 shares the relay's two cores. The gevent simulator (a greenlet, a timer and a pywsgi write per
 chunk) used 0.35-0.5 of a core at 10,000 chunks/s, taken from the system under test. This one
 encodes each chunk once when the request arrives, keeps every stream in one timer heap and
@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 
-from relay.simulator import _chunks, encode_event, make_plan
+from relay.dev.simulator import _chunks, encode_event, make_plan
 
 STAMP = b',"x_sim_emitted_at":%r}\n\n'
 END = b"0\r\n\r\n"

@@ -42,7 +42,7 @@ def render_site(
     text = _replace_once(text, r"^(\s*)server 127\.0\.0\.1:8000\b", rf"\1server {upstream}")
     text = _replace_once(text, r"^(\s*)listen 80;", rf"\1listen {listen};")
     text = _replace_once(
-        text, r"^(\s*)alias /opt/chat-relay/relay/static/;", rf"\1alias {static_root}/;"
+        text, r"^(\s*)alias /opt/chat-relay/relay/web/static/;", rf"\1alias {static_root}/;"
     )
     return _replace_once(text, r"^(\s*)proxy_buffering off;", rf"\1{streaming}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.config import DEFAULTS
+from relay.core.settings import Settings
 from tests.conftest import free_port
 from tests.deploy.nginx_site import (
     DEPLOY,
@@ -160,8 +160,8 @@ def test_nginx_service_runs_deploy_nginx_conf(compose: dict) -> None:
     # The static files nginx serves are mounted where deploy/nginx.conf's alias points.
     alias = re.search(r"^\s*alias (\S+);", site_config(), re.MULTILINE)
     assert alias
-    assert mounted[ROOT / "relay" / "static"].rstrip("/") == alias.group(1).rstrip("/")
-    assert in_repo(alias.group(1).rstrip("/")) == ROOT / "relay" / "static"
+    assert mounted[ROOT / "relay" / "web" / "static"].rstrip("/") == alias.group(1).rstrip("/")
+    assert in_repo(alias.group(1).rstrip("/")) == ROOT / "relay" / "web" / "static"
 
 
 def test_container_file_installs_the_project_as_non_root(compose: dict) -> None:
@@ -334,10 +334,10 @@ def test_server_settings_suit_the_relay() -> None:
     # Slightly above the relay's own limit, so that the relay answers its JSON 413.
     limit = directive(server, "client_max_body_size")
     assert limit and limit.endswith("k")
-    relay_limit = DEFAULTS["MAX_BODY_BYTES"]
+    relay_limit = Settings().max_body_bytes
     assert relay_limit < int(limit[:-1]) * 1024 <= 2 * relay_limit
     _, _, static = matching_location(text, "/static/app.js")
-    assert directive(static, "alias") == f"{IMAGE_ROOT}/relay/static/"
+    assert directive(static, "alias") == f"{IMAGE_ROOT}/relay/web/static/"
 
 
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 import redis  # noqa: E402
 
-from relay.fanout import Hub  # noqa: E402
-from relay.jobs import JobStore  # noqa: E402
-from relay.streaming import stream_events  # noqa: E402
+from relay.core.jobs import JobStore  # noqa: E402
+from relay.web.fanout import Hub  # noqa: E402
+from relay.web.streaming import stream_events  # noqa: E402
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 

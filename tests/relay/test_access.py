@@ -12,9 +12,9 @@ import fakeredis
 import pytest
 import requests
 
-from relay import apikeys
-from relay.access import Access, load
-from relay.jobs import JobStore
+from relay.core import apikeys
+from relay.core.jobs import JobStore
+from relay.web.access import Access, load
 from tests.helpers import chat_body, read_stream
 
 

@@ -9,7 +9,7 @@ import openai
 import pytest
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.helpers import chat_body, create_job, read_stream, status_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

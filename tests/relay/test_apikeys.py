@@ -10,7 +10,8 @@ import fakeredis
 import pytest
 import requests
 
-from relay import apikeys
+from relay.core import apikeys
+from relay.core.settings import Settings
 from tests.conftest import ROOT
 from tests.helpers import chat_body, read_stream
 
@@ -37,8 +38,8 @@ def test_keys_are_stored_as_digests_and_can_be_revoked():
 
 def test_seeding_is_idempotent():
     redis = fakeredis.FakeRedis()
-    apikeys.seed(redis, "one, two,")
-    apikeys.seed(redis, "one,two")
+    apikeys.seed(redis, Settings.from_env({"RELAY_API_KEYS": "one, two,"}).api_keys)
+    apikeys.seed(redis, ("one", "two"))
     assert len(apikeys.listing(redis)) == 2
     assert apikeys.authenticate(redis, "Bearer two") is not None
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.conftest import wait_for
 from tests.helpers import chat_body, create_job, read_stream, status_url
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -7,7 +7,7 @@ import json
 import pytest
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.helpers import chat_body, create_job, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from relay import tokens
-from relay.conversations import Conversations, Turn
-from relay.errors import InvalidRequest, NotFound
+from relay.core import tokens
+from relay.core.conversations import Conversations, Turn
+from relay.core.errors import InvalidRequest, NotFound
 
 
 @pytest.fixture

@@ -38,13 +38,13 @@ import openai
 import pytest
 import requests
 
-from relay import keys
-from relay.chunks import DONE_BYTES
-from relay.fanout import LiveEvent, Viewer, http_chunk
-from relay.jobs import JobStore
-from relay.simulator import reply_text
-from relay.sse import format_event
-from relay.streaming import follow
+from relay.core import keys
+from relay.core.chunks import DONE_BYTES
+from relay.core.jobs import JobStore
+from relay.dev.simulator import reply_text
+from relay.web.fanout import LiveEvent, Viewer, http_chunk
+from relay.web.sse import format_event
+from relay.web.streaming import follow
 from tests.conftest import GUNICORN_CONF, Stack, free_port, relay_stack, start_process, wait_for
 from tests.helpers import Received, chat_body, create_job
 

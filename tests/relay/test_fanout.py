@@ -12,7 +12,7 @@ import pytest
 import redis
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.conftest import ROOT, wait_for
 from tests.helpers import chat_body, read_stream
 

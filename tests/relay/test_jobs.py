@@ -3,8 +3,8 @@
 import fakeredis
 import pytest
 
-from relay import keys, queue
-from relay.jobs import JobStore, is_job_id
+from relay.core import keys, queue
+from relay.core.jobs import JobStore, is_job_id
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

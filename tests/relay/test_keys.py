@@ -1,4 +1,4 @@
-from relay import keys
+from relay.core import keys
 
 
 def test_every_job_key_is_pinned_and_carries_the_job_id_as_a_hash_tag():

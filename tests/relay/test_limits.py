@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from relay import apikeys
+from relay.core import apikeys
 from tests.helpers import chat_body, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

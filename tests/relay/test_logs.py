@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from relay.logs import JsonFormatter, job_context
+from relay.core.logs import JsonFormatter, job_context
 from tests.helpers import chat_body, create_job, read_stream
 
 

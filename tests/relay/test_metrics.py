@@ -6,7 +6,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.simulator import reply_pieces
+from relay.dev.simulator import reply_pieces
 from tests.conftest import wait_for
 from tests.helpers import chat_body, create_job, read_stream
 

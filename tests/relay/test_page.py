@@ -32,7 +32,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.conftest import (
     ROOT,
     free_port,
@@ -83,7 +83,7 @@ def greet(name: str) -> str:
 def simulator_process(log_dir: Path, name: str, *args: str) -> Iterator[str]:
     """An own simulator process with server-wide options; its base URL (without /v1)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "relay.simulator", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "relay.dev.simulator", "--port", str(port), *args]
     proc = start_process(name, cmd, log_dir)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -585,7 +585,7 @@ def test_phone_width(browser: Browser, markdown: str, capsys):
 
 
 def test_vendored_libraries_match_their_manifest():
-    vendor = ROOT / "relay" / "static" / "vendor"
+    vendor = ROOT / "relay" / "web" / "static" / "vendor"
     sums = re.findall(r"^([0-9a-f]{64})  (\S+)$", (vendor / "VERSIONS").read_text(), re.M)
     assert {name for _, name in sums} == {"marked.esm.js", "purify.es.js"}
     for digest, name in sums:  # deploy/vendor.sh wrote them; nobody edited them by hand

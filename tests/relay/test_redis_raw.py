@@ -6,9 +6,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from relay.jobs import JobStore
-from relay.redis_client import connect
-from relay.redis_raw import RawConnection
+from relay.core.connections import RawConnection, connect
+from relay.core.jobs import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 

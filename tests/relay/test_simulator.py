@@ -20,7 +20,7 @@ import openai
 import pytest
 import requests
 
-from relay.simulator import reply_finish_reason, reply_pieces, reply_text
+from relay.dev.simulator import reply_finish_reason, reply_pieces, reply_text
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,13 +46,13 @@ class Sim:
 
 @contextmanager
 def run_simulator(tmp: Path, *args: str) -> Iterator[Sim]:
-    """Start ``python -m relay.simulator`` on a free port; always stop it."""
+    """Start ``python -m relay.dev.simulator`` on a free port; always stop it."""
     port = _free_port()
     log = tmp / f"simulator-{port}.log"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.simulator", "--port", str(port), *args],
+            [sys.executable, "-m", "relay.dev.simulator", "--port", str(port), *args],
             cwd=ROOT,
             env=env,
             stdout=out,

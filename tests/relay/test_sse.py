@@ -1,6 +1,6 @@
 import pytest
 
-from relay.sse import format_comment, format_event
+from relay.web.sse import format_comment, format_event
 
 
 @pytest.mark.parametrize(

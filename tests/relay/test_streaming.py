@@ -7,9 +7,9 @@ import json
 
 import fakeredis
 
-from relay.fanout import Viewer
-from relay.jobs import JobStore
-from relay.streaming import follow
+from relay.core.jobs import JobStore
+from relay.web.fanout import Viewer
+from relay.web.streaming import follow
 
 
 class NoHub:

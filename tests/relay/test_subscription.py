@@ -8,8 +8,8 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from relay.redis_client import connect
-from relay.subscription import Subscription
+from relay.core.connections import connect
+from relay.web.subscription import Subscription
 
 
 def read_until(sub: Subscription, count: int, timeout: float = 5.0) -> list:

@@ -1,7 +1,7 @@
 import pytest
 
-from relay.errors import InvalidRequest
-from relay.validation import Limits, validate_chat_request
+from relay.core.errors import InvalidRequest
+from relay.web.validation import Limits, validate_chat_request
 
 OK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -8,8 +8,8 @@ import fakeredis
 import pytest
 import requests
 
-from relay.conversations import Conversations
-from relay.simulator import reply_text
+from relay.core.conversations import Conversations
+from relay.dev.simulator import reply_text
 from tests.helpers import chat_body, create_job, read_stream
 from worker import moderation
 from worker.moderation import REFUSAL

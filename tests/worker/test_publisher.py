@@ -10,9 +10,9 @@ import gevent.event
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from relay import keys
-from relay.chunks import dumps
-from relay.jobs import JobStore
+from relay.core import keys
+from relay.core.chunks import dumps
+from relay.core.jobs import JobStore
 from worker.publisher import Publisher, mergeable
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

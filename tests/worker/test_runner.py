@@ -9,8 +9,8 @@ import gevent
 import pytest
 import requests
 
-from relay.conversations import Conversations, reply_cost
-from relay.jobs import JobStore
+from relay.core.conversations import Conversations, reply_cost
+from relay.core.jobs import JobStore
 from worker import runner
 from worker.publisher import Publisher
 from worker.runner import JobContext, run_job

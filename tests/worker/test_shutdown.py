@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from relay import keys
-from relay.simulator import reply_text
+from relay.core import keys
+from relay.dev.simulator import reply_text
 from tests.conftest import Proc, Stack, start_process, wait_for
 from tests.helpers import Received, chat_body, create_job, read_stream
 

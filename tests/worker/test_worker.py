@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from relay.simulator import reply_text
+from relay.dev.simulator import reply_text
 from tests.conftest import free_port, wait_for
 from tests.helpers import chat_body, create_job, read_stream
 

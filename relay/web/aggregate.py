@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .chunks import DONE_BYTES, completion_id, loads
+from relay.core.chunks import DONE_BYTES, completion_id, loads
 
 
 class Aggregate:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from redis import Redis
 
-from . import keys
-from .redis_client import as_text
+from relay.core import keys
+from relay.core.connections import as_text
 
 
 def claim_next(redis: Redis, worker_id: str, timeout: int) -> str | None:

@@ -15,7 +15,7 @@ import hiredis
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from .redis_raw import RawConnection
+from relay.core.connections import RawConnection
 
 
 class Subscription:

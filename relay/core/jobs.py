@@ -13,12 +13,13 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import NoScriptError
 
-from . import keys, limits, metrics
-from .access import Access
-from .chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
-from .conversations import Turn
-from .redis_client import as_text
-from .scripts import Scripts
+from relay.core import keys, metrics
+from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
+from relay.core.connections import as_text
+from relay.core.conversations import Turn
+from relay.core.scripts import Scripts
+from relay.web import limits
+from relay.web.access import Access
 
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 _JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{24}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidRequest
-from .tokens import content_text
+from relay.core.errors import InvalidRequest
+from relay.core.tokens import content_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 

@@ -1,12 +1,12 @@
-"""A Redis connection of its own, written and read in bulk: redis-py opens it, hiredis the rest.
+"""Redis connections, made once per process after fork (never at import time).
 
-redis-py's per-command path (pool checkout with a ``poll`` for stale data, retry wrapper,
-packing, one parse per reply through several layers) is what hot loops paid for: a quarter of
-a relay process's time reading pub/sub messages one ``get_message`` at a time, a third of a
-worker's time sending its publishes as pipelines. Here redis-py still opens the connection
-(password, database, TLS, client name, all from the same URL); commands are packed by
+:func:`connect` makes a process's pooled client. :class:`RawConnection` is a connection of its
+own for the hot loops (the worker's publishes, a web process's pub/sub reader): redis-py opens
+it (password, database, TLS, client name, all from the same URL); commands are packed by
 ``hiredis.pack_command`` and sent in one write, and replies are parsed by hiredis straight from
-the socket, as many as one ``recv`` brought.
+the socket, as many as one ``recv`` brought. redis-py's per-command path (pool checkout with a
+``poll`` for stale data, retry wrapper, one parse per reply through several layers) is what
+those loops could not afford (tests/bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -16,10 +16,35 @@ from collections.abc import Iterable
 from typing import Any
 
 import hiredis
-from redis import Redis
+from redis import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def as_text(value: bytes | str | None) -> str:
+    """A Redis reply as text (the clients here do not decode responses)."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def connect(url: str, max_connections: int = 50, socket_timeout: float = 10.0) -> Redis:
+    """A client whose pool makes greenlets wait for a free connection instead of failing.
+
+    redis-py's default pool raises ``MaxConnectionsError`` past its limit; under gevent a burst of
+    greenlets is normal, so they queue for up to ``timeout`` seconds instead. ``socket_timeout``
+    must exceed every blocking command's own timeout (``BLMOVE`` waits at most a second here).
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=socket_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
 
 _READ_SIZE = 256 * 1024
 

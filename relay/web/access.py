@@ -19,8 +19,8 @@ from typing import Any
 
 from redis import Redis
 
-from . import apikeys, keys
-from .redis_client import as_text
+from relay.core import apikeys, keys
+from relay.core.connections import as_text
 
 _FIELDS = ("owner", "read_token", "cancel_token")
 

@@ -13,8 +13,8 @@ import secrets
 
 from redis import Redis
 
-from . import keys
-from .redis_client import as_text
+from relay.core import keys
+from relay.core.connections import as_text
 
 # A sliding log: one member per admitted request in the last window. KEYS: the caller's log.
 # ARGV: limit, window (ms), a unique member. Returns 0 if admitted, else milliseconds until the

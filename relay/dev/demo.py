@@ -1,4 +1,4 @@
-"""``python -m relay.demo [BASE_URL]``: wait for a relay, stream one reply, show where to look."""
+"""``python -m relay.dev.demo [URL]``: wait for a relay, stream one reply, show where to look."""
 
 from __future__ import annotations
 

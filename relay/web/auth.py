@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from flask import current_app, g, request
 from redis.exceptions import RedisError
 
-from . import apikeys
-from .app import state
-from .errors import Unauthorized
-from .redis_client import connect
+from relay.core import apikeys
+from relay.core.connections import connect
+from relay.core.errors import Unauthorized
+from relay.core.settings import Settings
+from relay.web.state import state
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,7 @@ class KeyMode:
         self.announced = False
 
     def keys_required(self) -> bool:
-        redis = state().redis
-        seeded = str(current_app.config["API_KEYS"] or "")
+        redis, seeded = state().redis, state().settings.api_keys
         if not self.seeded:
             apikeys.seed(redis, seeded)
             self.seeded = True
@@ -52,15 +51,15 @@ class KeyMode:
 OPEN_MODE = "no API keys configured: anyone may create jobs (open mode)"
 
 
-def key_mode_at_start(settings: Mapping[str, Any]) -> tuple[bool, str]:
+def key_mode_at_start(settings: Settings) -> tuple[bool, str]:
     """Seed ``RELAY_API_KEYS`` and say whether keys are required: (open, message to log).
 
     Called once by gunicorn's master when it is ready (deploy/gunicorn.conf.py), so that an
     open relay says so at start and not only at its first request.
     """
-    redis = connect(settings["REDIS_URL"], max_connections=2)
+    redis = connect(settings.redis_url, max_connections=2)
     try:
-        apikeys.seed(redis, str(settings["API_KEYS"] or ""))
+        apikeys.seed(redis, settings.api_keys)
         if apikeys.configured(redis):
             return False, "API keys required to create jobs"
         return True, OPEN_MODE

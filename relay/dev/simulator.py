@@ -1,6 +1,6 @@
 """An OpenAI-compatible upstream simulator over real HTTP, for tests, benchmarks and the dev stack.
 
-Run it with ``python -m relay.simulator --host 127.0.0.1 --port 8081 [--interval 0.02]
+Run it with ``python -m relay.dev.simulator --host 127.0.0.1 --port 8081 [--interval 0.02]
 [--api-key KEY] [--tokens N] [--reply TEXT]`` (``RELAY_SIM_INTERVAL`` and ``RELAY_SIM_TOKENS``
 set the default interval and number of words; ``--reply`` makes every reply that exact text
 unless a request asks otherwise — for browser tests, whose page sends no simulator options).
@@ -482,7 +482,7 @@ class QuietHandler(WSGIHandler):
 def main(argv: list[str] | None = None) -> int:
     """Serve the simulator until SIGTERM or SIGINT (gevent must be monkey-patched first)."""
     parser = argparse.ArgumentParser(
-        prog="python -m relay.simulator", description=__doc__.split("\n")[0]
+        prog="python -m relay.dev.simulator", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)

@@ -1,13 +1,13 @@
-"""API errors, each knowing its HTTP status and OpenAI error ``type``, rendered in OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``.
+"""The relay's errors, each knowing its HTTP status and OpenAI error ``type``, and its body in
+OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Plain exceptions: the core raises them and the worker may import them without Flask; the web
+tier renders them (:mod:`relay.web.http_errors`).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from flask import Response, jsonify
-from werkzeug.exceptions import HTTPException
 
 
 class RelayError(Exception):
@@ -80,21 +80,3 @@ class Unavailable(RelayError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
-
-
-def error_response(error: RelayError) -> Response:
-    response = jsonify(error.to_dict())
-    response.status_code = error.status
-    response.headers.update(error.headers)
-    return response
-
-
-def from_http_exception(exc: HTTPException) -> RelayError:
-    """Werkzeug's own errors (404 route, 405, 413 body limit...) in the same JSON shape."""
-    status = exc.code or 500
-    if status == 413:
-        return RequestTooLarge()
-    error = RelayError(exc.description or exc.name, code=exc.name.lower().replace(" ", "_"))
-    error.status = status
-    error.type = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    return error

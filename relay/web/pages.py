@@ -1,7 +1,7 @@
 """The browser pages: the chat page at ``/`` and the read-only live view at ``/watch/<id>``.
 
-Both are small templates (``relay/templates/``) that load plain ES modules from
-``relay/static/`` (no build step); Markdown is rendered with the vendored ``marked`` and
+Both are small templates (``relay/web/templates/``) that load plain ES modules from
+``relay/web/static/`` (no build step); Markdown is rendered with the vendored ``marked`` and
 sanitized with ``DOMPurify`` (``deploy/vendor.sh``). The pages run under a strict
 Content-Security-Policy: no inline script or style, and with Trusted Types, HTML reaches the
 DOM only through DOMPurify's policy.

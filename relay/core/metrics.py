@@ -20,8 +20,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from redis import Redis
 
-from . import keys, queue
-from .redis_client import as_text
+from relay.core import keys, queue
+from relay.core.connections import as_text
 
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OUTCOMES = ("completed", "failed", "cancelled")

@@ -29,10 +29,10 @@ from typing import Any
 
 from redis import Redis
 
-from . import keys, tokens
-from .chunks import dumps, loads
-from .errors import InvalidRequest, NotFound
-from .redis_client import as_text
+from relay.core import keys, tokens
+from relay.core.chunks import dumps, loads
+from relay.core.connections import as_text
+from relay.core.errors import InvalidRequest, NotFound
 
 SYSTEM_ROLES = ("system", "developer")
 MAX_DEPTH = 10_000  # a chain walk is bounded by its budget; this bounds a corrupt one as well

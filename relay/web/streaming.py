@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 from gevent.queue import Empty
 
-from .chunks import DONE_BYTES, error_chunk
-from .fanout import RESYNC, Hub, LiveEvent, Viewer
-from .jobs import JobStore
-from .sse import format_comment, format_event
+from relay.core.chunks import DONE_BYTES, error_chunk
+from relay.core.jobs import JobStore
+from relay.web.fanout import RESYNC, Hub, LiveEvent, Viewer
+from relay.web.sse import format_comment, format_event
 
 
 def follow(

@@ -28,10 +28,10 @@ from gevent.queue import Full, Queue
 from redis import Redis
 from redis.exceptions import RedisError
 
-from . import keys
-from .chunks import DONE_BYTES, decode_live
-from .sse import format_event
-from .subscription import Subscription
+from relay.core import keys
+from relay.core.chunks import DONE_BYTES, decode_live
+from relay.web.sse import format_event
+from relay.web.subscription import Subscription
 
 logger = logging.getLogger(__name__)
 

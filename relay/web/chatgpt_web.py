@@ -18,16 +18,18 @@ import hmac
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
-from . import apikeys
-from .api import json_body, link_headers, stream_response, submit_job
-from .app import state
-from .auth import keys_required, require_api_key
-from .chunks import dumps, loads
-from .conversations import Turn
-from .errors import InvalidRequest, RelayError, Unauthorized
-from .fanout import LiveEvent
+from relay.core import apikeys
+from relay.core.chunks import dumps, loads
+from relay.core.conversations import Turn
+from relay.core.errors import InvalidRequest, RelayError, Unauthorized
+from relay.web.api import link_headers
+from relay.web.auth import keys_required, require_api_key
+from relay.web.fanout import LiveEvent
+from relay.web.state import settings, state
+from relay.web.streams import stream_response
+from relay.web.submission import json_body, submit_job
 
 chatgpt_web = Blueprint("chatgpt_web", __name__, url_prefix="/api")
 
@@ -45,7 +47,7 @@ def _reply(status: str, message: str = "", data: Any = None, http_status: int = 
 
 
 def _secret() -> str:
-    return str(current_app.config["CHATGPT_WEB_SECRET"] or "")
+    return settings().chatgpt_web_secret
 
 
 def _check_secret() -> None:
@@ -109,7 +111,7 @@ def config() -> Response:
     data = {
         "apiModel": "ChatGPTAPI",
         "reverseProxy": "-",
-        "timeoutMs": int(float(current_app.config["UPSTREAM_READ_TIMEOUT"]) * 1000),
+        "timeoutMs": int(settings().upstream_read_timeout * 1000),
         "socksProxy": "-",
         "httpsProxy": "-",
         "balance": "-",

@@ -1,0 +1,203 @@
+"""The job API: jobs in (``POST /v1/jobs``, ``POST /v1/chat/completions``), their status,
+event streams and cancel, and the relay's ``/metrics`` and ``/healthz``."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, g, jsonify, request, url_for
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay.core import logs, metrics
+from relay.core.errors import InvalidRequest, NotFound
+from relay.core.jobs import is_job_id
+from relay.web import access
+from relay.web.access import Access
+from relay.web.aggregate import aggregate
+from relay.web.auth import require_api_key
+from relay.web.state import settings, state
+from relay.web.streaming import follow
+from relay.web.streams import attach, event_stream
+from relay.web.submission import Submission, cancel_and_keep_reply, json_body, submit_job
+
+logger = logging.getLogger(__name__)
+api = Blueprint("relay", __name__)
+
+
+@api.before_request
+def _authenticate() -> None:
+    if request.method == "POST":  # creating and cancelling jobs; reading needs a job's token
+        require_api_key()
+
+
+def _last_event_id() -> int:
+    """The position to resume after: the ``Last-Event-ID`` header, else ``?lastEventId=``."""
+    raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId") or "0"
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:  # "²".isdigit() is True
+        raise InvalidRequest(
+            "Last-Event-ID must be a non-negative integer event id.",
+            param="Last-Event-ID",
+            code="invalid_value",
+        )
+    return int(raw)
+
+
+def job_links(job_id: str, grant: Access, *, creator: bool = False) -> dict[str, str]:
+    """The job's URLs, carrying its read token; the cancel URL only for its creator."""
+    links = {
+        "events_url": url_for(
+            "relay.job_events", job_id=job_id, token=grant.read_token, _external=True
+        ),
+        "status_url": url_for(
+            "relay.job_status", job_id=job_id, token=grant.read_token, _external=True
+        ),
+        "watch_url": url_for("pages.watch", job_id=job_id, token=grant.read_token, _external=True),
+    }
+    if creator:
+        links["cancel_url"] = url_for(
+            "relay.cancel_job", job_id=job_id, token=grant.cancel_token, _external=True
+        )
+    return links
+
+
+def link_headers(submission: Submission) -> dict[str, str]:
+    """Response headers that tell a streaming creator its job and where else to follow it."""
+    links = job_links(submission.job_id, submission.access, creator=True)
+    return {
+        "X-Relay-Job-Id": submission.job_id,
+        "X-Relay-Message-Id": submission.turn.message_id,
+        "X-Relay-Events-Url": links["events_url"],
+        "X-Relay-Watch-Url": links["watch_url"],
+        "X-Relay-Cancel-Url": links["cancel_url"],
+    }
+
+
+def _unknown(job_id: str) -> NotFound:
+    # The same answer for a job that does not exist and one the caller may not see.
+    return NotFound(f"No job with id '{job_id}' (it may have expired).", param="id")
+
+
+def _granted(job_id: str) -> Access:
+    """The job's access record if the caller may watch it (read token or creating key)."""
+    logs.bind_job(job_id)
+    redis = state().redis
+    grant = access.load(redis, job_id) if is_job_id(job_id) else None
+    if grant is None:
+        raise _unknown(job_id)
+    if grant.may_watch(request.args.get("token"), None):
+        return grant
+    # Only now look the caller's key up: most viewers come with the token alone.
+    if grant.owner and grant.is_owner(
+        access.caller_key_id(redis, request.headers.get("Authorization"))
+    ):
+        return grant
+    raise _unknown(job_id)
+
+
+@api.post("/v1/jobs")
+def create_job():
+    body = json_body()
+    if isinstance(body, dict):
+        body["stream"] = True  # a job is always streamed to its viewers
+    submission = submit_job(body)
+    job_id, turn = submission.job_id, submission.turn
+    links = job_links(job_id, submission.access, creator=True)
+    body = {
+        "id": job_id,
+        "object": "relay.job",
+        "status": "queued",
+        "messageId": turn.message_id,
+        "parentMessageId": turn.parent_message_id,
+        "read_token": submission.access.read_token,
+        "cancel_token": submission.access.cancel_token,
+        **links,
+    }
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Location"] = links["status_url"]
+    return response
+
+
+@api.get("/v1/jobs/<job_id>")
+def job_status(job_id: str):
+    grant = _granted(job_id)
+    status = state().store.status(job_id)
+    if status is None:
+        raise _unknown(job_id)
+    if not _by_creating_key(grant):
+        # The conversation's ids let their holder continue it: a read token grants watching.
+        status.pop("messageId", None)
+        status.pop("parentMessageId", None)
+    return jsonify({**status, **job_links(job_id, grant)})
+
+
+def _by_creating_key(grant: Access) -> bool:
+    authorization = request.headers.get("Authorization")
+    return bool(grant.owner and authorization) and grant.is_owner(
+        access.caller_key_id(state().redis, authorization)
+    )
+
+
+@api.get("/v1/jobs/<job_id>/events")
+def job_events(job_id: str):
+    after = _last_event_id()
+    _granted(job_id)
+    return event_stream(job_id, after)
+
+
+@api.post("/v1/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    """Stop generation; viewers get a final chunk (``finish_reason: "cancelled"``) and [DONE].
+
+    Allowed with the job's cancel token (``?token=``) or the key that created it.
+    """
+    logs.bind_job(job_id)
+    store = state().store
+    grant = access.load(store.redis, job_id) if is_job_id(job_id) else None
+    key = g.get("api_key")
+    if grant is None or not grant.may_cancel(request.args.get("token"), key and key["id"]):
+        raise _unknown(job_id)
+    cancel_and_keep_reply(job_id)  # a job that already ended keeps its outcome
+    status = store.status(job_id)
+    if status is None:
+        raise _unknown(job_id)
+    return jsonify({**status, **job_links(job_id, grant, creator=True)})
+
+
+@api.post("/v1/chat/completions")
+def chat_completions():
+    submission = submit_job()
+    headers = link_headers(submission)
+    if submission.request.get("stream"):
+        return event_stream(submission.job_id, 0, headers, owner=True)
+    return _completion(submission.job_id, headers)
+
+
+def _completion(job_id: str, headers: dict[str, str]) -> Response:
+    """``stream: false``: wait for the job's events and answer one ``chat.completion``."""
+    relay = state()
+    viewer = attach(job_id, closable=False)  # one answer: it cannot be resumed elsewhere
+    idle = settings().keepalive_seconds
+    events = follow(relay.store, relay.hub, viewer, 0, idle=idle)
+    result = aggregate(event.data for event in events if event is not None)
+    if result.error is not None:
+        response = jsonify({"error": result.error})
+        response.status_code = 504 if result.error.get("code") == "upstream_timeout" else 502
+    else:
+        response = jsonify(result.completion(job_id))
+    response.headers.update(headers)
+    return response
+
+
+@api.get("/metrics")
+def prometheus_metrics():
+    """Prometheus metrics for the whole relay (shared counters in Redis)."""
+    body = generate_latest(metrics.registry(state().redis))
+    return Response(body, mimetype=CONTENT_TYPE_LATEST)
+
+
+@api.get("/healthz")
+def healthz():
+    relay = state()
+    relay.redis.ping()
+    return jsonify({"ok": True, "redis": "ok", "viewers": relay.viewer_count})

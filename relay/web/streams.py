@@ -1,0 +1,145 @@
+"""Streamed responses that follow one job: attaching its viewer, the fast path, the stalled
+client's cut-off, and what happens when the stream closes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from flask import Response, current_app, request
+from redis.exceptions import RedisError
+
+from relay.core.errors import Unavailable
+from relay.web.fanout import LiveEvent, SubscribeTimeout, Viewer
+from relay.web.state import settings, state
+from relay.web.streaming import follow, retry_field, sse_bytes
+from relay.web.submission import cancel_and_keep_reply
+
+logger = logging.getLogger(__name__)
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx buffers proxied responses unless told not to, which kills the typewriter effect.
+    "X-Accel-Buffering": "no",
+}
+
+
+def attach(job_id: str, *, closable: bool = True) -> Viewer:
+    try:
+        return state().hub.attach(job_id, closable=closable)
+    except SubscribeTimeout:
+        raise Unavailable("The relay could not subscribe to the job; try again.") from None
+
+
+Render = Callable[[Iterator[LiveEvent | None], Viewer], Iterator[bytes]]
+
+
+def stream_response(
+    job_id: str,
+    after: int,
+    render: Render,
+    *,
+    mimetype: str,
+    headers: dict[str, str] | None = None,
+    owner: bool = False,
+    direct: bytes | None = None,
+) -> Response:
+    """A streamed response following one job, rendered by ``render``.
+
+    Attaching happens in the view, so a failure is still a proper JSON error. ``owner`` marks
+    the stream that created its job: closed before the end while nobody else watches, it
+    cancels the job (``CANCEL_ON_DISCONNECT``). Given ``direct`` (the bytes to write before
+    the first event), the dispatcher may write live events to the client itself (only for
+    :func:`sse_bytes`, see :func:`follow`).
+    """
+    relay = state()
+    viewer = attach(job_id)
+    config = relay.settings
+    if direct is not None and config.direct_writes:
+        _allow_direct(viewer, direct)
+    relay.store.add_viewer(job_id, 1)
+    restore_timeout = _cut_off_stalled_client(config.send_timeout_seconds)
+    # Read configuration here: the generator runs after the request context is gone.
+    idle = config.keepalive_seconds
+    cancel_if_abandoned = owner and config.cancel_on_disconnect
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    finished = False
+
+    def body() -> Iterator[bytes]:
+        nonlocal finished
+        yield from render(follow(relay.store, relay.hub, viewer, after, idle=idle), viewer)
+        finished = True
+
+    def on_close() -> None:
+        # An unstarted generator's finally never runs, so detach here as well (idempotent).
+        relay.hub.detach(viewer)
+        restore_timeout()
+        try:
+            remaining = relay.store.add_viewer(job_id, -1)
+            # A stream ended by shutdown was not abandoned: its client resumes elsewhere.
+            abandoned = not finished and not viewer.closed
+            if cancel_if_abandoned and abandoned and remaining <= 0:
+                logger.info("job %s: its only viewer left; cancelling", job_id)
+                with app.app_context():
+                    cancel_and_keep_reply(job_id)
+        except RedisError as exc:
+            logger.warning("job %s: could not update viewers on close: %s", job_id, exc)
+
+    response = Response(body(), mimetype=mimetype, headers={**STREAM_HEADERS, **(headers or {})})
+    response.call_on_close(on_close)
+    return response
+
+
+def _allow_direct(viewer: Viewer, prefix: bytes) -> None:
+    """The fast path needs the client's socket and how the server frames the body: known for
+    gunicorn's gevent worker (HTTP/1.1 chunked, one chunk per write; HTTP/1.0 raw)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None or request.method == "HEAD":  # HEAD: gunicorn writes no body at all
+        return
+    protocol = request.environ.get("SERVER_PROTOCOL")
+    # Plain HTTP/1.x on a plain socket only: under TLS (gunicorn --certfile) the raw socket
+    # beneath would get plaintext, and HTTP/2 multiplexes streams on one socket.
+    if protocol not in ("HTTP/1.0", "HTTP/1.1") or hasattr(sock, "cipher"):
+        return
+    viewer.allow_direct(sock, protocol == "HTTP/1.1", prefix)
+
+
+def _cut_off_stalled_client(seconds: float) -> Callable[[], None]:
+    """Give up on a client that takes no bytes for ``seconds`` (it stopped reading).
+
+    Such a viewer costs only its bounded mailbox (it falls back to the replay log), but its
+    connection and greenlet would stay for ever; cut off, it can resume with Last-Event-ID.
+    Writes to the client block on this socket, so its timeout bounds each one (gunicorn's
+    gevent workers expose the socket; other servers keep their own behaviour). Returns what
+    puts the socket's own timeout back once the stream is over.
+    """
+    # "gunicorn.socket" under -k gevent; "gunicorn.sock" under -k gevent_pywsgi.
+    sock = request.environ.get("gunicorn.socket") or request.environ.get("gunicorn.sock")
+    if sock is None or seconds <= 0:
+        return lambda: None
+    previous = sock.gettimeout()
+    sock.settimeout(seconds)
+
+    def restore() -> None:  # a kept-alive connection then waits as gunicorn means it to
+        try:
+            sock.settimeout(previous)
+        except OSError:
+            pass  # already closed
+
+    return restore
+
+
+def event_stream(
+    job_id: str, after: int, headers: dict[str, str] | None = None, *, owner: bool = False
+) -> Response:
+    """The job as ``text/event-stream``."""
+    retry_ms = settings().retry_ms
+    return stream_response(
+        job_id,
+        after,
+        lambda events, viewer: sse_bytes(events, retry_ms=retry_ms, viewer=viewer),
+        mimetype="text/event-stream",
+        headers=headers,
+        owner=owner,
+        direct=retry_field(retry_ms),
+    )

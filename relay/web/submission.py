@@ -1,0 +1,131 @@
+"""Taking a request in: the body, the caller's limits, its conversation, then the job stored
+and queued; and cancelling one, keeping its text as a reply a follow-up can name."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import orjson
+from flask import g, request
+
+from relay.core import logs
+from relay.core.conversations import Turn
+from relay.core.errors import InvalidRequest, RateLimited, RequestTooLarge, Unavailable
+from relay.core.jobs import new_job_id
+from relay.web.access import Access
+from relay.web.limits import Throttle
+from relay.web.state import settings, state
+from relay.web.validation import Limits, validate_chat_request
+
+logger = logging.getLogger(__name__)
+
+
+def _body_bytes() -> bytes:
+    """The request body, refusing one over the limit also when it comes chunked.
+
+    Werkzeug checks a declared Content-Length, but silently truncates a chunked body at the
+    limit, which would surface as a misleading "invalid JSON".
+    """
+    limit = settings().max_body_bytes
+    if request.content_length is not None or not request.environ.get("wsgi.input_terminated"):
+        return request.get_data(cache=False)
+    data = request.environ["wsgi.input"].read(limit + 1)
+    if len(data) > limit:
+        raise RequestTooLarge()
+    return data
+
+
+def json_body() -> Any:
+    try:
+        return orjson.loads(_body_bytes())
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be valid JSON.",
+            code="invalid_json",
+        ) from None
+
+
+class Submission(NamedTuple):
+    job_id: str
+    request: dict[str, Any]
+    turn: Turn
+    access: Access
+
+
+def _caller() -> tuple[str, int, int]:
+    """Who is asking, for the limits: (caller, requests per minute, concurrent jobs)."""
+    rpm, concurrency = settings().rate_limit_rpm, settings().concurrency_limit
+    key = g.get("api_key")
+    if key is None:  # the relay runs open: each client address is a caller
+        return f"addr:{request.remote_addr}", rpm, concurrency
+    own_rpm, own_concurrency = int(key.get("rpm") or 0), int(key.get("concurrency") or 0)
+    return f"key:{key['id']}", own_rpm or rpm, own_concurrency or concurrency
+
+
+def _admit(throttle: Throttle, caller: str, rpm: int) -> None:
+    """Refuse the request if its caller is over its rate or the queue is full."""
+    wait = throttle.hit(caller, rpm)
+    if wait:
+        raise RateLimited(
+            f"Rate limit reached: {rpm} requests per minute. Please try again in {wait}s.",
+            retry_after=wait,
+        )
+    if throttle.queue_full(settings().max_queued_jobs):
+        raise Unavailable(
+            "The relay's queue is full; please try again shortly.",
+            code="queue_full",
+            headers={"Retry-After": str(settings().queue_full_retry_after)},
+        )
+
+
+def submit_job(body: Any = None) -> Submission:
+    """Check limits, validate the body, rebuild its conversation, then store and queue the job.
+
+    Nothing is written before every limit has been checked: a refused request leaves no trace
+    but its count against the rate limit.
+    """
+    throttle = state().throttle
+    caller, rpm, concurrency = _caller()
+    _admit(throttle, caller, rpm)
+    if body is None:
+        body = json_body()
+    relay = state()
+    config = relay.settings
+    limits = Limits(
+        max_messages=config.max_messages,
+        max_input_chars=config.max_input_chars,
+        max_tokens=config.max_tokens,
+    )
+    body = validate_chat_request(body, default_model=config.default_model, limits=limits)
+    owner = g.api_key["id"] if g.get("api_key") else ""
+    draft = relay.conversations.prepare(body, owner)
+    job_id = new_job_id()
+    if not throttle.acquire(caller, job_id, concurrency, config.job_max_age_seconds):
+        raise RateLimited(
+            f"Too many jobs at once: at most {concurrency} may be queued or running. Please "
+            "try again when one has finished.",
+            retry_after=1,
+            code="concurrency_limit_exceeded",
+        )
+    grant = Access.new(owner=owner)
+    try:
+        turn = relay.conversations.save(draft)
+        limited_as = caller if concurrency > 0 else ""
+        relay.store.create(draft.request, turn, access=grant, job_id=job_id, limited_as=limited_as)
+    except BaseException:
+        throttle.release(caller, job_id)
+        raise
+    logs.bind_job(job_id)
+    logger.info("job %s queued (model %s)", job_id, draft.request.get("model"))
+    return Submission(job_id, draft.request, turn, grant)
+
+
+def cancel_and_keep_reply(job_id: str) -> None:
+    """Cancel a job and keep its text so far as a reply that can be a parent."""
+    relay = state()
+    ended, _ = relay.store.cancel(job_id)
+    turn = relay.store.turn(job_id)
+    if ended and turn is not None:
+        status = relay.store.status(job_id) or {}
+        relay.conversations.save_reply(turn, status.get("text") or "")
