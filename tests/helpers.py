@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import requests
 
+from relay.core import keys
 from worker.sse_decoder import SSEDecoder
 
 
@@ -79,6 +82,41 @@ def read_stream(
     finally:
         response.close()
     return received, response
+
+
+def pipelined(redis: Any) -> Callable[[list[tuple[Any, ...]]], list[Any]]:
+    """Run commands as one redis-py pipeline, errors as values: an executor for
+    ``JobStore.publish_many`` on fakeredis (production sends them on a RawConnection)."""
+
+    def execute(commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
+
+    return execute
+
+
+def publish(store: Any, job_id: str, attempt: int, events: list[str], text: str = "") -> int:
+    """One job's publish through ``JobStore.publish_many``: its last event id, or 0."""
+    (result,) = store.publish_many([(job_id, attempt, events, text)], pipelined(store.redis))
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def stored_message(conversations: Any, message_id: str, owner: str = "") -> dict | None:
+    """The message a handed-out id names, as stored: ``{"role", "content", "parent"}``."""
+    position = conversations.find(message_id, owner)
+    if position is None:
+        return None
+    record = conversations.redis.hget(
+        keys.conversation(position.conversation_id), f"m:{position.number}"
+    )
+    if record is None:
+        return None
+    _tokens, parent, role, content = record.decode().split(" ", 3)
+    return {"role": role, "content": json.loads(content), "parent": parent}
 
 
 def chat_body(content: str = "Hello", **simulator: object) -> dict:

@@ -1,15 +1,43 @@
-"""Recovering the jobs of workers that died: re-run them, or end them for their viewers."""
+"""Recovering claimed jobs nobody runs any more: re-run them, or end them for their viewers.
+
+Three cases share :func:`recover_claims`: a dead worker's claims (found by any worker's
+janitor), a live worker's own claims whose run ended without writing an outcome, and a stopping
+worker's leftover claims at the end of its grace (``Worker.teardown``).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterable
 
 from relay.core import queue
 from relay.core.jobs import JobStore
+from relay.core.status import Recovery
 
 logger = logging.getLogger(__name__)
 
 LOST_MESSAGE = "The worker running this job stopped; the reply is incomplete. Please retry."
+
+
+def recover_claims(
+    store: JobStore, worker_id: str, job_ids: Iterable[str], message: str, why: str
+) -> Counter[Recovery]:
+    """Recover each of a worker's claimed jobs: unstarted ones go back to the queue, started
+    ones end with a ``worker_lost`` error and ``[DONE]``. How many of each; ``why`` is logged.
+
+    Safe to run from every worker at once: an atomic script first takes the job off the
+    worker's claimed list, so only one caller acts on it.
+    """
+    outcomes: Counter[Recovery] = Counter()
+    for job_id in job_ids:
+        outcome = store.recover(job_id, worker_id, message)
+        outcomes[outcome] += 1
+        if outcome is Recovery.REQUEUED:
+            logger.warning("job %s re-queued: %s before it started", job_id, why)
+        elif outcome is Recovery.FAILED:
+            logger.warning("job %s failed: %s mid-stream", job_id, why)
+    return outcomes
 
 
 def sweep_orphans(
@@ -23,9 +51,8 @@ def sweep_orphans(
     to its greenlet; still unrun at the next sweep, it is recovered.
     """
     unrun = {j for j in queue.claimed_jobs(store.redis, worker_id) if j not in running}
-    for job_id in unrun & suspects:
-        if store.recover(job_id, worker_id, LOST_MESSAGE) in (2, 3):
-            logger.warning("job %s recovered: its run ended without writing its outcome", job_id)
+    why = "its run ended without writing its outcome"
+    recover_claims(store, worker_id, unrun & suspects, LOST_MESSAGE, why)
     return unrun - suspects
 
 
@@ -37,15 +64,11 @@ def sweep(store: JobStore) -> int:
     """
     recovered = 0
     for worker_id in queue.dead_workers(store.redis):
-        for job_id in queue.claimed_jobs(store.redis, worker_id):
-            outcome = store.recover(job_id, worker_id, LOST_MESSAGE)
-            if outcome == 2:
-                logger.warning(
-                    "job %s re-queued: worker %s died before it started", job_id, worker_id
-                )
-            elif outcome == 3:
-                logger.warning("job %s failed: worker %s died mid-stream", job_id, worker_id)
-            recovered += outcome in (2, 3)
+        claims = queue.claimed_jobs(store.redis, worker_id)
+        outcomes = recover_claims(
+            store, worker_id, claims, LOST_MESSAGE, f"worker {worker_id} died"
+        )
+        recovered += outcomes[Recovery.REQUEUED] + outcomes[Recovery.FAILED]
         if not queue.claimed_jobs(store.redis, worker_id):
             queue.unregister_worker(store.redis, worker_id)
     return recovered

@@ -17,10 +17,12 @@ from gevent.pool import Pool
 from redis.exceptions import RedisError
 
 from relay.core import keys, logs, queue
+from relay.core.backoff import Backoff
 from relay.core.connections import connect
 from relay.core.conversations import Conversations
 from relay.core.jobs import JobStore
 from relay.core.settings import Settings
+from relay.core.status import Recovery
 
 from . import janitor
 from .publisher import Publisher
@@ -28,6 +30,12 @@ from .runner import JobCancelled, JobContext, run_job
 from .upstream import Upstream
 
 logger = logging.getLogger(__name__)
+
+# Every blocking wait (a claim, a free slot, a control message) lasts at most this long, so a
+# stop request is noticed within it. Whole seconds: BLMOVE's timeout.
+POLL_SECONDS = 1
+KILL_TIMEOUT = 1.0  # seconds for killed greenlets to unwind at shutdown
+JITTER = (0.8, 1.0)  # the helpers' periods are scaled by a random factor in this range
 
 SHUTDOWN_MESSAGE = (
     "The worker shut down before the reply finished; the reply is incomplete. Please retry."
@@ -62,7 +70,7 @@ class Worker:
         lease = settings.lease_seconds
         # A dead worker's heartbeat lapses after half a lease and a janitor looks every quarter
         # lease, so its jobs are recovered within the lease (DESIGN.md invariant 4).
-        self.heartbeat_ttl_ms = int(lease * 500)
+        self.heartbeat_ttl_ms = int(lease * 1000 / 2)
         self.heartbeat_every = lease / 6
         self.janitor_every = lease / 4
         self.redis = connect(settings.redis_url, max_connections=settings.redis_max_connections)
@@ -71,7 +79,7 @@ class Worker:
         )
         self.ctx = JobContext(
             store=self.store,
-            publisher=Publisher(self.store, raw=True),
+            publisher=Publisher(self.store),
             session=_session(self.concurrency),
             upstream=Upstream(
                 base_url=settings.upstream_base_url,
@@ -107,7 +115,8 @@ class Worker:
             self.stopping.set()
 
     def _every(self, seconds: float, action: Any, name: str) -> None:
-        while not self.halted.wait(seconds * random.uniform(0.8, 1.0)):
+        # Jittered, so that many workers started together do not sweep in lockstep.
+        while not self.halted.wait(seconds * random.uniform(*JITTER)):
             try:
                 action()
             except RedisError as exc:
@@ -139,20 +148,20 @@ class Worker:
 
     def _listen(self) -> None:
         """Follow this worker's control channel (cancel orders) on one pub/sub connection."""
-        backoff = 0.1
+        backoff = Backoff()
         while not self.halted.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(keys.control(self.worker_id))
                 while not self.halted.is_set():
-                    message = pubsub.get_message(timeout=1.0)
+                    message = pubsub.get_message(timeout=POLL_SECONDS)
                     if message is not None:
                         self._obey(message["data"])
-                    backoff = 0.1
+                    backoff.reset()
             except RedisError as exc:
-                logger.warning("control channel lost (%s); retrying in %.1fs", exc, backoff)
-                self.halted.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = backoff.next()
+                logger.warning("control channel lost (%s); retrying in %.1fs", exc, delay)
+                self.halted.wait(delay)
             finally:
                 pubsub.close()
 
@@ -175,7 +184,7 @@ class Worker:
         """Claim and run jobs until asked to stop, then let running jobs finish (up to grace,
         counted from the stop request; default: the ``WORKER_GRACE_SECONDS`` setting)."""
         grace = self.grace if grace is None else grace
-        backoff = 0.1
+        backoff = Backoff()
         helpers: list[gevent.Greenlet] = []
         try:
             while True:
@@ -183,10 +192,10 @@ class Worker:
                     self._heartbeat()
                     break
                 except RedisError as exc:
-                    logger.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                    if self.stopping.wait(backoff):
+                    delay = backoff.next()
+                    logger.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
+                    if self.stopping.wait(delay):
                         return
-                    backoff = min(backoff * 2, 5.0)
             helpers = [
                 gevent.spawn(self._every, self.heartbeat_every, self._heartbeat, "heartbeat"),
                 gevent.spawn(self._every, self.janitor_every, self._sweep, "janitor"),
@@ -198,18 +207,18 @@ class Worker:
                 self.concurrency,
                 self.ctx.upstream.chat_url,
             )
-            backoff = 0.1
+            backoff.reset()
             while not self.stopping.is_set():
-                self.pool.wait_available(timeout=1.0)
+                self.pool.wait_available(timeout=POLL_SECONDS)
                 if self.pool.full():
                     continue
                 try:
-                    job_id = queue.claim_next(self.redis, self.worker_id, timeout=1)
-                    backoff = 0.1
+                    job_id = queue.claim_next(self.redis, self.worker_id, timeout=POLL_SECONDS)
+                    backoff.reset()
                 except RedisError as exc:
-                    logger.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
-                    self.stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    delay = backoff.next()
+                    logger.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                    self.stopping.wait(delay)
                     continue
                 if job_id is None:
                     continue
@@ -252,9 +261,9 @@ class Worker:
                     grace,
                     len(self.running),
                 )
-                self.pool.kill(timeout=1)
+                self.pool.kill(timeout=KILL_TIMEOUT)
         self.halted.set()
-        gevent.killall(helpers, timeout=1)
+        gevent.killall(helpers, timeout=KILL_TIMEOUT)
         requeued, failed = self._release_claims()
         logger.info(
             "worker %s stopped: %d jobs running at the stop, %d finished within the grace, "
@@ -275,14 +284,11 @@ class Worker:
         """
         requeued = failed = 0
         try:
-            for job_id in queue.claimed_jobs(self.redis, self.worker_id):
-                outcome = self.store.recover(job_id, self.worker_id, SHUTDOWN_MESSAGE)
-                if outcome == 2:
-                    requeued += 1
-                    logger.warning("job %s handed back: unstarted when the worker stopped", job_id)
-                elif outcome == 3:
-                    failed += 1
-                    logger.warning("job %s failed: unfinished when the worker stopped", job_id)
+            claims = queue.claimed_jobs(self.redis, self.worker_id)
+            outcomes = janitor.recover_claims(
+                self.store, self.worker_id, claims, SHUTDOWN_MESSAGE, "the worker stopped"
+            )
+            requeued, failed = outcomes[Recovery.REQUEUED], outcomes[Recovery.FAILED]
             if queue.claimed_jobs(self.redis, self.worker_id):
                 # Never delete a claimed list that still holds jobs: a janitor recovers them.
                 queue.drop_heartbeat(self.redis, self.worker_id)

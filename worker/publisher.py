@@ -1,11 +1,10 @@
 """Every running job's publishes, sent to Redis together: one round trip per batch, not per chunk.
 
-A worker streams hundreds of jobs at once. Publishing each chunk with its own ``EVALSHA`` spent
-two thirds of the worker's time in redis-py's per-command path (pool checkout, send, wait,
-parse) and capped one process near 7,000 chunks/s. Here a job queues its publish and goes back
-to its upstream at once; each lane (a share of the jobs) has one greenlet that sends whatever
-has queued as one batch. Idle, a batch is one publish; busy, batches grow by themselves while
-the previous one is on the wire.
+A worker streams hundreds of jobs at once, so a round trip per chunk would cap it far below what
+its upstreams send (tests/bench/RESULTS.md). Here a job queues its publish and goes back to its
+upstream at once; each lane (a share of the jobs) has one greenlet that sends whatever has
+queued as one batch, on a connection of its own. Idle, a batch is one publish; busy, batches
+grow by themselves while the previous one is on the wire.
 
 Under saturation a job may read its next chunk before its previous one was sent. Plain text
 deltas then merge into the queued event (its content grows, it keeps the first chunk's id,
@@ -27,6 +26,10 @@ from relay.core import metrics
 from relay.core.chunks import dumps
 from relay.core.connections import RawConnection
 from relay.core.jobs import JobStore
+
+# Each lane sends its batch while the others' are on the wire or being built, so a chunk that
+# arrives meanwhile does not wait for a whole batch (1 and 16 lanes did worse: RESULTS.md).
+LANES = 4
 
 
 def mergeable(chunk: dict[str, Any]) -> bool:
@@ -86,23 +89,16 @@ class _Lane:
         self.queued: dict[tuple[str, int], _Queued] = {}
         self.wake = Event()
         self.runner: gevent.Greenlet | None = None
-        self.conn: RawConnection | None = None  # its own connection, if the publisher has any
+        self.conn: RawConnection | None = None  # its own connection, made on first use
 
 
 class Publisher:
-    """Queues :meth:`JobStore.publish` calls from many greenlets; sends them in batches.
+    """Queues publishes from many jobs' greenlets; sends them in batches
+    (:meth:`JobStore.publish_many`), one lane per share of the jobs."""
 
-    Jobs are spread over ``lanes``, each sending its batch while the others' are on the wire
-    or being built: with one lane, a batch of 200 publishes took ~25 ms from send to last
-    reply on a busy worker, and every chunk that arrived meanwhile waited for it.
-    """
-
-    def __init__(self, store: JobStore, lanes: int = 4, raw: bool = False) -> None:
+    def __init__(self, store: JobStore, lanes: int = LANES) -> None:
         self._store = store
         self._lanes = [_Lane() for _ in range(lanes)]
-        # raw: each lane sends on a connection of its own (relay.redis_raw): redis-py's pipeline
-        # (pool checkout with a poll, packing, per-reply parsing) was a third of a busy worker.
-        self._raw = raw
         # Per job: its last batch taken to be sent (in flight or done), until flushed.
         self._outcome: dict[tuple[str, int], _Queued] = {}
         self._merges: dict[tuple[str, int], int] = {}  # per job, counted once at its flush
@@ -146,7 +142,7 @@ class Publisher:
             queued.sent.wait()
         last = self._outcome.pop(key, None)
         if merges := self._merges.pop(key, 0):
-            # Once per job: a counter written per batch was a Redis round trip per batch.
+            # Once per job, not per batch: a counter costs a round trip.
             with contextlib.suppress(RedisError):
                 metrics.count(self._store.redis, "deltas_coalesced", merges)
         if last is None:
@@ -192,6 +188,7 @@ class Publisher:
         return taken
 
     def _execute(self, lane: _Lane) -> Any:
+        """The lane's connection's ``execute``: each lane sends on a connection of its own."""
         if lane.conn is None:
             lane.conn = RawConnection(self._store.redis)
         return lane.conn.execute
@@ -207,7 +204,7 @@ class Publisher:
                        for (job_id, _), queued in batch]  # fmt: skip
             try:
                 results: list[int | Exception] = self._store.publish_many(
-                    entries, self._execute(lane) if self._raw else None
+                    entries, self._execute(lane)
                 )
             except Exception as exc:  # noqa: BLE001 - every waiter gets the error
                 if lane.conn is not None:  # replies may still be coming: start afresh

@@ -2,9 +2,8 @@
 
 :func:`iter_chunks` pulls: the job's greenlet reads and waits, chunk by chunk. :func:`follow_chunks`
 pushes: the event loop calls back when the socket is readable, and each chunk is handled right
-there, with no greenlet switch, no gevent ``Timeout`` and no failed ``recv`` per chunk. At 200
-streams of 50 chunks/s that was a third of a worker's cost of reading (about 60 us a chunk
-against 40: ``python -m tests.bench.readloop``), and the worker needs a core first. Both share
+there, with no greenlet switch, no gevent ``Timeout`` and no failed ``recv`` per chunk, which is
+cheaper per chunk (``python -m tests.bench.readloop``; RESULTS.md). Both share
 :class:`ChunkParser`, so what counts as a chunk, an error or the end is decided in one place.
 """
 
@@ -96,8 +95,8 @@ def _read_errors() -> Iterator[None]:
 class _ChunkedBody:
     """A chunked, unencoded body read straight from http.client's buffered socket reader.
 
-    http.client's own chunk reading (a ``readline``, a read and a CRLF read per chunk, each
-    through urllib3's layers) cost a fifth of the worker's time per chunk.
+    http.client's own chunk reading takes a ``readline``, a read and a CRLF read per chunk, each
+    through urllib3's layers (:mod:`worker.chunked`).
     """
 
     def __init__(self, fp: Any) -> None:

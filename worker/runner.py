@@ -19,10 +19,13 @@ from relay.core.jobs import JobStore
 
 from . import moderation
 from .publisher import Publisher
-from .reader import follow_chunks, iter_chunks
+from .reader import follow_chunks
 from .upstream import Upstream, UpstreamError, open_stream
 
 logger = logging.getLogger(__name__)
+
+RETRY_FIRST_DELAY = 0.5  # seconds before the first retry of an upstream that refused
+RETRY_MAX_DELAY = 10.0  # no wait longer than this, whatever the upstream's Retry-After says
 
 
 class JobLost(Exception):
@@ -35,40 +38,20 @@ class JobCancelled(Exception):
 
 @dataclass
 class JobContext:
+    """What running a job needs, shared by every job of a worker process."""
+
     store: JobStore
+    publisher: Publisher  # a job's publishes only queue; flush() waits for them
+    conversations: Conversations
     session: requests.Session
     upstream: Upstream
     worker_id: str
     max_retries: int = 2
     default_model: str = ""
     include_usage: bool = True
-    conversations: Conversations | None = None
     moderation: bool = False
     moderation_fail_open: bool = False
     moderation_model: str = ""
-    publisher: Publisher | None = None  # batches publishes across jobs (store.publish if None)
-
-    def publish(
-        self,
-        job_id: str,
-        attempt: int,
-        events: list[str],
-        text_delta: str = "",
-        chunk: dict[str, Any] | None = None,
-    ) -> int:
-        """Append and publish events (batched: see :meth:`flush`); 0: the job is no longer ours.
-
-        ``chunk`` is the one event's parsed JSON: its text may merge into an unsent event.
-        """
-        if self.publisher is not None:
-            return self.publisher.publish(job_id, attempt, events, text_delta, chunk)
-        return self.store.publish(job_id, attempt, events, text_delta)
-
-    def flush(self, job_id: str, attempt: int) -> int:
-        """Wait until the job's publishes are in Redis: before its end is written."""
-        if self.publisher is not None:
-            return self.publisher.flush(job_id, attempt)
-        return 1
 
 
 def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
@@ -90,7 +73,10 @@ def _open_with_retries(ctx: JobContext, job_id: str, body: dict) -> requests.Res
         except UpstreamError as exc:
             if not exc.retryable or attempt >= ctx.max_retries:
                 raise
-            delay = min(exc.retry_after if exc.retry_after is not None else 0.5 * 2**attempt, 10.0)
+            backoff = RETRY_FIRST_DELAY * 2**attempt
+            delay = min(
+                exc.retry_after if exc.retry_after is not None else backoff, RETRY_MAX_DELAY
+            )
             logger.info("job %s: upstream %s, retrying in %.1fs", job_id, exc.code, delay)
             attempt += 1
             gevent.sleep(delay)
@@ -159,20 +145,14 @@ def _stream(
             relayed.usage = chunk["usage"]
             if _is_usage_only(chunk) and not wants_usage:
                 return
-        if not ctx.publish(job_id, attempt, [data], text, chunk):
+        if not ctx.publisher.publish(job_id, attempt, [data], text, chunk):
             raise JobLost(job_id)
         relayed.published += 1
         if relayed.published == 1:
             _observe_first_chunk(store.redis, time.time() - created_at)
 
-    try:
-        if ctx.publisher is not None:  # publishing only queues: chunks go from the event loop
-            follow_chunks(response, relay, ctx.upstream.read_timeout)
-        else:
-            for data, chunk in iter_chunks(response):
-                relay(data, chunk)
-        if not ctx.flush(job_id, attempt):
-            raise JobLost(job_id)
+    try:  # publishing only queues, so chunks are handled from the event loop
+        follow_chunks(response, relay, ctx.upstream.read_timeout)
     finally:
         response.close()
         with contextlib.suppress(RedisError):  # never mask the job's own outcome
@@ -182,11 +162,31 @@ def _stream(
         raise UpstreamError(
             "The upstream closed the stream before it finished.", code="upstream_incomplete"
         )
-    if turn is not None and ctx.conversations is not None:
-        # Before the end: a client that has seen [DONE] may name this reply as its parent at once.
-        text = "".join(relayed.parts)
+    text = "".join(relayed.parts)
+    _complete(ctx, job_id, attempt, turn, text, relayed.finish_reason, relayed.usage)
+
+
+def _complete(
+    ctx: JobContext,
+    job_id: str,
+    attempt: int,
+    turn: Turn | None,
+    text: str,
+    finish_reason: str,
+    usage: dict | None,
+) -> None:
+    """End the job as ``completed``, in this order:
+
+    1. Wait until every event is in the log, so that the end comes after all of them.
+    2. Save the reply in its conversation: a client that has seen ``[DONE]`` may name it as
+       its next parent at once.
+    3. Write the end (``[DONE]``) and the status.
+    """
+    if not ctx.publisher.flush(job_id, attempt):
+        raise JobLost(job_id)
+    if turn is not None:
         ctx.conversations.save_reply(turn, text, _counted_off_the_loop(text))
-    if not store.complete(job_id, attempt, relayed.finish_reason, relayed.usage):
+    if not ctx.store.complete(job_id, attempt, finish_reason, usage):
         raise JobLost(job_id)
 
 
@@ -227,14 +227,9 @@ def _refused_by_moderation(
         body.get("model", ""),
         content=moderation.REFUSAL,
     )
-    if not ctx.publish(job_id, attempt, [chunk], moderation.REFUSAL) or not ctx.flush(
-        job_id, attempt
-    ):
+    if not ctx.publisher.publish(job_id, attempt, [chunk], moderation.REFUSAL):
         raise JobLost(job_id)
-    if turn is not None and ctx.conversations is not None:
-        ctx.conversations.save_reply(turn, moderation.REFUSAL)  # before the end, as above
-    if not ctx.store.complete(job_id, attempt, "content_filter", None):
-        raise JobLost(job_id)
+    _complete(ctx, job_id, attempt, turn, moderation.REFUSAL, "content_filter", None)
     return True
 
 
@@ -250,7 +245,7 @@ def handle_job_failure(
     """
     metrics.upstream_error(ctx.store.redis, error.code)
     with contextlib.suppress(Exception):  # the text so far goes before the error, if it can
-        ctx.flush(job_id, attempt)
+        ctx.publisher.flush(job_id, attempt)
     ended = ctx.store.fail(
         job_id, attempt, error.message, type=error.type, code=error.code, model=model
     )
@@ -311,4 +306,4 @@ def _run(ctx: JobContext, job_id: str) -> None:
         handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""))
     finally:
         with contextlib.suppress(Exception):  # the publisher forgets the job
-            ctx.flush(job_id, attempt)
+            ctx.publisher.flush(job_id, attempt)

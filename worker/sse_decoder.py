@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
@@ -180,13 +179,3 @@ class SSEDecoder:
         self._tail.clear()
         self._tail_bytes = 0
         return SSEProtocolError(f"an SSE line is longer than the maximum of {self._max} bytes")
-
-
-def iter_sse(
-    chunks: Iterable[bytes], max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-) -> Iterator[SSEEvent]:
-    """Yield the events of a stream given as byte chunks; a cut-off final event is dropped."""
-    decoder = SSEDecoder(max_line_bytes)
-    for chunk in chunks:
-        yield from decoder.feed(chunk)
-    yield from decoder.close()

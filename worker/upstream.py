@@ -13,8 +13,11 @@ import orjson
 import requests
 
 from relay.core.chunks import dumps
+from relay.core.settings import Settings
 
-_ERROR_BODY_LIMIT = 64 * 1024
+_ERROR_BODY_LIMIT = 64 * 1024  # an error body is a message, not a payload: read no more
+# Besides 5xx: a timeout, a conflict and "too many requests" may pass on a second try.
+RETRYABLE_STATUSES = (408, 409, 429)
 
 
 class UpstreamError(Exception):
@@ -41,8 +44,8 @@ class UpstreamError(Exception):
 class Upstream:
     base_url: str
     api_key: str = ""
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    connect_timeout: float = Settings.upstream_connect_timeout
+    read_timeout: float = Settings.upstream_read_timeout
 
     @property
     def chat_url(self) -> str:
@@ -114,7 +117,7 @@ def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> re
             type=type_,
             code=code or f"upstream_http_{status}",
             status=status,
-            retryable=status in (408, 409, 429) or status >= 500,
+            retryable=status in RETRYABLE_STATUSES or status >= 500,
             retry_after=_retry_after(response),
         )
     if "json" in response.headers.get("Content-Type", ""):

@@ -29,7 +29,16 @@ def as_text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def connect(url: str, max_connections: int = 50, socket_timeout: float = 10.0) -> Redis:
+# A blocking command's own timeout must stay under this (``BLMOVE`` waits at most a second).
+SOCKET_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection: Redis is near, or it is down
+HEALTH_CHECK_SECONDS = 30  # a connection idle this long is checked (PING) before it is used
+POOL_SIZE = 50  # for tools and tests; the relay's processes size theirs by a setting
+
+
+def connect(
+    url: str, max_connections: int = POOL_SIZE, socket_timeout: float = SOCKET_TIMEOUT
+) -> Redis:
     """A client whose pool makes greenlets wait for a free connection instead of failing.
 
     redis-py's default pool raises ``MaxConnectionsError`` past its limit; under gevent a burst of
@@ -41,10 +50,11 @@ def connect(url: str, max_connections: int = 50, socket_timeout: float = 10.0) -
         max_connections=max_connections,
         timeout=socket_timeout,
         socket_timeout=socket_timeout,
-        socket_connect_timeout=5.0,
-        health_check_interval=30,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        health_check_interval=HEALTH_CHECK_SECONDS,
     )
     return Redis(connection_pool=pool)
+
 
 _READ_SIZE = 256 * 1024
 
@@ -66,7 +76,7 @@ class RawConnection:
         self._conn.connect()
         self.sock: socket.socket = self._conn._sock  # type: ignore[attr-defined]
         self._reader = hiredis.Reader()
-        self.timeout = float(kwargs.get("socket_timeout") or 10.0)  # the client's own setting
+        self.timeout = float(kwargs.get("socket_timeout") or SOCKET_TIMEOUT)  # the client's own
 
     def send(self, commands: Iterable[tuple[Any, ...]]) -> None:
         """Write the commands in one go; raises redis.ConnectionError (the socket is then

@@ -33,6 +33,7 @@ from relay.core import keys, tokens
 from relay.core.chunks import dumps, loads
 from relay.core.connections import as_text
 from relay.core.errors import InvalidRequest, NotFound
+from relay.core.settings import Settings
 
 SYSTEM_ROLES = ("system", "developer")
 MAX_DEPTH = 10_000  # a chain walk is bounded by its budget; this bounds a corrupt one as well
@@ -160,8 +161,8 @@ class Conversations:
         redis: Redis,
         *,
         ttl: int,
-        max_context_tokens: int = 4096,
-        max_response_tokens: int = 1000,
+        max_context_tokens: int = Settings.max_context_tokens,
+        max_response_tokens: int = Settings.max_response_tokens,
     ) -> None:
         self.redis = redis
         self.ttl = ttl
@@ -328,19 +329,6 @@ class Conversations:
         """Make ``message_id`` name a message (a key of its own: only handed-out ids get one)."""
         value = f"{turn.conversation_id} {number} {turn.system or NO_PARENT}"
         (pipe or self.redis).set(keys.message(message_id), value, ex=self.ttl)
-
-    def get(self, message_id: str, owner: str = "") -> dict[str, Any] | None:
-        """One message as ``{"role", "content"}`` (for tests and tools)."""
-        position = self.find(message_id, owner)
-        if position is None:
-            return None
-        records = self._history(
-            keys=[keys.conversation(position.conversation_id)], args=[position.number, 1 << 62, 1]
-        )
-        if not records:
-            return None
-        _tokens, parent, role, content = as_text(records[0]).split(" ", 3)
-        return {"role": role, "content": loads(content), "parent": parent}
 
 
 def reply_cost(text: str) -> int:

@@ -1,5 +1,5 @@
 """The job record: creating a job, reading its status and replay log, and the writes a worker
-makes while it runs one. Every write that adds events goes through :mod:`relay.scripts`.
+makes while it runs one. Every write that adds events goes through :mod:`relay.core.scripts`.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from redis import Redis
@@ -18,12 +18,10 @@ from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk
 from relay.core.connections import as_text
 from relay.core.conversations import Turn
 from relay.core.scripts import Scripts
-from relay.web import limits
-from relay.web.access import Access
+from relay.core.status import JobStatus, Recovery
 
-STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 _JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{24}")
-_PAGE = 500
+LOG_PAGE = 500  # replay-log entries read per round trip: a resuming viewer's memory is bounded
 
 
 def new_job_id() -> str:
@@ -57,24 +55,29 @@ class JobStore:
         request: dict[str, Any],
         turn: Turn | None = None,
         *,
-        access: Access | None = None,
+        grant: Mapping[str, str] | None = None,
         job_id: str | None = None,
         limited_as: str = "",
     ) -> str:
-        """Store a job and queue it, atomically, so a queued id always has a job behind it."""
+        """Store a job and queue it, atomically, so a queued id always has a job behind it.
+
+        ``grant``: the fields that say who may watch and cancel it (:mod:`relay.web.access`);
+        without them nobody may, by token. ``limited_as``: the caller whose concurrency slot
+        the job holds until it ends.
+        """
         job_id = job_id or new_job_id()
         fields: dict[str | bytes, str | int] = {
             "request": dumps(request),
             "model": str(request.get("model") or ""),
-            "status": "queued",
+            "status": JobStatus.QUEUED,
             "created_at": _now(),
             "seq": 0,
             "attempt": 0,
         }
         if turn is not None:
             fields["conversation"] = turn.to_json()
-        fields.update((access or Access.new()).fields())
-        if limited_as:  # the caller whose concurrency slot the job holds until it ends
+        fields.update(grant or {})
+        if limited_as:
             fields["limited_as"] = limited_as
         pairs = [item for pair in fields.items() for item in pair]
         pipe = self.redis.pipeline(transaction=True)
@@ -131,7 +134,9 @@ class JobStore:
         """
         model, worker = (as_text(v) for v in self.redis.hmget(keys.job(job_id), "model", "worker"))
         chunk = final_chunk(completion_id(job_id), CANCELLED, model)
-        ended = self.finish(job_id, None, "cancelled", [chunk, DONE], {"finish_reason": CANCELLED})
+        ended = self.finish(
+            job_id, None, JobStatus.CANCELLED, [chunk, DONE], {"finish_reason": CANCELLED}
+        )
         if ended and worker:
             self.redis.publish(keys.control(worker), f"cancel {job_id}")
         return ended, worker
@@ -164,9 +169,9 @@ class JobStore:
         """Events with ids greater than ``after``, read in pages so memory stays bounded."""
         start = after
         while True:
-            page = self.redis.lrange(keys.events(job_id), start, start + _PAGE - 1)
+            page = self.redis.lrange(keys.events(job_id), start, start + LOG_PAGE - 1)
             yield from enumerate(page, start=start + 1)
-            if len(page) < _PAGE:
+            if len(page) < LOG_PAGE:
                 return
             start += len(page)
 
@@ -176,27 +181,19 @@ class JobStore:
         """Mark a job running for this worker; the attempt number fences later writes (0: skip)."""
         return int(self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()]))
 
-    def publish(self, job_id: str, attempt: int, events: list[str], text_delta: str = "") -> int:
-        """Append and publish events; 0 means the job is no longer ours (ended or taken over)."""
-        return int(
-            self.scripts.publish(
-                keys=keys.job_keys(job_id),
-                args=[attempt, self.max_age, text_delta, *events],
-            )
-        )
-
     def publish_many(
         self,
         batch: list[tuple[str, int, list[str], str]],
-        execute: Callable[[list[tuple[Any, ...]]], list[Any]] | None = None,
+        execute: Callable[[list[tuple[Any, ...]]], list[Any]],
     ) -> list[int | Exception]:
-        """:meth:`publish` for several jobs in one round trip; each result or its error.
+        """Append and publish events for several jobs in one round trip: each entry is
+        ``(job id, attempt, event data, text delta)``, each result the id of the job's last
+        event written, 0 if the job is no longer ours (ended or taken over), or its error.
 
         ``execute`` runs a list of commands and returns their replies, errors as exception
-        values (default: a redis-py pipeline on this store's client).
+        values (:meth:`relay.core.connections.RawConnection.execute`).
         """
         script = self.scripts.publish
-        run = execute or self._pipeline
 
         def send(entries: list[tuple[str, int, list[str], str]]) -> list[Any]:
             commands = []
@@ -204,7 +201,7 @@ class JobStore:
                 job_keys = keys.job_keys(job_id)
                 commands.append(("EVALSHA", script.sha, len(job_keys), *job_keys, attempt,
                                  self.max_age, text_delta, *events))  # fmt: skip
-            return run(commands)
+            return execute(commands)
 
         results = send(batch)
         missed = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
@@ -214,17 +211,11 @@ class JobStore:
                 results[i] = result
         return [r if isinstance(r, Exception) else int(r) for r in results]
 
-    def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        return pipe.execute(raise_on_error=False)
-
     def finish(
         self,
         job_id: str,
         attempt: int | None,
-        status: str,
+        status: JobStatus,
         events: list[str],
         fields: dict[str, str] | None = None,
     ) -> bool:
@@ -235,9 +226,15 @@ class JobStore:
         args: list[Any] = ["" if attempt is None else attempt, status, self.retention, len(events)]
         ended = bool(self.scripts.finish(keys=keys.job_keys(job_id), args=args + events + pairs))
         if ended:
-            metrics.job_finished(self.redis, status)
-            limits.release_job(self.redis, job_id)
+            self._ended(job_id, status)
         return ended
+
+    def _ended(self, job_id: str, status: JobStatus) -> None:
+        """Count the outcome and free the concurrency slot the job held, if it held one."""
+        metrics.job_finished(self.redis, status)
+        caller = as_text(self.redis.hget(keys.job(job_id), "limited_as"))
+        if caller:
+            self.redis.zrem(keys.active(caller), job_id)
 
     def complete(
         self, job_id: str, attempt: int, finish_reason: str | None, usage: dict | None
@@ -245,7 +242,7 @@ class JobStore:
         fields = {"finish_reason": finish_reason or ""}
         if usage is not None:
             fields["usage"] = dumps(usage)
-        return self.finish(job_id, attempt, "completed", [DONE], fields)
+        return self.finish(job_id, attempt, JobStatus.COMPLETED, [DONE], fields)
 
     def fail(
         self,
@@ -260,20 +257,20 @@ class JobStore:
         """End the job with an error event in OpenAI's shape, then ``[DONE]``."""
         chunk = error_chunk(job_id, message, type=type, code=code, model=model)
         error = dumps(loads(chunk)["error"])
-        return self.finish(job_id, attempt, "failed", [chunk, DONE], {"error": error})
+        return self.finish(job_id, attempt, JobStatus.FAILED, [chunk, DONE], {"error": error})
 
-    def recover(self, job_id: str, worker_id: str, message: str) -> int:
-        """Handle a job claimed by a dead worker (see ``RECOVER`` in :mod:`relay.scripts`)."""
+    def recover(self, job_id: str, worker_id: str, message: str) -> Recovery:
+        """Handle a job claimed by a dead or stopping worker (``RECOVER`` in
+        :mod:`relay.core.scripts`)."""
         model = as_text(self.redis.hget(keys.job(job_id), "model"))
         chunk = error_chunk(job_id, message, type="server_error", code="worker_lost", model=model)
         error = dumps(loads(chunk)["error"])
-        outcome = int(
+        outcome = Recovery(
             self.scripts.recover(
                 keys=[*keys.job_keys(job_id), keys.claimed(worker_id), keys.PENDING],
                 args=[job_id, self.retention, chunk, DONE, _now(), error],
             )
         )
-        if outcome == 3:
-            metrics.job_finished(self.redis, "failed")
-            limits.release_job(self.redis, job_id)
+        if outcome is Recovery.FAILED:
+            self._ended(job_id, JobStatus.FAILED)
         return outcome

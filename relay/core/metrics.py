@@ -22,9 +22,9 @@ from redis import Redis
 
 from relay.core import keys, queue
 from relay.core.connections import as_text
+from relay.core.status import TERMINAL
 
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-OUTCOMES = ("completed", "failed", "cancelled")
 
 
 def count(redis: Any, name: str, amount: int = 1) -> None:
@@ -54,9 +54,8 @@ def observe_first_chunk(redis: Any, seconds: float) -> None:
 class RelayCollector(Collector):
     """Reads the shared counters and the queue's state at scrape time."""
 
-    def __init__(self, redis: Redis, viewers_here: Any = None) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.viewers_here = viewers_here
 
     def collect(self) -> Iterator[Metric]:
         raw = self.redis.hgetall(keys.METRICS)
@@ -80,7 +79,7 @@ class RelayCollector(Collector):
         finished = CounterMetricFamily(
             "relay_jobs_finished", "Jobs ended, by outcome.", labels=["outcome"]
         )
-        for outcome in OUTCOMES:
+        for outcome in TERMINAL:
             finished.add_metric([outcome], number(f"jobs_finished:{outcome}"))
         yield finished
         yield GaugeMetricFamily(

@@ -42,10 +42,6 @@ def register_worker(redis: Redis, worker_id: str, ttl_ms: int) -> None:
     pipe.execute()
 
 
-def heartbeat(redis: Redis, worker_id: str, ttl_ms: int) -> None:
-    redis.set(keys.heartbeat(worker_id), "1", px=ttl_ms)
-
-
 def drop_heartbeat(redis: Redis, worker_id: str) -> None:
     """Say at once that this worker is gone, so its leftover claims are recovered without delay."""
     redis.delete(keys.heartbeat(worker_id))

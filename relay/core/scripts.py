@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from redis import Redis
 
-TERMINAL = ("completed", "failed", "cancelled")
+from relay.core.status import TERMINAL
 
 # Shared by every script that writes events: append to the log, publish "<id> <data>".
-_APPEND = """
+_APPEND = (
+    """
 local function append_events(job, log, live, first, last_index)
   local n = 0
   for i = first, last_index do
@@ -28,9 +29,12 @@ local function append_events(job, log, live, first, last_index)
 end
 
 local function is_terminal(status)
-  return status == 'completed' or status == 'failed' or status == 'cancelled'
+  return """
+    + " or ".join(f"status == '{status}'" for status in TERMINAL)
+    + """
 end
 """
+)
 
 # KEYS: job, events, text, live. ARGV: attempt, ttl, text delta, event data...
 # Returns the id of the last event written, or 0 when the caller no longer owns the job.

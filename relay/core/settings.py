@@ -95,9 +95,7 @@ class Settings:
     moderation_model: str = ""
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, /, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
         """The defaults, then ``RELAY_*`` variables, then ``overrides`` (by field name; strings
         are parsed like the variables, other values checked against the field's type)."""
         environ = os.environ if environ is None else environ

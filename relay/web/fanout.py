@@ -29,11 +29,16 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from relay.core import keys
+from relay.core.backoff import Backoff
 from relay.core.chunks import DONE_BYTES, decode_live
 from relay.web.sse import format_event
 from relay.web.subscription import Subscription
 
 logger = logging.getLogger(__name__)
+
+SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to confirm a subscription before a viewer gets 503
+READ_WAIT = 1.0  # the dispatcher wakes at least this often (to PING a quiet connection)
+ERROR_PAUSE = 0.1  # after an unexpected error in dispatching: do not spin on a poisoned read
 
 
 class LiveEvent(NamedTuple):
@@ -86,7 +91,7 @@ class Viewer:
         the first one after ``prefix`` unless the viewer's own greenlet wrote one first."""
         self.sock, self.chunked, self.prefix = sock, chunked, prefix
         # gevent's socket wraps a non-blocking one: its own send is the cheapest call that can
-        # never wait (about a third of the dispatcher's time per viewer went to the wrapper).
+        # never wait (the wrapper costs more than the send: RESULTS.md).
         raw = getattr(sock, "_sock", None)
         self._write = raw.send if raw is not None else partial(sock.send, timeout=0.0)  # type: ignore[call-arg]
 
@@ -171,7 +176,9 @@ class Viewer:
 class Hub:
     """The process's subscription and the viewers it serves, keyed by live channel."""
 
-    def __init__(self, redis: Redis, *, queue_size: int, subscribe_timeout: float = 5.0) -> None:
+    def __init__(
+        self, redis: Redis, *, queue_size: int, subscribe_timeout: float = SUBSCRIBE_TIMEOUT
+    ) -> None:
         self._redis = redis
         self._queue_size = queue_size
         self._subscribe_timeout = subscribe_timeout
@@ -284,27 +291,27 @@ class Hub:
         self._ready = {channel: Event() for channel in self._viewers}
 
     def _run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 if self._pubsub is None:
                     self._connect()
                 if self._broken:
                     raise ConnectionError("a pub/sub command failed")
-                for reply in self._pubsub.read(timeout=1.0):  # type: ignore[union-attr]
+                for reply in self._pubsub.read(timeout=READ_WAIT):  # type: ignore[union-attr]
                     try:
                         self._dispatch(reply)
                     except Exception:  # one bad message must not drop the rest of the read
                         logger.exception("fan-out dispatcher error")
-                backoff = 0.1
+                backoff.reset()
             except (RedisError, OSError) as exc:
-                logger.warning("pub/sub connection lost (%s); retrying in %.1fs", exc, backoff)
+                delay = backoff.next()
+                logger.warning("pub/sub connection lost (%s); retrying in %.1fs", exc, delay)
                 self._reset()
-                gevent.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                gevent.sleep(delay)
             except Exception:
                 logger.exception("fan-out dispatcher error")
-                gevent.sleep(0.1)
+                gevent.sleep(ERROR_PAUSE)
 
     def _dispatch(self, reply: list | bytes) -> None:
         if not isinstance(reply, list) or len(reply) < 3:

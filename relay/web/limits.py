@@ -14,7 +14,6 @@ import secrets
 from redis import Redis
 
 from relay.core import keys
-from relay.core.connections import as_text
 
 # A sliding log: one member per admitted request in the last window. KEYS: the caller's log.
 # ARGV: limit, window (ms), a unique member. Returns 0 if admitted, else milliseconds until the
@@ -84,10 +83,3 @@ class Throttle:
         cap by at most their number, which keeps the queue bounded all the same.
         """
         return max_queued > 0 and self.redis.llen(keys.PENDING) >= max_queued
-
-
-def release_job(redis: Redis, job_id: str) -> None:
-    """Free the concurrency slot an ended job held, if it held one."""
-    caller = as_text(redis.hget(keys.job(job_id), "limited_as"))
-    if caller:
-        redis.zrem(keys.active(caller), job_id)

@@ -119,10 +119,3 @@ def sse_bytes(
             retry = b""
         else:
             yield event.frame
-
-
-def stream_events(
-    store: JobStore, hub: Hub, viewer: Viewer, after: int, *, keepalive: float, retry_ms: int
-) -> Iterator[bytes]:
-    """SSE bytes for one attached viewer, from id ``after`` to ``[DONE]``."""
-    return sse_bytes(follow(store, hub, viewer, after, idle=keepalive), retry_ms=retry_ms)

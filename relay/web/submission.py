@@ -112,7 +112,9 @@ def submit_job(body: Any = None) -> Submission:
     try:
         turn = relay.conversations.save(draft)
         limited_as = caller if concurrency > 0 else ""
-        relay.store.create(draft.request, turn, access=grant, job_id=job_id, limited_as=limited_as)
+        relay.store.create(
+            draft.request, turn, grant=grant.fields(), job_id=job_id, limited_as=limited_as
+        )
     except BaseException:
         throttle.release(caller, job_id)
         raise

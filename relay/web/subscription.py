@@ -1,9 +1,9 @@
 """The process's pub/sub connection, read in bulk: every message already received, per wake-up.
 
 redis-py's ``PubSub.get_message`` parses one message per call through its retry, health-check
-and push-notification layers (and a ``logging.getLogger`` per message): profiling a relay
-process at 10,000 messages/s put a quarter of its time there. This reads its own connection
-(:class:`~relay.redis_raw.RawConnection`), as many replies as one ``recv`` brought.
+and push-notification layers, which a busy process cannot afford (tests/bench/RESULTS.md, "Why
+the hot paths look as they do"). This reads its own connection
+(:class:`~relay.core.connections.RawConnection`), as many replies as one ``recv`` brought.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import hiredis
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from relay.core.connections import RawConnection
+from relay.core.connections import HEALTH_CHECK_SECONDS, RawConnection
 
 
 class Subscription:
     """One dedicated pub/sub connection: commands go out packed, replies come back as hiredis
     lists such as ``[b"message", channel, data]`` or ``[b"subscribe", channel, n]``."""
 
-    def __init__(self, redis: Redis, health_check_interval: float = 30.0) -> None:
+    def __init__(self, redis: Redis, health_check_interval: float = HEALTH_CHECK_SECONDS) -> None:
         self._conn = RawConnection(redis)
         self._health_check_interval = health_check_interval
         self._last_heard = time.monotonic()

@@ -70,6 +70,27 @@ Profiles are py-spy samples of the process named, taken during the scenario
   then the claim script and the job's load), a new upstream connection per job (the worker
   closes it at `[DONE]`, before the body's last chunk frame), the first publish, and the
   viewer's subscription and log read before its first event.
+
+## Why the hot paths look as they do
+
+Measured while building them (profiles as above); the code's comments point here.
+
+- **Per-viewer writes.** With a greenlet, mailbox and WSGI write per viewer per event, a
+  process spent ~40 us per viewer per event; the dispatcher's own non-blocking `send` brought it
+  to ~4 us, nearly all of it the kernel's. It calls the socket gevent wraps: going through
+  gevent's wrapper was about a third of the dispatcher's time per viewer.
+- **Pub/sub reading.** redis-py's `PubSub.get_message` (one message per call through retry,
+  health-check and push layers) was a quarter of a relay process at 10,000 messages/s; the
+  process's own connection read in bulk by hiredis (`relay/web/subscription.py`) halved a
+  process's CPU at 250 jobs x 2 viewers (0.30 -> 0.15 of a core, p99 87 -> 39 ms).
+- **Publishing.** An `EVALSHA` per chunk spent two thirds of a worker in redis-py's
+  per-command path and capped it near 7,000 chunks/s; batches per lane fixed that, and sending
+  them on hiredis-packed connections of their own (a redis-py pipeline was a third of a busy
+  worker) did the rest. Four lanes: one and sixteen were both slower.
+- **Reading upstreams.** http.client's chunk reading (`readline`, read, CRLF, through urllib3)
+  was a fifth of the worker's time per chunk (56 -> 45 us a chunk at 200 streams without it);
+  the event-loop reader took reading from 58-65 to 37-42 us a chunk
+  (`python -m tests.bench.readloop`).
 """
 
 

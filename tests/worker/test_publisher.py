@@ -1,10 +1,11 @@
-"""worker.publisher on fakeredis (with Lua): batching, merging a lagging job's text, results."""
+"""worker.publisher against a real redis-server, on its own connections as in production:
+batching, merging a lagging job's text, results."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-import fakeredis
 import gevent
 import gevent.event
 import pytest
@@ -12,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from relay.core import keys
 from relay.core.chunks import dumps
+from relay.core.connections import connect
 from relay.core.jobs import JobStore
 from worker.publisher import Publisher, mergeable
 
@@ -28,8 +30,8 @@ def delta(text: str, stamp: float = 0.0, **choice) -> dict:
 
 
 @pytest.fixture
-def store() -> JobStore:
-    return JobStore(fakeredis.FakeRedis(), retention=60, max_age=600)
+def store(redis_url: str) -> JobStore:
+    return JobStore(connect(redis_url), retention=60, max_age=600)
 
 
 def running_job(store: JobStore) -> tuple[str, int]:
@@ -130,7 +132,7 @@ def test_a_job_no_longer_ours_is_reported_by_the_next_publish_and_the_flush(
 def test_a_redis_error_reaches_the_job(store: JobStore) -> None:
     pub, job = Publisher(store), running_job(store)
 
-    def broken(batch, execute=None):
+    def broken(batch, execute):
         raise RedisConnectionError("gone")
 
     store.publish_many = broken  # type: ignore[method-assign]
@@ -149,12 +151,12 @@ class Held:
         self._real, self._fail = store.publish_many, fail
         store.publish_many = self  # type: ignore[method-assign]
 
-    def __call__(self, batch: list, execute: object = None) -> list:
+    def __call__(self, batch: list, execute: Any) -> list:
         self.calls.append(batch)
         self.release.wait()
         if self._fail and len(self.calls) == 1:
             raise RedisConnectionError("gone")
-        return self._real(batch)
+        return self._real(batch, execute)
 
 
 def test_flush_waits_for_a_batch_already_on_the_wire(store: JobStore) -> None:

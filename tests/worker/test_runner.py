@@ -1,16 +1,18 @@
-"""worker.runner in process (fakeredis, the simulator over real HTTP): the order of a job's end."""
+"""worker.runner in process (a real redis-server, the simulator over real HTTP): the order of a
+job's end, and the event loop kept free while a long reply is counted."""
 
 from __future__ import annotations
 
 import time
 
-import fakeredis
 import gevent
 import pytest
 import requests
 
+from relay.core.connections import connect
 from relay.core.conversations import Conversations, reply_cost
 from relay.core.jobs import JobStore
+from tests.helpers import stored_message
 from worker import runner
 from worker.publisher import Publisher
 from worker.runner import JobContext, run_job
@@ -19,12 +21,11 @@ from worker.upstream import Upstream
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.mark.parametrize("publisher", [False, True], ids=["direct", "publisher"])
-def test_a_reply_is_saved_as_a_parent_before_the_job_ends(simulator: str, publisher: bool):
+def test_a_reply_is_saved_as_a_parent_before_the_job_ends(simulator: str, redis_url: str):
     """A client that has seen [DONE] may send its follow-up at once, naming this reply as its
     parent: the reply must already be stored by then (it was saved just after the end, and a
     quick follow-up was refused with message_not_found)."""
-    redis = fakeredis.FakeRedis()
+    redis = connect(redis_url)
     store = JobStore(redis, retention=60, max_age=600)
     conversations = Conversations(redis, ttl=600)
     draft = conversations.prepare({"model": "m", "prompt": "hi",
@@ -35,14 +36,14 @@ def test_a_reply_is_saved_as_a_parent_before_the_job_ends(simulator: str, publis
     complete = store.complete
 
     def completing(*args, **kwargs):
-        seen_at_end.append(conversations.get(turn.message_id))
+        seen_at_end.append(stored_message(conversations, turn.message_id))
         return complete(*args, **kwargs)
 
     store.complete = completing  # type: ignore[method-assign]
     with requests.Session() as session:
         ctx = JobContext(
             store=store, session=session, upstream=Upstream(base_url=simulator), worker_id="w",
-            conversations=conversations, publisher=Publisher(store) if publisher else None,
+            conversations=conversations, publisher=Publisher(store),
         )  # fmt: skip
         run_job(ctx, job_id)
     assert store.status(job_id)["status"] == "completed"

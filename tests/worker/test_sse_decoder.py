@@ -15,7 +15,6 @@ from worker.sse_decoder import (
     SSEDecoder,
     SSEEvent,
     SSEProtocolError,
-    iter_sse,
 )
 
 try:
@@ -429,15 +428,6 @@ def test_default_limit() -> None:
         SSEDecoder().feed(b"x" * (DEFAULT_MAX_LINE_BYTES + 1))
     with pytest.raises(ValueError):
         SSEDecoder(max_line_bytes=0)
-
-
-def test_iter_sse() -> None:
-    chunks = [OPENAI[i : i + 7] for i in range(0, len(OPENAI), 7)]
-    assert list(iter_sse(chunks)) == decode(OPENAI)
-    assert list(iter_sse(iter([b"data: a\n\ndata: cut"]))) == [SSEEvent("a")]  # no error
-    assert list(iter_sse([])) == []
-    with pytest.raises(SSEProtocolError):
-        list(iter_sse([b"x" * 50], max_line_bytes=10))
 
 
 def test_event_is_frozen() -> None:

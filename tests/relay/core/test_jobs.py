@@ -5,6 +5,8 @@ import pytest
 
 from relay.core import keys, queue
 from relay.core.jobs import JobStore, is_job_id
+from relay.core.status import Recovery
+from tests.helpers import publish
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -38,8 +40,8 @@ def test_publish_appends_numbered_events_and_the_text(store):
     job_id = store.create(REQUEST)
     attempt = store.claim(job_id, "w1")
     assert attempt == 1 and store.status(job_id)["status"] == "running"
-    assert store.publish(job_id, attempt, ['{"a":1}'], "Hel") == 1
-    assert store.publish(job_id, attempt, ['{"a":2}', '{"a":3}'], "lo") == 3
+    assert publish(store, job_id, attempt, ['{"a":1}'], "Hel") == 1
+    assert publish(store, job_id, attempt, ['{"a":2}', '{"a":3}'], "lo") == 3
     assert events(store, job_id) == [(1, '{"a":1}'), (2, '{"a":2}'), (3, '{"a":3}')]
     assert events(store, job_id, after=2) == [(3, '{"a":3}')]
     assert store.status(job_id)["text"] == "Hello"
@@ -48,7 +50,7 @@ def test_publish_appends_numbered_events_and_the_text(store):
 def test_complete_ends_once_with_done_and_starts_retention(store):
     job_id = store.create(REQUEST)
     attempt = store.claim(job_id, "w1")
-    store.publish(job_id, attempt, ["{}"], "x")
+    publish(store, job_id, attempt, ["{}"], "x")
     assert store.complete(job_id, attempt, "stop", {"total_tokens": 3})
     assert not store.complete(job_id, attempt, "stop", None)
     assert not store.fail(job_id, None, "late janitor")
@@ -66,7 +68,7 @@ def test_a_fenced_worker_can_no_longer_write(store):
     job_id = store.create(REQUEST)
     old = store.claim(job_id, "w1")
     store.redis.hincrby(keys.job(job_id), "attempt", 1)  # what a janitor's takeover does
-    assert store.publish(job_id, old, ["{}"], "x") == 0
+    assert publish(store, job_id, old, ["{}"], "x") == 0
     assert not store.complete(job_id, old, "stop", None)
     assert events(store, job_id) == []
 
@@ -86,11 +88,11 @@ def test_recover_requeues_a_job_that_published_nothing(store):
     claimed = queue.claim_next(store.redis, "dead", timeout=1)
     assert claimed == job_id
     attempt = store.claim(job_id, "dead")
-    assert store.recover(job_id, "dead", "lost") == 2
-    assert store.recover(job_id, "dead", "lost") == 0  # a second janitor finds nothing to do
+    assert store.recover(job_id, "dead", "lost") is Recovery.REQUEUED
+    assert store.recover(job_id, "dead", "lost") is Recovery.TAKEN  # a second janitor: nothing
     assert store.redis.lrange(keys.PENDING, 0, -1) == [job_id.encode()]
     assert store.status(job_id)["status"] == "queued"
-    assert store.publish(job_id, attempt, ["{}"], "") == 0  # the old worker is fenced off
+    assert publish(store, job_id, attempt, ["{}"], "") == 0  # the old worker is fenced off
     assert store.claim(job_id, "w2") == attempt + 2
 
 
@@ -98,8 +100,8 @@ def test_recover_fails_a_started_job_exactly_once(store):
     job_id = store.create(REQUEST)
     queue.claim_next(store.redis, "dead", timeout=1)
     attempt = store.claim(job_id, "dead")
-    store.publish(job_id, attempt, ["{}"], "x")
-    assert store.recover(job_id, "dead", "worker lost") == 3
+    publish(store, job_id, attempt, ["{}"], "x")
+    assert store.recover(job_id, "dead", "worker lost") is Recovery.FAILED
     assert not store.complete(job_id, attempt, "stop", None)  # late worker: no second [DONE]
     data = [d for _, d in events(store, job_id)]
     assert data[-1] == "[DONE]" and data.count("[DONE]") == 1

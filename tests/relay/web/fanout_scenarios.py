@@ -1,6 +1,6 @@
 """Fan-out races forced deterministically, run in a gevent-patched subprocess against a real
-Redis: ``python tests/relay/fanout_scenarios.py REDIS_URL SCENARIO``. Prints the SSE ids one
-viewer received, as JSON, for tests/relay/test_fanout.py to check.
+Redis: ``python tests/relay/web/fanout_scenarios.py REDIS_URL SCENARIO``. Prints the SSE ids one
+viewer received, as JSON, for tests/relay/web/test_fanout.py to check.
 """
 
 from gevent import monkey
@@ -15,10 +15,18 @@ import gevent  # noqa: E402
 import redis  # noqa: E402
 
 from relay.core.jobs import JobStore  # noqa: E402
-from relay.web.fanout import Hub  # noqa: E402
-from relay.web.streaming import stream_events  # noqa: E402
+from relay.web.fanout import Hub, Viewer  # noqa: E402
+from relay.web.streaming import follow, sse_bytes  # noqa: E402
+from tests.helpers import publish  # noqa: E402
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+
+
+def stream_events(
+    store: JobStore, hub: Hub, viewer: Viewer, after: int, *, keepalive: float, retry_ms: int
+):
+    """SSE bytes for one attached viewer, from id ``after`` to ``[DONE]``, as a stream sends."""
+    return sse_bytes(follow(store, hub, viewer, after, idle=keepalive), retry_ms=retry_ms)
 
 
 def ids_of(frames: list[bytes]) -> list[int]:
@@ -68,12 +76,12 @@ def backlog_live_race(url: str) -> list[int]:
     job_id = writer.create(REQUEST)
     attempt = writer.claim(job_id, "w")
     for _ in range(3):
-        writer.publish(job_id, attempt, ["{}"])
+        publish(writer, job_id, attempt, ["{}"])
 
     def on_read(when: str) -> None:
         # "before": in the log AND live (must not repeat). "after": live only (must not be lost).
         for _ in range(3):
-            writer.publish(job_id, attempt, ["{}"])
+            publish(writer, job_id, attempt, ["{}"])
         if when == "after":
             writer.complete(job_id, attempt, "stop", None)
 
@@ -96,7 +104,7 @@ def slow_viewer(url: str) -> list[int]:
         lambda: list(stream_events(store, hub, fast, 0, keepalive=30, retry_ms=1))
     )
     for _ in range(50):
-        store.publish(job_id, attempt, ["{}"])
+        publish(store, job_id, attempt, ["{}"])
     store.complete(job_id, attempt, "stop", None)
     reader.join(timeout=5)
     assert reader.successful(), "the reading viewer was held up by the stalled one"
@@ -118,7 +126,7 @@ def pubsub_reconnect(url: str) -> list[int]:
 
     reader = gevent.spawn(consume)
     for i in range(30):
-        store.publish(job_id, attempt, ["{}"])
+        publish(store, job_id, attempt, ["{}"])
         if i == 10:
             client.client_kill_filter(_type="pubsub")
         gevent.sleep(0.01)

@@ -24,7 +24,7 @@ from relay.dev.simulator import reply_finish_reason, reply_pieces, reply_text
 
 pytestmark = pytest.mark.timeout(30)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _free_port() -> int:

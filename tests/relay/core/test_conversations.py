@@ -8,6 +8,7 @@ import pytest
 from relay.core import tokens
 from relay.core.conversations import Conversations, Turn
 from relay.core.errors import InvalidRequest, NotFound
+from tests.helpers import stored_message
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_a_chain_is_rebuilt_in_order_with_the_system_message(conversations):
     ]
     assert "parentMessageId" not in third and "prompt" not in second
     assert turn2.parent_message_id != a1  # the reply answers the new user message
-    assert conversations.get(turn2.parent_message_id) == {
+    assert stored_message(conversations, turn2.parent_message_id) == {
         "role": "user",
         "content": "two",
         "parent": str(turn1.reply_number),

@@ -32,7 +32,7 @@ def test_a_jobs_tokens_live_and_die_with_the_job():
     redis = fakeredis.FakeRedis()
     store = JobStore(redis, retention=60, max_age=600)
     grant = Access.new("k")
-    job_id = store.create({"model": "m", "messages": []}, access=grant)
+    job_id = store.create({"model": "m", "messages": []}, grant=grant.fields())
     assert load(redis, job_id) == grant
     redis.delete(f"relay:{{{job_id}}}:job")
     assert load(redis, job_id) is None

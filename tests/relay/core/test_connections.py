@@ -39,7 +39,7 @@ def test_a_lost_connection_is_a_redis_connection_error(redis_url: str) -> None:
         conn.execute([("PING",)])
 
 
-def test_publish_many_through_it_matches_the_pipeline(redis_url: str) -> None:
+def test_publish_many_through_it(redis_url: str) -> None:
     """Including the script cache lost (SCRIPT FLUSH, as after a restart): loaded again."""
     client = connect(redis_url)
     store = JobStore(client, retention=60, max_age=600)
@@ -51,7 +51,6 @@ def test_publish_many_through_it_matches_the_pipeline(redis_url: str) -> None:
         assert store.publish_many(batch, conn.execute) == [1, 1, 1]
         client.script_flush()
         assert store.publish_many(batch, conn.execute) == [2, 2, 2]
-        assert store.publish_many(batch) == [3, 3, 3]  # the redis-py pipeline: same results
-        assert [store.status(j)["text"] for j in jobs] == ["xxx"] * 3
+        assert [store.status(j)["text"] for j in jobs] == ["xx"] * 3
     finally:
         conn.close()
