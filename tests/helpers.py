@@ -119,6 +119,17 @@ def stored_message(conversations: Any, message_id: str, owner: str = "") -> dict
     return {"role": role, "content": json.loads(content), "parent": parent}
 
 
+def sdk_text(chunks: Any) -> tuple[str, list[str]]:
+    """The text and finish reasons of an ``openai`` SDK stream of chunks."""
+    text, reasons = "", []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.finish_reason:
+                reasons.append(choice.finish_reason)
+    return text, reasons
+
+
 def chat_body(content: str = "Hello", **simulator: object) -> dict:
     """A Chat Completions request; ``simulator`` options steer the test upstream."""
     body: dict = {"model": "simulator", "messages": [{"role": "user", "content": content}]}

@@ -275,39 +275,38 @@ class Conversations:
 
     def save(self, draft: Draft) -> Turn:
         """Store the draft's new messages after its parent: the turn the job will answer."""
-        conversation_id = draft.parent.conversation_id if draft.parent else new_message_id()
-        parent_number = str(draft.parent.number) if draft.parent else NO_PARENT
+        parent = draft.parent
+        conversation_id = parent.conversation_id if parent else new_message_id()
         records = [_record(m.get("role"), m.get("content")) for m in draft.new]
-        first = int(
-            self._append(
-                keys=[keys.conversation(conversation_id)],
-                args=[
-                    self.ttl,
-                    parent_number,
-                    draft.owner,
-                    draft.system or NO_PARENT,
-                    draft.system_text,
-                    len(records),
-                    *records,
-                ],
-            )  # fmt: skip
-        )
-        if not first:  # expired between prepare and save
-            raise NotFound(
-                "The conversation expired.", param="parentMessageId", code="message_not_found"
-            )
-        turn = Turn(
+        key = [keys.conversation(conversation_id)]
+        args: list[str | int] = [self.ttl, str(parent.number) if parent else NO_PARENT, draft.owner,
+                draft.system or NO_PARENT, draft.system_text, len(records), *records]  # fmt: skip
+        message_id, question_id = new_message_id(), new_message_id()
+        if parent is None:
+            # A new conversation numbers its messages from 1: the question's id can be written
+            # in the same round trip.
+            first = 1
+            pipe = self.redis.pipeline(transaction=False)
+            self._append(keys=key, args=args, client=pipe)
+            self._point(question_id, conversation_id, len(records), draft.system, pipe)
+            pipe.execute()
+        else:
+            first = int(self._append(keys=key, args=args))
+            if not first:  # expired between prepare and save
+                raise NotFound(
+                    "The conversation expired.", param="parentMessageId", code="message_not_found"
+                )
+            self._point(question_id, conversation_id, first + len(records) - 1, draft.system)
+        return Turn(
             conversation_id=conversation_id,
-            message_id=new_message_id(),
-            parent_message_id=new_message_id(),
+            message_id=message_id,
+            parent_message_id=question_id,
             reply_number=first + len(records),
             parent_number=first + len(records) - 1,
             system=draft.system,
             new_head=draft.new_head,
             new_tail=len(draft.new),
         )
-        self._point(turn.parent_message_id, turn, turn.parent_number)
-        return turn
 
     def save_reply(self, turn: Turn, text: str, cost: int | None = None) -> None:
         """Store the assistant's reply (complete or cancelled) so it can be a parent.
@@ -322,12 +321,14 @@ class Conversations:
             args=[self.ttl, turn.reply_number, f"{tokens_} {turn.parent_number} {rest}"],
             client=pipe,
         )
-        self._point(turn.message_id, turn, turn.reply_number, pipe)
+        self._point(turn.message_id, turn.conversation_id, turn.reply_number, turn.system, pipe)
         pipe.execute()
 
-    def _point(self, message_id: str, turn: Turn, number: int, pipe: Any = None) -> None:
+    def _point(
+        self, message_id: str, conversation_id: str, number: int, system: str, pipe: Any = None
+    ) -> None:
         """Make ``message_id`` name a message (a key of its own: only handed-out ids get one)."""
-        value = f"{turn.conversation_id} {number} {turn.system or NO_PARENT}"
+        value = f"{conversation_id} {number} {system or NO_PARENT}"
         (pipe or self.redis).set(keys.message(message_id), value, ex=self.ttl)
 
 

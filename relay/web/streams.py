@@ -25,6 +25,7 @@ STREAM_HEADERS = {
 
 
 def attach(job_id: str, *, closable: bool = True) -> Viewer:
+    """This process's viewer of the job, subscribed (503 if Redis does not confirm in time)."""
     try:
         return state().hub.attach(job_id, closable=closable)
     except SubscribeTimeout:
@@ -48,7 +49,7 @@ def stream_response(
 
     Attaching happens in the view, so a failure is still a proper JSON error. ``owner`` marks
     the stream that created its job: closed before the end while nobody else watches, it
-    cancels the job (``CANCEL_ON_DISCONNECT``). Given ``direct`` (the bytes to write before
+    cancels the job (``RELAY_CANCEL_ON_DISCONNECT``). Given ``direct`` (the bytes to write before
     the first event), the dispatcher may write live events to the client itself (only for
     :func:`sse_bytes`, see :func:`follow`).
     """

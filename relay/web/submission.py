@@ -37,6 +37,7 @@ def _body_bytes() -> bytes:
 
 
 def json_body() -> Any:
+    """The request body parsed as JSON, or a 400 ``invalid_json``."""
     try:
         return orjson.loads(_body_bytes())
     except orjson.JSONDecodeError:
@@ -47,6 +48,8 @@ def json_body() -> Any:
 
 
 class Submission(NamedTuple):
+    """A job just created: what the endpoint answers its creator with."""
+
     job_id: str
     request: dict[str, Any]
     turn: Turn

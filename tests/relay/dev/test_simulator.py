@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from relay.dev.simulator import reply_finish_reason, reply_pieces, reply_text
+from tests.helpers import sdk_text
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -405,20 +406,16 @@ def test_models_and_unknown_paths(sim):
 def test_openai_sdk_reassembles_the_reply(sim):
     client = openai.OpenAI(base_url=f"{sim.base}/v1", api_key="x", max_retries=0)
     body = chat(tokens=15)
-    text, reasons, usage = "", [], None
     with client.chat.completions.create(
         model="sim-model",
         messages=body["messages"],
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"simulator": body["simulator"]},
-    ) as chunks:
-        for chunk in chunks:
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                text += choice.delta.content or ""
-                if choice.finish_reason:
-                    reasons.append(choice.finish_reason)
+    ) as stream:
+        chunks = list(stream)
+    text, reasons = sdk_text(chunks)
+    usage = next((c.usage for c in reversed(chunks) if c.usage), None)
     assert text == reply_text(body)
     assert reasons == ["stop"]
     assert usage is not None and usage.completion_tokens == 15

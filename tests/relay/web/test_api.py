@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from relay.dev.simulator import reply_text
-from tests.helpers import chat_body, create_job, read_stream, status_url
+from tests.helpers import chat_body, create_job, read_stream, sdk_text, status_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -111,12 +111,7 @@ def test_openai_sdk_streams_through_chat_completions(base):
         extra_body={"simulator": body["simulator"]},
     )
     events_url = raw.headers["X-Relay-Events-Url"]
-    text, reasons = "", []
-    for chunk in raw.parse():
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            if choice.finish_reason:
-                reasons.append(choice.finish_reason)
+    text, reasons = sdk_text(raw.parse())
     assert text == reply_text(body)
     assert reasons == ["stop"]
     # Others can watch the same job with its tokened events URL.
