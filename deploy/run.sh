@@ -41,6 +41,8 @@ redis_reachable() {
 }
 
 export RELAY_REDIS_URL="${RELAY_REDIS_URL:-redis://127.0.0.1:6379/0}"
+# A local dev stack on 127.0.0.1: without API keys anyone on this machine may create jobs.
+export RELAY_OPEN_ACCESS="${RELAY_OPEN_ACCESS:-true}"
 if redis_reachable "$RELAY_REDIS_URL"; then
   say "using Redis at $RELAY_REDIS_URL"
 else

@@ -188,6 +188,7 @@ class Stack:
             "RELAY_UPSTREAM_READ_TIMEOUT": "3",
             "RELAY_UPSTREAM_MAX_RETRIES": "0",
             "RELAY_KEEPALIVE_SECONDS": "1",
+            "RELAY_OPEN_ACCESS": "true",  # tests that need keys seed or create them
             **self.env,
             **(extra or {}),
         }

@@ -18,6 +18,9 @@ from redis import Redis
 from relay.core import keys
 from relay.core.connections import as_text
 
+ID_LENGTH = 12  # a key's id: the start of its digest, enough to tell keys apart, never the key
+MIN_ID_LENGTH = 8  # what the CLI needs to pick a key, so that a typo cannot match several
+
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -30,11 +33,19 @@ def create(redis: Redis, label: str, rpm: int = 0, concurrency: int = 0) -> str:
     return key
 
 
+SEEDED = "RELAY_API_KEYS"  # the label of keys that come from the setting
+
+
 def seed(redis: Redis, seeded: Iterable[str]) -> None:
-    """Make sure the keys of ``RELAY_API_KEYS`` exist (idempotent)."""
-    for key in seeded:
-        if not redis.exists(keys.api_key(digest(key))):
-            _store(redis, digest(key), "RELAY_API_KEYS", 0, 0)
+    """Make the keys from ``RELAY_API_KEYS`` exactly those of the setting (idempotent): add the
+    missing ones, delete seeded ones no longer listed. Keys made with the CLI are left alone."""
+    wanted = {digest(key) for key in seeded}
+    for key_digest in wanted:
+        if not redis.exists(keys.api_key(key_digest)):
+            _store(redis, key_digest, SEEDED, 0, 0)
+    for record in listing(redis):
+        if record.get("label") == SEEDED and record["digest"] not in wanted:
+            delete(redis, record["digest"])
 
 
 def _store(redis: Redis, key_digest: str, label: str, rpm: int, concurrency: int) -> None:
@@ -61,24 +72,39 @@ def authenticate(redis: Redis, authorization: str | None) -> dict[str, Any] | No
     record = {as_text(k): as_text(v) for k, v in redis.hgetall(keys.api_key(key_digest)).items()}
     if not record or record.get("revoked") == "1":
         return None
-    return {"id": key_digest[:12], **record}
+    return {"id": key_digest[:ID_LENGTH], **record}
 
 
 def listing(redis: Redis) -> list[dict[str, Any]]:
+    """Every key's record: its id (what the CLI shows), label, limits, whether revoked, and
+    (not for display) its full digest."""
     out = []
     for key_digest in sorted(as_text(d) for d in redis.smembers(keys.API_KEYS)):
         record = {
             as_text(k): as_text(v) for k, v in redis.hgetall(keys.api_key(key_digest)).items()
         }
-        out.append({"id": key_digest[:12], **record})
+        out.append({"id": key_digest[:ID_LENGTH], **record, "digest": key_digest})
     return out
+
+
+def delete(redis: Redis, key_digest: str) -> None:
+    """Forget a key altogether (by its full digest)."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.srem(keys.API_KEYS, key_digest)
+    pipe.delete(keys.api_key(key_digest))
+    pipe.execute()
+
+
+def matching(redis: Redis, key_id: str) -> list[str]:
+    """The digests of the keys whose id starts with ``key_id`` (at least 8 characters)."""
+    if len(key_id) < MIN_ID_LENGTH:
+        raise ValueError(f"give at least {MIN_ID_LENGTH} characters of the key id")
+    return [as_text(d) for d in redis.smembers(keys.API_KEYS) if as_text(d).startswith(key_id)]
 
 
 def revoke(redis: Redis, key_id: str) -> int:
     """Revoke every key whose id (digest prefix, at least 8 characters) matches; how many."""
-    if len(key_id) < 8:
-        raise ValueError("give at least 8 characters of the key id")
-    matched = [as_text(d) for d in redis.smembers(keys.API_KEYS) if as_text(d).startswith(key_id)]
+    matched = matching(redis, key_id)
     for key_digest in matched:
         redis.hset(keys.api_key(key_digest), "revoked", 1)
     return len(matched)

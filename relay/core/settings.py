@@ -77,8 +77,12 @@ class Settings:
     max_response_tokens: int = field(default=1000, metadata=_range(0))
     conversation_ttl_seconds: int = field(default=30 * 24 * 3600, metadata=_range(1))
     chatgpt_web_secret: str = ""
-    # Comma-separated; seeded into Redis as SHA-256 digests (relay.core.apikeys).
+    # Comma-separated; seeded into Redis as SHA-256 digests (relay.core.apikeys), mirrored:
+    # a key taken out of the list stops working at the next start.
     api_keys: tuple[str, ...] = ()
+    # Without any API key, may anyone create jobs? Only when this says so: a relay whose keys
+    # were lost with Redis's data must not fall open. With keys, keys are always required.
+    open_access: bool = False
     # Per caller (an API key, or a client address when the relay runs open); 0: no limit. A
     # key's own limits (python -m relay.apikeys create --rpm/--concurrency) take precedence.
     rate_limit_rpm: int = field(default=0, metadata=_range(0))

@@ -25,44 +25,49 @@ class KeyMode:
 
     def __init__(self) -> None:
         self.seeded = False
-        self.enabled = False
+        self.open = False
         self.checked_at = float("-inf")
         self.announced = False
 
     def keys_required(self) -> bool:
-        redis, seeded = state().redis, state().settings.api_keys
+        redis, settings = state().redis, state().settings
         if not self.seeded:
-            apikeys.seed(redis, seeded)
+            apikeys.seed(redis, settings.api_keys)
             self.seeded = True
         now = time.monotonic()
         if now - self.checked_at > _CHECK_EVERY:
-            self.enabled, self.checked_at = apikeys.configured(redis), now
-            if seeded and not self.enabled:
-                # Redis lost its data (restarted without persistence): seed again rather
-                # than run open, which a relay configured with keys must never do.
-                apikeys.seed(redis, seeded)
-                self.enabled = True
-            if not self.enabled and not self.announced:
+            exist, self.checked_at = apikeys.configured(redis), now
+            if settings.api_keys and not exist:
+                # Redis lost its data (restarted without persistence): seed again.
+                apikeys.seed(redis, settings.api_keys)
+                exist = True
+            self.open = settings.open_access and not exist
+            if self.open and not self.announced:
                 logger.warning(OPEN_MODE)
                 self.announced = True
-        return self.enabled
+        return not self.open
 
 
-OPEN_MODE = "no API keys configured: anyone may create jobs (open mode)"
+OPEN_MODE = "no API keys configured: anyone may create jobs (RELAY_OPEN_ACCESS=true)"
+NO_KEYS = (
+    "no API key exists and RELAY_OPEN_ACCESS is not true: creating jobs is refused until a key "
+    "is made (python -m relay.apikeys create --label NAME) or RELAY_API_KEYS is set"
+)
 
 
 def key_mode_at_start(settings: Settings) -> tuple[bool, str]:
-    """Seed ``RELAY_API_KEYS`` and say whether keys are required: (open, message to log).
+    """Seed ``RELAY_API_KEYS`` and say how the relay admits requests: (warn?, message to log).
 
     Called once by gunicorn's master when it is ready (deploy/gunicorn.conf.py), so that an
-    open relay says so at start and not only at its first request.
+    open relay, or one that refuses everything, says so at start and not only at its first
+    request.
     """
     redis = connect(settings.redis_url, max_connections=2)
     try:
         apikeys.seed(redis, settings.api_keys)
         if apikeys.configured(redis):
             return False, "API keys required to create jobs"
-        return True, OPEN_MODE
+        return True, OPEN_MODE if settings.open_access else NO_KEYS
     except RedisError as exc:
         return False, f"could not check API keys at start (Redis: {exc}); checked per request"
     finally:
@@ -70,7 +75,8 @@ def key_mode_at_start(settings: Settings) -> tuple[bool, str]:
 
 
 def keys_required() -> bool:
-    """Whether any API key exists (then every request that creates something needs one)."""
+    """Whether creating something needs an API key: unless no key exists and the relay was
+    told to run open (``RELAY_OPEN_ACCESS``)."""
     mode: KeyMode = current_app.extensions.setdefault("relay.keymode", KeyMode())
     return mode.keys_required()
 

@@ -108,6 +108,57 @@ def test_the_relay_says_at_start_whether_it_runs_open(stack):
     stack.start_web(env={"RELAY_API_KEYS": "seeded-key-789"})
     keyed_log = stack.procs[-1]
     # Said before any request that creates a job (only /healthz has been asked so far).
-    assert "anyone may create jobs (open mode)" in open_log.output()
+    assert "anyone may create jobs (RELAY_OPEN_ACCESS=true)" in open_log.output()
     assert "API keys required to create jobs" in keyed_log.output()
-    assert "open mode" not in keyed_log.output()
+    assert "anyone may" not in keyed_log.output()
+    stack.start_web(env={"RELAY_OPEN_ACCESS": "false"})
+    assert "creating jobs is refused until a key is made" in stack.procs[-1].output()
+
+
+def test_seeded_keys_mirror_the_setting_and_cli_keys_stay():
+    redis = fakeredis.FakeRedis()
+    made = apikeys.create(redis, "by hand")
+    apikeys.seed(redis, ("one", "two"))
+    apikeys.seed(redis, ("two",))  # "one" was taken out of RELAY_API_KEYS
+    assert apikeys.authenticate(redis, "Bearer one") is None
+    assert apikeys.authenticate(redis, "Bearer two") is not None
+    assert apikeys.authenticate(redis, f"Bearer {made}") is not None
+    assert sorted(k["label"] for k in apikeys.listing(redis)) == ["RELAY_API_KEYS", "by hand"]
+
+
+def test_the_cli_refuses_bad_limits_and_ids_with_a_message(redis_url: str):
+    for args, says in (
+        (("create", "--label", "x", "--rpm", "0"), "must be at least 1"),
+        (("create", "--label", "x", "--concurrency", "-3"), "must be at least 1"),
+        (("create", "--label", "x", "--rpm", "many"), "not a whole number"),
+        (("revoke", "abc"), "at least 8 characters"),
+        (("delete", "abc"), "at least 8 characters"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "relay.apikeys", "--redis-url", redis_url, *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    key = cli(redis_url, "create", "--label", "temp", "--rpm", "5")
+    key_id = apikeys.digest(key)[:12]
+    assert cli(redis_url, "delete", key_id).startswith("deleted 1 key(s)")
+    assert cli(redis_url, "list") == ""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_relay_whose_cli_keys_were_lost_refuses_instead_of_running_open(stack):
+    base = stack.start_web(env={"RELAY_OPEN_ACCESS": "false"})
+    body = chat_body("keyed", tokens=2)
+    assert requests.post(f"{base}/v1/jobs", json=body, timeout=5).status_code == 401
+    key = cli(stack.redis_url, "create", "--label", "ops")
+    made = {"Authorization": f"Bearer {key}"}
+    assert requests.post(f"{base}/v1/jobs", json=body, headers=made, timeout=5).status_code == 202
+    stack.redis().flushdb()  # a restart without persistence: the CLI's key is gone
+    refusals = []
+    deadline = time.monotonic() + 5  # past the processes' cached view of whether keys exist
+    while time.monotonic() < deadline:
+        refusals.append(requests.post(f"{base}/v1/jobs", json=body, timeout=5).status_code)
+        time.sleep(0.2)
+    assert set(refusals) == {401}
