@@ -35,7 +35,7 @@ def is_flagged(
     cannot answer. Nothing to check is not flagged."""
     if not texts:
         return False
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
     payload: dict[str, Any] = {"input": texts}

@@ -22,13 +22,16 @@ import requests
 import urllib3.exceptions
 from gevent.event import AsyncResult
 
-from relay.core.chunks import DONE, dumps
+from relay.core.chunks import DONE, dumps, malformed
 
 from .chunked import ChunkedDecoder, ChunkedError
 from .sse_decoder import SSEDecoder, SSEProtocolError
 from .upstream import UpstreamError, error_from_json
 
 _READ_SIZE = 64 * 1024
+# Reads one event-loop callback may make before letting the loop run: an upstream that floods
+# must not keep the worker's other jobs, or its heartbeat, from their turn.
+READS_PER_WAKE = 4
 
 Chunk = tuple[str, dict[str, Any]]  # the data line as relayed, and its parsed JSON
 
@@ -67,6 +70,11 @@ class ChunkParser:
                 message, type_, code = error_from_json(chunk, "error event")
                 raise UpstreamError(
                     f"The upstream failed mid-stream: {message}", type=type_, code=code
+                )
+            if problem := malformed(chunk):
+                raise UpstreamError(
+                    f"The upstream sent a chunk of an unexpected shape: {problem}.",
+                    code="upstream_malformed",
                 )
             chunks.append(((data if "\n" not in data else dumps(chunk)), chunk))
         return chunks
@@ -148,9 +156,13 @@ def iter_chunks(response: requests.Response) -> Iterator[Chunk]:
     """
     parser = ChunkParser()
     read = body_reader(response)
+    reads = 0
     with _read_errors():
         while not parser.done and (block := read()):
             yield from parser.feed(block)
+            reads += 1
+            if reads % READS_PER_WAKE == 0:
+                gevent.sleep(0)  # a read that never has to wait never yields: let others run
 
 
 def follow_chunks(
@@ -183,7 +195,9 @@ def follow_chunks(
 
     def readable() -> None:
         try:
-            while not ended.ready():
+            for _ in range(READS_PER_WAKE):
+                if ended.ready():
+                    return
                 try:
                     raw = sock.recv(_READ_SIZE)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -192,6 +206,9 @@ def follow_chunks(
                     raise ConnectionResetError("the upstream closed the connection mid-body")
                 heard[0] = loop.now()
                 handle(body.framing.feed(raw))
+            # More may be waiting (under TLS, already decrypted, with no readiness event to
+            # come): carry on at the loop's next turn, after the other jobs and the heartbeat.
+            loop.run_callback(readable)
         except BaseException as exc:  # noqa: BLE001 - it ends the stream, in the job's greenlet
             ended.set_exception(exc)
 

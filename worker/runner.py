@@ -20,7 +20,7 @@ from relay.core.jobs import JobStore
 from . import moderation
 from .publisher import Publisher
 from .reader import follow_chunks
-from .upstream import Upstream, UpstreamError, open_stream
+from .upstream import Upstream, UpstreamError, open_stream, sanitize
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +246,14 @@ def handle_job_failure(
     metrics.upstream_error(ctx.store.redis, error.code)
     with contextlib.suppress(Exception):  # the text so far goes before the error, if it can
         ctx.publisher.flush(job_id, attempt)
-    ended = ctx.store.fail(
-        job_id, attempt, error.message, type=error.type, code=error.code, model=model
-    )
+    # Viewers see this: never the relay's own upstream key, should the upstream echo it.
+    message = sanitize(error.message, ctx.upstream.api_key)
+    ended = ctx.store.fail(job_id, attempt, message, type=error.type, code=error.code, model=model)
     logger.warning(
         "job %s failed (%s): %s%s",
         job_id,
         error.code,
-        error.message,
+        message,
         "" if ended else " [already ended]",
     )
 

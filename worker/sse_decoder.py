@@ -7,13 +7,15 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+# One event's data, over all its lines: many short data lines must not add up without bound.
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
 # CRLF first so that a CR directly followed by LF is one line ending, not two.
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 class SSEProtocolError(ValueError):
-    """The stream cannot be decoded safely (a line longer than the allowed maximum)."""
+    """The stream cannot be decoded safely (a line or an event larger than allowed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,8 @@ class SSEDecoder:
         "_at_start",
         "_skip_lf",
         "_data",
+        "_data_bytes",
+        "_max_event",
         "_event",
         "_id",
         "_retry",
@@ -50,9 +54,14 @@ class SSEDecoder:
         "_closed",
     )
 
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
-        if max_line_bytes < 1:
-            raise ValueError("max_line_bytes must be positive")
+    def __init__(
+        self,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        if max_line_bytes < 1 or max_event_bytes < 1:
+            raise ValueError("max_line_bytes and max_event_bytes must be positive")
+        self._max_event = max_event_bytes
         # errors="replace": a stray invalid byte must not kill an otherwise readable stream.
         self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
         self._max = max_line_bytes
@@ -64,6 +73,7 @@ class SSEDecoder:
         self._at_start = True  # no text decoded yet: a BOM here is stripped
         self._skip_lf = False  # the last text ended with CR: a leading LF completes a CRLF
         self._data: list[str] = []
+        self._data_bytes = 0  # the event's data so far, newlines between lines included
         self._event = ""
         self._id: str | None = None
         self._retry: int | None = None
@@ -138,7 +148,7 @@ class SSEDecoder:
             elif line.startswith("data:"):
                 # The common case (every OpenAI chunk), kept off the general field path.
                 value = line[5:]
-                self._data.append(value[1:] if value[:1] == " " else value)
+                self._add_data(value[1:] if value[:1] == " " else value)
                 self._in_event = True
             elif line[0] != ":":  # a line starting with a colon is a comment
                 self._field(line)
@@ -153,7 +163,7 @@ class SSEDecoder:
             value = value[1:]
         self._in_event = True
         if name == "data":
-            self._data.append(value)
+            self._add_data(value)
         elif name == "event":
             self._event = value
         elif name == "id":
@@ -164,10 +174,21 @@ class SSEDecoder:
                 self._retry = int(value)
         # Any other field name is ignored, as the spec says.
 
+    def _add_data(self, value: str) -> None:
+        self._data_bytes += _utf8_len(value) + 1
+        if self._data_bytes > self._max_event:
+            self._data.clear()
+            self._data_bytes = 0
+            raise SSEProtocolError(
+                f"an SSE event is larger than the maximum of {self._max_event} bytes"
+            )
+        self._data.append(value)
+
     def _dispatch(self) -> SSEEvent | None:
         """A blank line: the event built so far, or None if it has no data."""
         self._in_event = False
         data, self._data = self._data, []
+        self._data_bytes = 0
         event, self._event = self._event, ""
         if not data:
             return None

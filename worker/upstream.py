@@ -6,6 +6,8 @@ a message fit for the viewer and whether trying again could help.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,25 +54,46 @@ class Upstream:
         return self.base_url.rstrip("/") + "/chat/completions"
 
 
+MAX_MESSAGE_CHARS = 500  # an upstream's error message shown to viewers: a sentence, not a dump
+MAX_CODE_CHARS = 64
+# What must never be shown to viewers even if an upstream echoes it: API keys, bearer tokens.
+_SECRETS = re.compile(r"\b(sk-|rk-|Bearer\s+)[A-Za-z0-9._~+/=-]{6,}|eyJ[A-Za-z0-9._-]{20,}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def sanitize(text: str, *secrets: str) -> str:
+    """Text from an upstream made fit to show viewers: no credentials (``secrets`` besides the
+    usual shapes), no control characters, a bounded length."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = _CONTROL.sub(" ", _SECRETS.sub(lambda m: m.group(1) + "[redacted]", text)).strip()
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
 def error_from_json(payload: Any, fallback: str) -> tuple[str, str, str | None]:
-    """(message, type, code) from an OpenAI-style ``{"error": ...}`` payload, or a fallback."""
+    """(message, type, code) from an OpenAI-style ``{"error": ...}`` payload, or a fallback;
+    each sanitised and bounded."""
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
+        code = error.get("code")
         return (
-            str(error.get("message") or fallback),
-            str(error.get("type") or "upstream_error"),
-            error.get("code") if isinstance(error.get("code"), str) else None,
+            sanitize(str(error.get("message") or fallback)),
+            sanitize(str(error.get("type") or "upstream_error"))[:MAX_CODE_CHARS],
+            sanitize(code)[:MAX_CODE_CHARS] if isinstance(code, str) else None,
         )
     if isinstance(error, str):  # some servers send {"error": "text"}
-        return error, "upstream_error", None
+        return sanitize(error), "upstream_error", None
     return fallback, "upstream_error", None
 
 
 def _retry_after(response: requests.Response) -> float | None:
+    """The ``Retry-After`` seconds, if a finite, non-negative number (``nan`` is not one)."""
     try:
-        return float(response.headers.get("Retry-After", ""))
+        seconds = float(response.headers.get("Retry-After", ""))
     except ValueError:
         return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _read_error_body(response: requests.Response) -> Any:
@@ -83,7 +106,13 @@ def _read_error_body(response: requests.Response) -> Any:
 
 def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> requests.Response:
     """POST the request with ``stream: true``; the open response, or :class:`UpstreamError`."""
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    # identity: the reader strips chunked framing itself and takes no compressed body (a
+    # compressed stream would also hold back text until a block is full).
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream",
+        "Accept-Encoding": "identity",
+    }
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
     try:

@@ -62,6 +62,67 @@ def error_chunk(
     return dumps(chunk)
 
 
+MAX_CHOICES = 16  # the relay asks for one choice (n=1); a few more are tolerated
+MAX_TOOL_CALLS = 128  # tool calls in one reply: their index sizes a list, so it is bounded
+_OPTIONAL_TEXT = (str, type(None))
+
+
+def malformed(chunk: dict[str, Any]) -> str | None:
+    """What is wrong with a ``chat.completion.chunk``'s shape, or None if nothing is.
+
+    Valid JSON can still be unusable: ``"choices": [1]``, ``"content": 5``, a tool call at
+    index 200000 (whose list would be allocated). Such a chunk must end the job with an error
+    event rather than reach the code that folds chunks into a reply.
+    """
+    choices = chunk.get("choices")
+    if choices is None:
+        return None
+    if not isinstance(choices, list) or len(choices) > MAX_CHOICES:
+        return "'choices' is not a short list"
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return "a choice is not an object"
+        index = choice.get("index", 0)
+        if not _small_index(index, MAX_CHOICES):
+            return "a choice's 'index' is not a small whole number"
+        if not isinstance(choice.get("finish_reason"), _OPTIONAL_TEXT):
+            return "'finish_reason' is not a string"
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict):
+            return "'delta' is not an object"
+        for name in ("content", "role", "refusal"):
+            if not isinstance(delta.get(name), _OPTIONAL_TEXT):
+                return f"'delta.{name}' is not a string"
+        calls = delta.get("tool_calls")
+        if calls is not None and (reason := _malformed_tool_calls(calls)):
+            return reason
+    return None
+
+
+def _malformed_tool_calls(calls: Any) -> str | None:
+    if not isinstance(calls, list) or len(calls) > MAX_TOOL_CALLS:
+        return "'tool_calls' is not a short list"
+    for call in calls:
+        if not isinstance(call, dict) or not _small_index(call.get("index", 0), MAX_TOOL_CALLS):
+            return f"a tool call is not an object with an 'index' below {MAX_TOOL_CALLS}"
+        function = call.get("function")
+        if function is not None and not (
+            isinstance(function, dict)
+            and isinstance(function.get("name"), _OPTIONAL_TEXT)
+            and isinstance(function.get("arguments"), _OPTIONAL_TEXT)
+        ):
+            return "a tool call's 'function' is not an object of strings"
+        if not isinstance(call.get("id"), _OPTIONAL_TEXT):
+            return "a tool call's 'id' is not a string"
+    return None
+
+
+def _small_index(value: Any, bound: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
+
+
 CANCELLED = "cancelled"
 """The ``finish_reason`` of the final chunk of a cancelled job."""
 

@@ -8,6 +8,7 @@ viewer and, for deltas, once per job — so they cost a few Redis commands per j
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,8 +38,19 @@ def job_finished(redis: Any, outcome: str) -> None:
     count(redis, f"jobs_finished:{outcome}")
 
 
+# The relay's own error codes; any other (an upstream's own, which it may make up freely)
+# counts as "upstream_other", so that /metrics keeps a bounded set of label values.
+RELAY_ERROR_CODES = frozenset(
+    ("upstream_timeout", "upstream_unreachable", "upstream_disconnected", "upstream_incomplete",
+     "upstream_malformed", "moderation_unavailable", "internal_error", "worker_lost", "job_lost")
+)  # fmt: skip
+_HTTP_CODE = re.compile(r"upstream_http_[1-5][0-9][0-9]")
+
+
 def upstream_error(redis: Any, code: str | None) -> None:
-    count(redis, f"upstream_errors:{code or 'unknown'}")
+    """Count a job failed by an upstream error, under a label from a bounded set."""
+    known = code in RELAY_ERROR_CODES or (code is not None and _HTTP_CODE.fullmatch(code))
+    count(redis, f"upstream_errors:{code if known else 'upstream_other'}")
 
 
 def observe_first_chunk(redis: Any, seconds: float) -> None:

@@ -24,7 +24,10 @@ A request steers the simulator with an optional ``"simulator": {...}`` body fiel
   ``status_500``, ``status_429`` (with ``Retry-After: 1``), ``json_error`` (an error object in
   a 200 ``application/json`` answer), ``hang`` (silence for up to 600 s), ``drop_after``
   (abort the connection without the chunked terminator), ``error_after`` (an SSE error
-  event, then the end of the stream without ``[DONE]``).
+  event, then the end of the stream without ``[DONE]``); hostile ones: ``odd_chunk`` (valid
+  JSON of an unusable shape, ``"choices": [1]``, then ``[DONE]``), ``retry_after_nan`` (429
+  with ``Retry-After: nan``), ``echo_key`` (a 401 whose message repeats the request's
+  ``Authorization`` header, as some servers do).
 
 ``max_tokens`` / ``max_completion_tokens`` truncate the pieces (finish_reason ``length``), and
 ``stream_options.include_usage`` adds OpenAI's usage chunk.
@@ -60,7 +63,10 @@ DEFAULT_TOKENS = 12
 MAX_TOKENS = 100_000
 MAX_RECORDED = 1000
 HANG_SECONDS = 600.0
-FAULTS = frozenset({"status_500", "status_429", "json_error", "hang", "drop_after", "error_after"})
+FAULTS = frozenset(
+    {"status_500", "status_429", "json_error", "hang", "drop_after", "error_after", "odd_chunk",
+     "retry_after_nan", "echo_key"}
+)  # fmt: skip
 FORMATS = frozenset({"crlf", "comments", "multiline"})
 
 StartResponse = Callable[..., Callable[[bytes], Any]]
@@ -331,6 +337,13 @@ class Simulator:
         if plan.fail == "status_429":
             error = _error("simulated rate limit", "rate_limit_error", "rate_limit_exceeded")
             return _json(start_response, 429, error, ("Retry-After", "1"))
+        if plan.fail == "retry_after_nan":
+            error = _error("simulated rate limit", "rate_limit_error", "rate_limit_exceeded")
+            return _json(start_response, 429, error, ("Retry-After", "nan"))
+        if plan.fail == "echo_key":
+            given = environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ")
+            error = _error(f"Incorrect API key provided: {given}.", "invalid_request_error")
+            return _json(start_response, 401, error)
         if plan.fail == "json_error":
             error = _error("simulated error in a 200 answer", "server_error")
             return _json(start_response, 200, error)
@@ -416,6 +429,9 @@ class Simulator:
         elif plan.fail == "error_after":
             error = _error("simulated mid-stream error", "server_error", "simulated")
             yield encode_event(error, plan.formats)
+        elif plan.fail == "odd_chunk":
+            yield encode_event({"object": "chat.completion.chunk", "choices": [1]}, plan.formats)
+            yield encode_event("[DONE]", plan.formats)
 
 
 def _chunks(body: dict, plan: Plan, model: str) -> Iterator[tuple[bool, dict]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from relay.core.chunks import DONE_BYTES, completion_id, loads
+from relay.core.chunks import DONE_BYTES, completion_id, error_body, loads, malformed
 
 
 class Aggregate:
@@ -17,7 +17,15 @@ class Aggregate:
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add(self, chunk: Any) -> None:
+        if not isinstance(chunk, dict) or (problem := malformed(chunk)):
+            # Workers refuse such chunks; one in the log anyway ends the answer as an error.
+            why = problem if isinstance(chunk, dict) else "not an object"
+            self.error = error_body(
+                f"The upstream sent a chunk of an unexpected shape: {why}.",
+                code="upstream_malformed",
+            )["error"]
+            return
         if chunk.get("error"):
             self.error = chunk["error"]
             return

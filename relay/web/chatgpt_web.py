@@ -21,7 +21,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from relay.core import apikeys
-from relay.core.chunks import dumps, loads
+from relay.core.chunks import dumps, loads, malformed
 from relay.core.conversations import Turn
 from relay.core.errors import InvalidRequest, RelayError, Unauthorized
 from relay.web.api import link_headers
@@ -155,10 +155,14 @@ def chat_process_lines(events: Iterator[LiveEvent | None], turn: Turn) -> Iterat
         if event.done:
             return
         chunk = loads(event.data)
-        if chunk.get("error"):
+        problem = malformed(chunk) if isinstance(chunk, dict) else "not an object"
+        if problem or chunk.get("error"):
+            # A chunk of an odd shape (workers refuse them) ends the stream as an error too.
+            error = chunk.get("error") if not problem else None
+            message = error.get("message") if isinstance(error, dict) else None
             line: dict[str, Any] = {
                 "status": "Fail",
-                "message": chunk["error"]["message"],
+                "message": str(message or f"The upstream's reply was malformed: {problem}."),
                 "data": None,
             }
         else:

@@ -490,3 +490,12 @@ if hypothesis is not None:
     def test_random_bytes_never_break(stream: bytes, data: st.DataObject) -> None:
         points = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
         assert decode_with_pending(*split_at(stream, points)) == reference(stream)
+
+
+def test_an_event_of_many_short_lines_is_capped_as_a_whole() -> None:
+    """Each line is short, but their sum is not: without a cap per event, one upstream event
+    could grow the worker's memory without bound."""
+    decoder = SSEDecoder(max_line_bytes=100, max_event_bytes=1000)
+    assert decoder.feed(b"data: x\n" * 100 + b"\n")[0].data == "\n".join(["x"] * 100)
+    with pytest.raises(SSEProtocolError, match="event is larger"):
+        decoder.feed(b"data: 0123456789\n" * 100)

@@ -10,11 +10,12 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import gevent
 import pytest
 import requests
 
 from worker.reader import body_reader, follow_chunks, iter_chunks
-from worker.upstream import Upstream, UpstreamError, open_stream
+from worker.upstream import Upstream, UpstreamError, open_stream, sanitize
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -33,6 +34,8 @@ class Script:
     headers: dict[str, str] = {"Content-Type": "text/event-stream"}
     pieces: list[bytes | float] = []
     framing = "close"
+    keep_alive = False  # no "Connection: close" (the worker then reads from the event loop)
+    received: dict[str, str] = {}  # the last request's headers
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -40,12 +43,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        Script.received = dict(self.headers.items())
         self.send_response(Script.status)
         for name, value in Script.headers.items():
             self.send_header(name, value)
         if Script.framing != "close":
             self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Connection", "close")
+        if not Script.keep_alive:
+            self.send_header("Connection", "close")
         self.end_headers()
         chunked = Script.framing == "chunked"
         try:
@@ -82,11 +87,13 @@ def answer(
     status: int = 200,
     content_type: str = "text/event-stream",
     framing: str = "close",
+    **headers: str,
 ) -> None:
     Script.status = status
-    Script.headers = {"Content-Type": content_type}
+    Script.headers = {"Content-Type": content_type, **headers}
     Script.pieces = pieces
     Script.framing = framing
+    Script.keep_alive = False
 
 
 @pytest.fixture(params=["pull", "push"])
@@ -241,3 +248,102 @@ def test_an_exception_from_the_callback_ends_the_stream_with_it(server):
         finally:
             response.close()
     assert len(seen) == 2
+
+
+# -- a hostile or broken upstream -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b'{"choices": [1]}',
+        b'{"choices": "all"}',
+        b'{"choices": [{"index": 0, "delta": {"content": 5}}]}',
+        b'{"choices": [{"index": 0, "delta": "text"}]}',
+        b'{"choices": [{"index": 0, "delta": {}, "finish_reason": 7}]}',
+        b'{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 200000}]}}]}',
+        b'{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": 1}]}}]}',
+        b'{"choices": [{"index": -1, "delta": {}}]}',
+    ],
+    ids=["choice-int", "choices-str", "content-int", "delta-str", "finish-int", "tool-index",
+         "tool-function", "index-negative"],
+)  # fmt: skip
+def test_a_chunk_of_an_unusable_shape_is_malformed(server, chunk, mode):
+    answer([b"data: " + CHUNK + b"\n\n", b"data: " + chunk + b"\n\n"], framing="chunked")
+    with pytest.raises(UpstreamError) as info:
+        relay(server, mode=mode)
+    assert info.value.code == "upstream_malformed" and "unexpected shape" in info.value.message
+
+
+def test_one_events_total_size_is_capped_not_only_its_lines(server, mode):
+    many_lines = b"data: " + b"x" * 1000 + b"\n"  # each line short, the event over 1 MiB
+    answer([many_lines * 1100, b"\n"], framing="chunked")
+    with pytest.raises(UpstreamError) as info:
+        relay(server, mode=mode)
+    assert info.value.code == "upstream_malformed" and "event is larger" in info.value.message
+
+
+def test_no_compressed_body_is_asked_for(server):
+    answer([b"data: " + CHUNK + b"\n\ndata: [DONE]\n\n"], framing="chunked")
+    relay(server)
+    assert Script.received["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("nan", None), ("inf", None), ("-1", None), ("soon", None), ("2.5", 2.5), ("0", 0.0)],
+)
+def test_retry_after_counts_only_when_a_finite_non_negative_number(server, value, seconds):
+    answer([b'{"error": {"message": "slow down"}}'], status=429, content_type="application/json",
+           **{"Retry-After": value})  # fmt: skip
+    with pytest.raises(UpstreamError) as info:
+        relay(server)
+    assert info.value.retryable and info.value.retry_after == seconds
+
+
+def test_credentials_an_upstream_echoes_are_not_shown():
+    echoed = "Incorrect API key provided: sk-live-0123456789abcdef. Bearer abc.def-ghi_jkl"
+    shown = sanitize(echoed + "\x1b[31m" + "x" * 1000, "my-own-upstream-key")
+    assert "0123456789" not in shown and "abc.def" not in shown and "\x1b" not in shown
+    assert shown.startswith("Incorrect API key provided: sk-[redacted]")
+    assert len(shown) <= 500
+    assert (
+        sanitize("my key is my-own-upstream-key", "my-own-upstream-key") == "my key is [redacted]"
+    )
+    assert sanitize("a task-management risk-free request") == "a task-management risk-free request"
+
+
+@pytest.mark.parametrize("keep_alive", [True, False], ids=["push", "pull"])
+def test_an_upstream_that_floods_does_not_keep_the_event_loop_from_others(
+    server, monkeypatch, keep_alive
+):
+    """Reading takes a bounded amount at a time, then lets the loop run (the worker's other
+    jobs and its heartbeat): reading for as long as bytes were waiting held it for the whole
+    backlog. (A kept-alive connection is read from the event loop, a closing one pulled.)"""
+    monkeypatch.setattr("worker.reader._READ_SIZE", 512)  # a few chunks per read
+    event = b"data: " + CHUNK + b"\n\n"
+    answer([event * 400 + b"data: [DONE]\n\n"], framing="chunked")  # all there at once
+    Script.keep_alive = keep_alive
+    ticks: list[float] = []
+
+    def tick() -> None:
+        while True:
+            ticks.append(time.perf_counter())
+            gevent.sleep(0)
+
+    def slow(_data: str, _chunk: dict) -> None:
+        time.sleep(0.0005)  # each chunk costs CPU, as relaying it does
+
+    ticker = gevent.spawn(tick)
+    with requests.Session() as session:
+        response = open_stream(session, Upstream(base_url=server), {})
+        try:
+            started = time.perf_counter()
+            follow_chunks(response, slow, 5.0)
+            took = time.perf_counter() - started
+        finally:
+            response.close()
+            ticker.kill()
+    during = [started, *(t for t in ticks if t >= started), started + took]
+    longest = max(b - a for a, b in zip(during, during[1:], strict=False))
+    assert took > 0.1 and longest < 0.05, f"the loop stood still {longest:.3f}s of {took:.3f}s"
