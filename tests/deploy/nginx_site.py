@@ -57,6 +57,7 @@ def write_nginx_prefix(prefix: Path, site: str) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "logs").mkdir(exist_ok=True)
     site = site.replace("/var/log/nginx/chat-relay.access.log", f"{prefix}/logs/site.access.log")
+    site = site.replace("/var/log/nginx/chat-relay.error.log", f"{prefix}/logs/site.error.log")
     (prefix / "site.conf").write_text(site)
     temp = {name: prefix / "temp" / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():

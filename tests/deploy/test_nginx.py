@@ -40,8 +40,13 @@ class Nginx:
     proc: Proc
 
     def log(self) -> str:
-        path = self.prefix / "logs" / "error.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        """Everything nginx wrote to its error logs (the main one and the site's)."""
+        paths = [self.prefix / "logs" / name for name in ("error.log", "site.error.log")]
+        return "".join(p.read_text(errors="replace") for p in paths if p.exists())
+
+    def logs(self) -> str:
+        """Every log nginx wrote: error and access logs."""
+        return "".join(p.read_text(errors="replace") for p in (self.prefix / "logs").glob("*"))
 
 
 @pytest.fixture
@@ -281,3 +286,31 @@ def test_nginx_errors_health_static_and_metrics(
     assert down.status_code == 503
     assert down.headers["Retry-After"] == "2"
     assert down.json()["error"]["code"] == "service_unavailable"
+
+
+def test_tokens_stay_out_of_nginx_error_logs_as_well(
+    stack: Stack, start_nginx: Callable[..., Nginx]
+) -> None:
+    """nginx's error messages quote the whole request line: a viewer that hangs up, or a relay
+    that is down, would put ?token= into the error log. The token locations log only
+    critical errors (the main log here is at level info, the strictest test)."""
+    web = stack.start_web()
+    stack.start_worker()
+    proxy = start_nginx(web)
+    job = requests.post(f"{proxy.base}/v1/jobs", json={
+        "model": "simulator", "messages": [{"role": "user", "content": "hi"}],
+        "simulator": {"tokens": 50, "interval": 0.05}}, timeout=5).json()  # fmt: skip
+    token, cancel_token = job["read_token"], job["cancel_token"]
+    events = job["events_url"].replace(web, proxy.base)
+    with requests.get(events, stream=True, timeout=5) as response:
+        next(response.iter_content(64))  # a viewer that hangs up mid-stream
+    for url in (events, job["status_url"], job["watch_url"], job["cancel_url"]):
+        requests.get(url.replace(web, proxy.base), timeout=5)
+    stack.stop()  # the relay goes away: every request now fails upstream
+    for url in (events, job["status_url"], job["watch_url"]):
+        assert requests.get(url.replace(web, proxy.base), timeout=10).status_code == 503
+    assert requests.post(job["cancel_url"].replace(web, proxy.base), timeout=10).status_code == 503
+    requests.get(f"{proxy.base}/healthz", timeout=10)  # an error that is logged (no token)
+    wait_for(lambda: "connect() failed" in proxy.log(), 5, "nginx logging the failures")
+    logs = proxy.logs()
+    assert token not in logs and cancel_token not in logs and "token=" not in logs
