@@ -18,7 +18,7 @@ from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk
 from relay.core.connections import as_text
 from relay.core.conversations import Turn
 from relay.core.scripts import Scripts
-from relay.core.status import JobStatus, Recovery
+from relay.core.status import TERMINAL, JobStatus, Recovery
 
 _JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{24}")
 LOG_PAGE = 500  # replay-log entries read per round trip: a resuming viewer's memory is bounded
@@ -92,6 +92,11 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return is_job_id(job_id) and bool(self.redis.exists(keys.job(job_id)))
 
+    def progress(self, job_id: str) -> tuple[int, bool]:
+        """How many events the job has written, and whether it has ended."""
+        seq, status = (as_text(v) for v in self.redis.hmget(keys.job(job_id), "seq", "status"))
+        return int(seq or 0), status in TERMINAL
+
     def status(self, job_id: str) -> dict[str, Any] | None:
         """The job as ``GET /v1/jobs/<id>`` shows it, or None if unknown or expired."""
         if not is_job_id(job_id):
@@ -143,9 +148,9 @@ class JobStore:
 
     def add_viewer(self, job_id: str, delta: int) -> int:
         """Count viewers across processes; the count after the change."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.incrby(keys.viewers(job_id), delta)
-        pipe.expire(keys.viewers(job_id), self.max_age)
+        pipe = self.redis.pipeline(transaction=False)
+        self.scripts.viewers(keys=[keys.job(job_id), keys.viewers(job_id)], args=[delta],
+                             client=pipe)  # fmt: skip
         metrics.count(pipe, "viewers", delta)
         return int(pipe.execute()[0])
 
@@ -219,22 +224,21 @@ class JobStore:
         events: list[str],
         fields: dict[str, str] | None = None,
     ) -> bool:
-        """End the job once: write its last events, its status and start its retention clock."""
+        """End the job once: write its last events, its status and start its retention clock;
+        its concurrency slot is freed in the same step."""
         pairs: list[str] = ["finished_at", _now()]
         for name, value in (fields or {}).items():
             pairs += [name, value]
-        args: list[Any] = ["" if attempt is None else attempt, status, self.retention, len(events)]
-        ended = bool(self.scripts.finish(keys=keys.job_keys(job_id), args=args + events + pairs))
+        args: list[Any] = ["" if attempt is None else attempt, status, self.retention, job_id,
+                           len(events)]  # fmt: skip
+        ended = bool(self.scripts.finish(keys=self._end_keys(job_id), args=args + events + pairs))
         if ended:
-            self._ended(job_id, status)
+            metrics.job_finished(self.redis, status)
         return ended
 
-    def _ended(self, job_id: str, status: JobStatus) -> None:
-        """Count the outcome and free the concurrency slot the job held, if it held one."""
-        metrics.job_finished(self.redis, status)
+    def _end_keys(self, job_id: str) -> list[str]:
         caller = as_text(self.redis.hget(keys.job(job_id), "limited_as"))
-        if caller:
-            self.redis.zrem(keys.active(caller), job_id)
+        return keys.end_keys(job_id, caller)
 
     def complete(
         self, job_id: str, attempt: int, finish_reason: str | None, usage: dict | None
@@ -267,10 +271,10 @@ class JobStore:
         error = dumps(loads(chunk)["error"])
         outcome = Recovery(
             self.scripts.recover(
-                keys=[*keys.job_keys(job_id), keys.claimed(worker_id), keys.PENDING],
+                keys=[*self._end_keys(job_id), keys.claimed(worker_id), keys.PENDING],
                 args=[job_id, self.retention, chunk, DONE, _now(), error],
             )
         )
         if outcome is Recovery.FAILED:
-            self._ended(job_id, JobStatus.FAILED)
+            metrics.job_finished(self.redis, JobStatus.FAILED)
         return outcome

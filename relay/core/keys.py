@@ -36,8 +36,15 @@ def job_keys(job_id: str) -> list[str]:
 
 
 def viewers(job_id: str) -> str:
-    """Counter: viewers attached to the job across all web processes."""
+    """Counter: viewers attached to the job across all web processes (expires with the job)."""
     return f"{PREFIX}:{{{job_id}}}:viewers"
+
+
+def end_keys(job_id: str, caller: str) -> list[str]:
+    """The keys of the scripts that end a job: :func:`job_keys`, the viewer counter, and the
+    concurrency slots of the caller it counts against (``caller`` "" if none: the job's own
+    hash stands in, untouched)."""
+    return [*job_keys(job_id), viewers(job_id), active(caller) if caller else job(job_id)]
 
 
 def conversation(conversation_id: str) -> str:

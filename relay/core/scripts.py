@@ -28,6 +28,17 @@ local function append_events(job, log, live, first, last_index)
   return n
 end
 
+-- A job's end, with KEYS: job, events, text, live, viewers, its caller's slot set. Its keys
+-- expire after the retention (the viewer counter too) and the concurrency slot it held, if
+-- any, is freed in the same step: nothing of the job outlives its retention or its end.
+local function ended(ttl, job_id)
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ttl) end
+  if redis.call('HEXISTS', KEYS[1], 'limited_as') == 1 then
+    redis.call('ZREM', KEYS[6], job_id)
+  end
+end
+
 local function is_terminal(status)
   return """
     + " or ".join(f"status == '{status}'" for status in TERMINAL)
@@ -51,8 +62,9 @@ return n
 """
 )
 
-# KEYS: job, events, text, live. ARGV: attempt ('' = any running attempt), status, retention,
-# number of events k, k event data, then field/value pairs for the job hash.
+# KEYS: job, events, text, live, viewers, the caller's slot set (relay.core.keys.end_keys).
+# ARGV: attempt ('' = any running attempt), status, retention, job id, number of events k, k
+# event data, then field/value pairs for the job hash.
 # Returns 1 if this call ended the job, 0 if it had already ended or was taken over.
 FINISH = (
     _APPEND
@@ -60,11 +72,11 @@ FINISH = (
 local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if st[1] == false or is_terminal(st[1]) then return 0 end
 if ARGV[1] ~= '' and st[2] ~= ARGV[1] then return 0 end
-local k = tonumber(ARGV[4])
-append_events(KEYS[1], KEYS[2], KEYS[4], 5, 4 + k)
+local k = tonumber(ARGV[5])
+append_events(KEYS[1], KEYS[2], KEYS[4], 6, 5 + k)
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
-for i = 5 + k, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+for i = 6 + k, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+ended(ARGV[3], ARGV[4])
 return 1
 """
 )
@@ -79,6 +91,15 @@ redis.call('SET', KEYS[2], '', 'EX', ARGV[1])
 return 1
 """
 
+# KEYS: job, viewers. ARGV: change. The viewer count after it; the counter expires with the job
+# (a counter of its own lifetime outlived short retentions by a day).
+VIEWERS = """
+local n = redis.call('INCRBY', KEYS[2], ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) else redis.call('DEL', KEYS[2]) end
+return n
+"""
+
 # KEYS: job. ARGV: worker id, now. Returns the new attempt number, or 0 if the job is gone or
 # no longer queued (expired, or already ended).
 CLAIM = """
@@ -88,14 +109,15 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at'
 return attempt
 """
 
-# A dead worker's claimed job. KEYS: job, events, text, live, claimed list, pending list.
-# ARGV: job id, retention, error event, done event, finished_at, error object JSON.
+# A dead worker's claimed job. KEYS: job, events, text, live, viewers, the caller's slot set,
+# claimed list, pending list. ARGV: job id, retention, error event, done event, finished_at,
+# error object JSON.
 # Returns 0 (another janitor got there first), 1 (nothing to do), 2 (re-queued: nothing had been
 # published, so it can run again from the start), 3 (failed with an error event and [DONE]).
 RECOVER = (
     _APPEND
     + """
-if redis.call('LREM', KEYS[5], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('LREM', KEYS[7], 1, ARGV[1]) == 0 then return 0 end
 local st = redis.call('HMGET', KEYS[1], 'status', 'seq')
 if st[1] == false or is_terminal(st[1]) then return 1 end
 if tonumber(st[2] or '0') == 0 then
@@ -103,13 +125,13 @@ if tonumber(st[2] or '0') == 0 then
   redis.call('HINCRBY', KEYS[1], 'attempt', 1)
   redis.call('HSET', KEYS[1], 'status', 'queued')
   redis.call('HDEL', KEYS[1], 'worker', 'started_at')
-  redis.call('RPUSH', KEYS[6], ARGV[1])
+  redis.call('RPUSH', KEYS[8], ARGV[1])
   return 2
 end
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 append_events(KEYS[1], KEYS[2], KEYS[4], 3, 4)
 redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[5], 'error', ARGV[6])
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+ended(ARGV[2], ARGV[1])
 return 3
 """
 )
@@ -123,4 +145,5 @@ class Scripts:
         self.publish = redis.register_script(PUBLISH)
         self.finish = redis.register_script(FINISH)
         self.claim = redis.register_script(CLAIM)
+        self.viewers = redis.register_script(VIEWERS)
         self.recover = redis.register_script(RECOVER)

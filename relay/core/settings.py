@@ -94,6 +94,8 @@ class Settings:
     queue_full_retry_after: int = field(default=5, metadata=_range(1))
     # A viewer whose connection takes no bytes for this long is cut off (it may resume); 0: never.
     send_timeout_seconds: float = field(default=30.0, metadata=_range(0))
+    # When set, GET /metrics needs "Authorization: Bearer <this>" (Prometheus' authorization).
+    metrics_key: str = ""
     moderation: bool = False
     moderation_fail_open: bool = False
     moderation_model: str = ""

@@ -3,21 +3,24 @@ event streams and cancel, and the relay's ``/metrics`` and ``/healthz``."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.core import logs, metrics
-from relay.core.errors import InvalidRequest, NotFound
+from relay.core.chunks import DONE
+from relay.core.errors import InvalidRequest, NotFound, Unauthorized
 from relay.core.jobs import is_job_id
 from relay.web import access
 from relay.web.access import Access
 from relay.web.aggregate import aggregate
 from relay.web.auth import require_api_key
+from relay.web.sse import format_event
 from relay.web.state import settings, state
 from relay.web.streaming import follow
-from relay.web.streams import attach, event_stream
+from relay.web.streams import STREAM_HEADERS, attach, event_stream
 from relay.web.submission import Submission, cancel_and_keep_reply, json_body, submit_job
 
 logger = logging.getLogger(__name__)
@@ -142,6 +145,18 @@ def _by_creating_key(grant: Access) -> bool:
 def job_events(job_id: str):
     after = _last_event_id()
     _granted(job_id)
+    written, ended = state().store.progress(job_id)
+    if after >= written and ended:
+        # Nothing will follow: say so at once (a viewer resuming after the end used to get
+        # keep-alives until the job expired).
+        return Response(format_event(DONE, id=written), mimetype="text/event-stream",
+                        headers=STREAM_HEADERS)  # fmt: skip
+    if after > written:
+        raise InvalidRequest(
+            f"Last-Event-ID {after} is after the job's last event ({written}).",
+            param="Last-Event-ID",
+            code="invalid_value",
+        )
     return event_stream(job_id, after)
 
 
@@ -192,6 +207,10 @@ def _completion(job_id: str, headers: dict[str, str]) -> Response:
 @api.get("/metrics")
 def prometheus_metrics():
     """Prometheus metrics for the whole relay (shared counters in Redis)."""
+    required = settings().metrics_key
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if required and not hmac.compare_digest(given.encode(), required.encode()):
+        raise Unauthorized("/metrics needs 'Authorization: Bearer <RELAY_METRICS_KEY>'.")
     body = generate_latest(metrics.registry(state().redis))
     return Response(body, mimetype=CONTENT_TYPE_LATEST)
 

@@ -56,9 +56,13 @@ def stream_response(
     relay = state()
     viewer = attach(job_id)
     config = relay.settings
+    try:
+        relay.store.add_viewer(job_id, 1)
+    except BaseException:
+        relay.hub.detach(viewer)  # no response will ever close it: never leave it registered
+        raise
     if direct is not None and config.direct_writes:
         _allow_direct(viewer, direct)
-    relay.store.add_viewer(job_id, 1)
     restore_timeout = _cut_off_stalled_client(config.send_timeout_seconds)
     # Read configuration here: the generator runs after the request context is gone.
     idle = config.keepalive_seconds

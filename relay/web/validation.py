@@ -109,6 +109,13 @@ def _check_message(index: int, message: Any) -> None:
                 param=f"{param}.content",
                 code="invalid_type",
             )
+        for number, part in enumerate(content):
+            if "text" in part and not isinstance(part["text"], str):
+                raise InvalidRequest(
+                    f"'{param}.content[{number}].text' must be a string.",
+                    param=f"{param}.content[{number}].text",
+                    code="invalid_type",
+                )
     elif not isinstance(content, str):
         raise InvalidRequest(
             f"'{param}.content' must be a string or an array of content parts.",

@@ -20,6 +20,11 @@ def test_every_job_key_is_pinned_and_carries_the_job_id_as_a_hash_tag():
         "relay:{job_abc}:text",
         "relay:{job_abc}:live",
     ]
+    assert keys.end_keys("job_abc", "key:k1")[4:] == [
+        "relay:{job_abc}:viewers",
+        "relay:limit:key:k1:active",
+    ]
+    assert keys.end_keys("job_abc", "")[5] == "relay:{job_abc}:job"  # no slot: a stand-in
 
 
 def test_conversation_keys_are_pinned_and_carry_their_id_as_a_hash_tag():

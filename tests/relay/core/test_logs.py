@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 
-from relay.core.logs import JsonFormatter, job_context
+from relay.core.logs import JsonFormatter, TextFormatter, job_context
 from tests.helpers import chat_body, create_job, read_stream
 
 
@@ -21,6 +22,21 @@ def test_lines_logged_inside_a_job_context_carry_its_id():
         line = json.loads(formatter.format(record))
     assert line["job_id"] == "job_abc" and line["msg"] == "upstream down"
     assert line["level"] == "WARNING" and line["logger"] == "relay.x"
+
+
+def test_a_client_string_cannot_forge_a_text_log_line():
+    forged = "gpt\n2026-01-01 00:00:00 INFO relay.web.auth: admin key accepted"
+    record = logging.LogRecord(
+        "relay.x", logging.INFO, __file__, 1, "job queued (model %s)", (forged,), None
+    )
+    for formatter in (TextFormatter(), JsonFormatter()):
+        line = formatter.format(record)
+        assert "\n" not in line and "admin key accepted" in line
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    assert "Traceback" in TextFormatter().format(record)  # tracebacks keep their lines
 
 
 @pytest.mark.integration

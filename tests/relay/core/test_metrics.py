@@ -60,3 +60,13 @@ def test_metrics_count_a_jobs_lifecycle(stack):
     assert after["relay_jobs_finished_total{outcome=failed}"] == 1
     assert after["relay_jobs_finished_total{outcome=cancelled}"] == 1
     assert after["relay_upstream_errors_total{code=upstream_http_500}"] == 1
+
+
+def test_metrics_can_require_a_key(stack):
+    base = stack.start_web(env={"RELAY_METRICS_KEY": "scrape-secret-1"})
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert requests.get(f"{base}/metrics", headers=headers, timeout=5).status_code == 401
+    allowed = requests.get(
+        f"{base}/metrics", headers={"Authorization": "Bearer scrape-secret-1"}, timeout=5
+    )
+    assert allowed.status_code == 200 and "relay_jobs_created_total" in allowed.text

@@ -27,6 +27,13 @@ def test_default_model_fills_a_missing_model():
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"model": "m", "messages": [{"role": "user"}]}, "messages[0].content"),
         ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+            },
+            "messages[0].content[0].text",
+        ),  # once a 500
         ({**OK, "temperature": "hot"}, "temperature"),
         ({**OK, "temperature": True}, "temperature"),
         ({**OK, "temperature": 3}, "temperature"),
