@@ -189,6 +189,7 @@ class Hub:
         self._pubsub: Subscription | None = None
         self._broken = False
         self._runner: gevent.Greenlet | None = None
+        self._connected_before = False  # a (re)connect after the first may have missed events
         self.closing = False
 
     @property
@@ -272,13 +273,16 @@ class Hub:
         # Read after connecting (no switch from here on): viewers that attached meanwhile
         # found no connection and rely on this to subscribe them.
         channels = list(self._viewers)
+        reconnect, self._connected_before = self._connected_before, True
         if channels:
-            # Viewers already streaming may have missed events while disconnected.
-            self._resync = set(channels)
+            # After a reconnect, viewers already streaming may have missed events while it was
+            # down. At the first connect nobody has streamed yet: their log read is after it.
+            self._resync = set(channels) if reconnect else set()
             for channel in channels:
                 self._unacked[channel] = 1
             self._pubsub.subscribe(*channels)
-            logger.info("pub/sub reconnected; re-subscribed %d channels", len(channels))
+            if reconnect:
+                logger.info("pub/sub reconnected; re-subscribed %d channels", len(channels))
 
     def _reset(self) -> None:
         pubsub, self._pubsub = self._pubsub, None

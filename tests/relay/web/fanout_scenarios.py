@@ -80,6 +80,8 @@ def backlog_live_race(url: str) -> list[int]:
 
     def on_read(when: str) -> None:
         # "before": in the log AND live (must not repeat). "after": live only (must not be lost).
+        # A stale viewer would read everything from the log and never meet the race at all.
+        assert not viewer.stale, "the viewer must be on the live path for the race to happen"
         for _ in range(3):
             publish(writer, job_id, attempt, ["{}"])
         if when == "after":
@@ -90,6 +92,7 @@ def backlog_live_race(url: str) -> list[int]:
     viewer = hub.attach(job_id)
     frames = list(stream_events(store, hub, viewer, 0, keepalive=30, retry_ms=1000))
     assert hub.viewer_count == 0
+    assert store.reads == 1, "the events after the first log read came live, deduplicated"
     return ids_of(frames)
 
 
@@ -98,6 +101,7 @@ def slow_viewer(url: str) -> list[int]:
     mailbox; once it reads again it catches up from the log, losing nothing."""
     store, hub, job_id, attempt, slow = running_job(redis.Redis.from_url(url), queue_size=4)
     fast = hub.attach(job_id)
+    assert not slow.stale and not fast.stale  # on the live path: overflowing is what is tested
     stalled = stream_events(store, hub, slow, 0, keepalive=30, retry_ms=1000)
     frames = [next(stalled)]  # the opening comment; this viewer now stops reading
     reader = gevent.spawn(
@@ -112,6 +116,23 @@ def slow_viewer(url: str) -> list[int]:
     until(lambda: slow.stale)  # the dispatcher overflowed the stalled mailbox
     assert slow.queue.qsize() <= 4
     frames += list(stalled)
+    return ids_of(frames)
+
+
+def mailbox_overflow(url: str) -> list[int]:
+    """A viewer whose mailbox overflows turns stale at once and re-reads the log: it gets every
+    id once within about a second, not at the next keep-alive (30 s here) as an overflow that
+    only dropped events would."""
+    store, hub, job_id, attempt, viewer = running_job(redis.Redis.from_url(url), queue_size=4)
+    assert not viewer.stale
+    for _ in range(20):
+        publish(store, job_id, attempt, ["{}"])
+    store.complete(job_id, attempt, "stop", None)
+    until(lambda: viewer.stale, timeout=1.0)
+    started = time.monotonic()
+    frames = list(stream_events(store, hub, viewer, 0, keepalive=30, retry_ms=1000))
+    assert time.monotonic() - started < 1.0, "caught up from the log, not at a keep-alive"
+    assert not any(b": keep-alive" in frame for frame in frames)
     return ids_of(frames)
 
 

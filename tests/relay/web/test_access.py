@@ -28,6 +28,21 @@ def test_tokens_are_unguessable_and_each_grants_only_its_own_action():
     assert not two.may_watch(None, "") and not two.may_cancel(None, ""), "open mode: no owner"
 
 
+def near_misses(token: str) -> list[str]:
+    """Tokens that a check comparing only part of the string would accept."""
+    return [token[:1], token[:3], token[:-1], token + "x", token + token, token.upper(),
+            token[:-1] + ("A" if token[-1] != "A" else "B"), " " + token, token + "\n"]  # fmt: skip
+
+
+def test_only_the_whole_token_grants_anything():
+    grant = Access.new()
+    for near in near_misses(grant.read_token):
+        assert not grant.may_watch(near, None), near
+    for near in near_misses(grant.cancel_token):
+        assert not grant.may_cancel(near, None), near
+    assert grant.may_watch(grant.read_token, None) and grant.may_cancel(grant.cancel_token, None)
+
+
 def test_a_jobs_tokens_live_and_die_with_the_job():
     redis = fakeredis.FakeRedis()
     store = JobStore(redis, retention=60, max_age=600)
@@ -147,6 +162,16 @@ def test_open_mode_the_job_id_alone_grants_nothing(running_stack):
         f"{base}/v1/jobs/{job_id}/cancel?token={job['read_token']}", timeout=5
     )
     assert_refused_like_unknown(read_only, job_id, job["cancel_token"])
+    # Truncated, padded or prefix-only tokens are unknown tokens, on every URL.
+    for near in near_misses(job["read_token"]):
+        for suffix in ("", "/events"):
+            response = requests.get(f"{base}/v1/jobs/{job_id}{suffix}", params={"token": near},
+                                    timeout=5)  # fmt: skip
+            assert_refused_like_unknown(response, job_id, job["read_token"])
+    for near in near_misses(job["cancel_token"]):
+        response = requests.post(f"{base}/v1/jobs/{job_id}/cancel", params={"token": near},
+                                 timeout=5)  # fmt: skip
+        assert_refused_like_unknown(response, job_id, job["cancel_token"])
     # The cancel token, given only to the creator, cancels; the status shows no cancel URL.
     assert requests.post(job["cancel_url"], timeout=5).json()["status"] == "cancelled"
     status = requests.get(job["status_url"], timeout=5).json()

@@ -672,3 +672,33 @@ def test_a_done_event_a_direct_send_could_not_write_still_ends_the_stream():
         reader.join(5)
         assert received.endswith(frame)
         assert rest.successful() and rest.value == [], f"after [DONE]: {rest.value}"
+
+
+def event(seq: int) -> LiveEvent:
+    data = b'{"n": %d}' % seq
+    frame = format_event(data, id=seq)
+    return LiveEvent(seq, data, frame, False, http_chunk(frame))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["http-1.0", "http-1.1"])
+def test_the_direct_path_writes_each_id_once_and_in_order(chunked: bool):
+    """The dispatcher's dedupe, deterministically (load tests catch it only by timing): once a
+    viewer has sent id 5, live events 4 and 5 write nothing and 6 writes exactly its frame."""
+    ours, theirs = gevent.socket.socketpair()
+    with ours, theirs:
+        theirs.setblocking(False)
+        viewer = Viewer("job_x", 8)
+        viewer.allow_direct(ours, chunked=chunked)
+        assert viewer.go_direct(5) and viewer.direct
+        for seq in (4, 5):
+            viewer.offer(event(seq))
+            with pytest.raises(BlockingIOError):
+                theirs._sock.recv(65536)
+        six = event(6)
+        viewer.offer(six)
+        assert theirs._sock.recv(65536) == (six.chunk if chunked else six.frame)
+        assert viewer.direct and viewer.sent == 6 and viewer.queue.empty()
+        viewer.offer(event(8))  # a gap: handed back to the log, nothing written
+        assert not viewer.direct and viewer.stale
+        with pytest.raises(BlockingIOError):
+            theirs._sock.recv(65536)

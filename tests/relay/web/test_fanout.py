@@ -44,6 +44,10 @@ def test_a_slow_viewer_overflows_and_catches_up_from_the_log(redis_url):
     assert run_scenario(redis_url, "slow_viewer") == list(range(1, 52))
 
 
+def test_a_full_mailbox_turns_its_viewer_stale_and_it_catches_up_at_once(redis_url):
+    assert run_scenario(redis_url, "mailbox_overflow") == list(range(1, 22))
+
+
 def test_a_lost_subscription_is_re_established_without_losing_events(redis_url):
     assert run_scenario(redis_url, "pubsub_reconnect") == list(range(1, 32))
 
