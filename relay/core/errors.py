@@ -58,6 +58,12 @@ class NotFound(RelayError):
     code = "not_found"
 
 
+class UnsupportedMediaType(RelayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class RequestTooLarge(RelayError):
     status = 413
     type = "invalid_request_error"

@@ -94,6 +94,17 @@ class Settings:
     queue_full_retry_after: int = field(default=5, metadata=_range(1))
     # A viewer whose connection takes no bytes for this long is cut off (it may resume); 0: never.
     send_timeout_seconds: float = field(default=30.0, metadata=_range(0))
+    # Origins (scheme://host[:port]) whose pages may call the relay from a browser (CORS), such
+    # as chatgpt-web's front end served elsewhere. Empty: no other site may.
+    cors_origins: tuple[str, ...] = ()
+    # The relay's address as its clients reach it (https://chat.example.com): the base of every
+    # URL it returns. Unset: the request's own host, when it is one of the allowed hosts.
+    public_url: str = field(default="", metadata={**_url(*HTTP_SCHEMES), "optional": True})
+    # Hosts (Host header, without the port) requests may name; ".example.com" allows its
+    # subdomains, "*" any host. Others are refused (DNS rebinding). public_url's host is added.
+    allowed_hosts: tuple[str, ...] = field(
+        default=("localhost", "127.0.0.1", "[::1]"), metadata={"nonempty": True}
+    )
     # When set, GET /metrics needs "Authorization: Bearer <this>" (Prometheus' authorization).
     metrics_key: str = ""
     moderation: bool = False
@@ -129,6 +140,8 @@ def _parse(spec: dataclasses.Field, raw: Any, name: str) -> Any:
             value = _number(raw, float)
         elif kind == "tuple[str, ...]":
             value = _items(raw)
+            if not value and spec.metadata.get("nonempty"):
+                raise ValueError("must name at least one (comma-separated)")
         else:
             value = raw if isinstance(raw, str) else _wrong(raw, "a string")
     except ValueError as exc:
@@ -138,7 +151,7 @@ def _parse(spec: dataclasses.Field, raw: Any, name: str) -> Any:
         limits = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
         raise SettingsError(f"{name}={raw!r}: must be {limits}")
     schemes = spec.metadata.get("schemes")
-    if schemes and not value.startswith(schemes):
+    if schemes and not value.startswith(schemes) and (value or not spec.metadata.get("optional")):
         raise SettingsError(f"{name}={raw!r}: must be a URL starting with {' or '.join(schemes)}")
     return value
 

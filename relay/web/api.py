@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -45,20 +46,24 @@ def _last_event_id() -> int:
     return int(raw)
 
 
+def external_url(endpoint: str, **values: Any) -> str:
+    """An absolute URL the relay hands out: on ``RELAY_PUBLIC_URL`` when set, else on the
+    request's own host (one of the allowed hosts: relay.web.origins)."""
+    base = settings().public_url.rstrip("/") or request.host_url.rstrip("/")
+    return base + url_for(endpoint, **values)
+
+
 def job_links(job_id: str, grant: Access, *, creator: bool = False) -> dict[str, str]:
     """The job's URLs, carrying its read token; the cancel URL only for its creator."""
+    read = {"job_id": job_id, "token": grant.read_token}
     links = {
-        "events_url": url_for(
-            "relay.job_events", job_id=job_id, token=grant.read_token, _external=True
-        ),
-        "status_url": url_for(
-            "relay.job_status", job_id=job_id, token=grant.read_token, _external=True
-        ),
-        "watch_url": url_for("pages.watch", job_id=job_id, token=grant.read_token, _external=True),
+        "events_url": external_url("relay.job_events", **read),
+        "status_url": external_url("relay.job_status", **read),
+        "watch_url": external_url("pages.watch", **read),
     }
     if creator:
-        links["cancel_url"] = url_for(
-            "relay.cancel_job", job_id=job_id, token=grant.cancel_token, _external=True
+        links["cancel_url"] = external_url(
+            "relay.cancel_job", job_id=job_id, token=grant.cancel_token
         )
     return links
 

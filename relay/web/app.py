@@ -18,6 +18,7 @@ from relay.core.settings import Settings
 from relay.web.api import api
 from relay.web.chatgpt_web import chatgpt_web
 from relay.web.http_errors import error_response, from_http_exception
+from relay.web.origins import guard
 from relay.web.pages import pages
 from relay.web.state import RelayState
 
@@ -62,6 +63,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["relay"] = RelayState(settings)
 
+    guard(app, settings)
     app.register_blueprint(api)
     app.register_blueprint(chatgpt_web)
     app.register_blueprint(pages)

@@ -33,12 +33,6 @@ from relay.web.submission import json_body, submit_job
 
 chatgpt_web = Blueprint("chatgpt_web", __name__, url_prefix="/api")
 
-CORS_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Headers": "authorization, Content-Type",
-    "Access-Control-Allow-Methods": "*",
-}
-
 
 def _reply(status: str, message: str = "", data: Any = None, http_status: int = 200) -> Response:
     response = jsonify({"status": status, "message": message, "data": data})
@@ -61,12 +55,6 @@ def _check_secret() -> None:
             "Error: No access rights (set the secret key in the page's settings).",
             code="invalid_secret",
         )
-
-
-@chatgpt_web.after_request
-def _cors(response: Response) -> Response:
-    response.headers.update(CORS_HEADERS)
-    return response
 
 
 @chatgpt_web.errorhandler(RelayError)

@@ -11,7 +11,13 @@ from flask import g, request
 
 from relay.core import logs
 from relay.core.conversations import Turn
-from relay.core.errors import InvalidRequest, RateLimited, RequestTooLarge, Unavailable
+from relay.core.errors import (
+    InvalidRequest,
+    RateLimited,
+    RequestTooLarge,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from relay.core.jobs import new_job_id
 from relay.web.access import Access
 from relay.web.limits import Throttle
@@ -37,7 +43,16 @@ def _body_bytes() -> bytes:
 
 
 def json_body() -> Any:
-    """The request body parsed as JSON, or a 400 ``invalid_json``."""
+    """The request body parsed as JSON, or a 400 ``invalid_json``.
+
+    It must say it is JSON (415 otherwise): a body sent as ``text/plain`` is one that any web
+    page may send cross-site without asking first (no CORS preflight).
+    """
+    if not request.is_json:
+        raise UnsupportedMediaType(
+            "Send the body as JSON, with 'Content-Type: application/json'.",
+            param="Content-Type",
+        )
     try:
         return orjson.loads(_body_bytes())
     except orjson.JSONDecodeError:

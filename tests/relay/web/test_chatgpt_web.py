@@ -92,12 +92,25 @@ def test_start_up_endpoints_without_a_secret(running_stack):
         "message": "",
         "data": {"auth": False, "model": "ChatGPTAPI"},
     }
-    assert session.headers["Access-Control-Allow-Origin"] == "*"
+    assert "Access-Control-Allow-Origin" not in session.headers  # no other site, by default
     config = requests.post(f"{base}/api/config", timeout=5).json()
     assert config["status"] == "Success" and config["data"]["apiModel"] == "ChatGPTAPI"
-    preflight = requests.options(f"{base}/api/chat-process", timeout=5)
-    assert preflight.ok  # Flask answers OPTIONS itself; the blueprint adds the CORS headers
-    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+
+
+def test_a_front_end_served_elsewhere_is_allowed_by_the_cors_setting(stack):
+    base = stack.start_web(env={"RELAY_CORS_ORIGINS": "https://chat.example.com"})
+    for origin, allowed in (("https://chat.example.com", True), ("https://evil.example", False)):
+        preflight = requests.options(
+            f"{base}/api/chat-process", timeout=5,
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"},
+        )  # fmt: skip
+        assert preflight.ok
+        if allowed:
+            assert preflight.headers["Access-Control-Allow-Origin"] == origin
+            assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+        else:
+            assert "Access-Control-Allow-Origin" not in preflight.headers
 
 
 def test_a_secret_gates_chat_process_and_verify(stack):

@@ -61,7 +61,12 @@ def post(url: str, payload: bytes) -> requests.Response:
 @FUZZ
 @given(body=chat_bodies)
 def test_post_jobs_never_fails_on_any_json(base, body):
-    response = requests.post(f"{base}/v1/jobs", data=json.dumps(body), timeout=20)
+    response = requests.post(
+        f"{base}/v1/jobs",
+        data=json.dumps(body),
+        headers={"Content-Type": "application/json"},
+        timeout=20,
+    )
     assert_clean(response)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import socket
 import sys
@@ -29,7 +28,6 @@ from playwright.sync_api import (
     Locator,
     Page,
     expect,
-    sync_playwright,
 )
 
 from relay.dev.simulator import reply_text
@@ -43,16 +41,6 @@ from tests.conftest import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # the tests run as root
-    "--disable-gpu",
-    "--disable-background-networking",  # the network is closed: no update or sync requests
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 ARTIFACTS = ROOT / "test-artifacts"
 expect.set_options(timeout=10_000)  # generous for a loaded 2-core machine
 
@@ -129,32 +117,6 @@ def broken(redis_server: str, log_dir: Path) -> Iterator[str]:
 
 
 # ---- the browser -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        # deploy/test.sh installs it; CI must not pass by skipping.
-        message = f"{CHROMIUM} is not installed (Debian package 'chromium')"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    context = browser.new_context(viewport={"width": 1000, "height": 760})
-    context.set_default_timeout(15_000)
-    try:
-        yield context
-    finally:
-        context.close()
 
 
 def open_page(context: BrowserContext, url: str) -> tuple[Page, list[str]]:
