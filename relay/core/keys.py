@@ -85,6 +85,16 @@ def active(caller: str) -> str:
     return f"{PREFIX}:limit:{caller}:active"
 
 
+def failures(caller: str) -> str:
+    """Sorted set: when each of a caller's failed credential checks came (relay.web.guessing)."""
+    return f"{PREFIX}:limit:{caller}:failures"
+
+
+def blocked(caller: str) -> str:
+    """String with a TTL: present while a caller is blocked for too many failed checks."""
+    return f"{PREFIX}:limit:{caller}:blocked"
+
+
 METRICS = f"{PREFIX}:metrics"
 """Hash of counters shared by every process (see :mod:`relay.metrics`)."""
 

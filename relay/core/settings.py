@@ -86,6 +86,9 @@ class Settings:
     # Per caller (an API key, or a client address when the relay runs open); 0: no limit. A
     # key's own limits (python -m relay.apikeys create --rpm/--concurrency) take precedence.
     rate_limit_rpm: int = field(default=0, metadata=_range(0))
+    # Failed API-key, token, secret and message-id checks per client address per minute; past
+    # it the address is refused (429) for a minute, right credentials or not. 0: no limit.
+    auth_failures_per_minute: int = field(default=30, metadata=_range(0))
     concurrency_limit: int = field(default=0, metadata=_range(0))
     # Proxies in front of gunicorn trusted to set X-Forwarded-For/-Proto (1 behind one nginx).
     trusted_proxies: int = field(default=0, metadata=_range(0, 10))

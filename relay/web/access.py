@@ -55,6 +55,10 @@ class Access:
         return _same(token, self.cancel_token) or self.is_owner(key_id)
 
 
+NOBODY = Access.new()
+"""Tokens no job has: what a token for a missing job is compared with (the same work)."""
+
+
 def load(redis: Redis, job_id: str) -> Access | None:
     """The job's access record, or None if there is no such job."""
     values = [as_text(v) for v in redis.hmget(keys.job(job_id), *_FIELDS)]

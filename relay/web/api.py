@@ -14,7 +14,7 @@ from relay.core import logs, metrics
 from relay.core.chunks import DONE
 from relay.core.errors import InvalidRequest, NotFound, Unauthorized
 from relay.core.jobs import is_job_id
-from relay.web import access
+from relay.web import access, guessing
 from relay.web.access import Access
 from relay.web.aggregate import aggregate
 from relay.web.auth import require_api_key
@@ -86,20 +86,23 @@ def _unknown(job_id: str) -> NotFound:
 
 
 def _granted(job_id: str) -> Access:
-    """The job's access record if the caller may watch it (read token or creating key)."""
+    """The job's access record if the caller may watch it (read token or creating key).
+
+    The same work whether or not the job exists, so that timing tells nothing either: the
+    caller's key is looked up whenever one is sent, and a missing job's token is compared
+    with one that nobody holds.
+    """
     logs.bind_job(job_id)
+    guessing.check()
     redis = state().redis
     grant = access.load(redis, job_id) if is_job_id(job_id) else None
-    if grant is None:
+    authorization = request.headers.get("Authorization")
+    caller = access.caller_key_id(redis, authorization) if authorization else None
+    allowed = (grant or access.NOBODY).may_watch(request.args.get("token"), caller)
+    if grant is None or not allowed:
+        guessing.failed()
         raise _unknown(job_id)
-    if grant.may_watch(request.args.get("token"), None):
-        return grant
-    # Only now look the caller's key up: most viewers come with the token alone.
-    if grant.owner and grant.is_owner(
-        access.caller_key_id(redis, request.headers.get("Authorization"))
-    ):
-        return grant
-    raise _unknown(job_id)
+    return grant
 
 
 @api.post("/v1/jobs")
@@ -172,10 +175,13 @@ def cancel_job(job_id: str):
     Allowed with the job's cancel token (``?token=``) or the key that created it.
     """
     logs.bind_job(job_id)
+    guessing.check()
     store = state().store
     grant = access.load(store.redis, job_id) if is_job_id(job_id) else None
     key = g.get("api_key")
-    if grant is None or not grant.may_cancel(request.args.get("token"), key and key["id"]):
+    allowed = (grant or access.NOBODY).may_cancel(request.args.get("token"), key and key["id"])
+    if grant is None or not allowed:
+        guessing.failed()
         raise _unknown(job_id)
     cancel_and_keep_reply(job_id)  # a job that already ended keeps its outcome
     status = store.status(job_id)

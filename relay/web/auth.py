@@ -13,6 +13,7 @@ from relay.core import apikeys
 from relay.core.connections import connect
 from relay.core.errors import Unauthorized
 from relay.core.settings import Settings
+from relay.web import guessing
 from relay.web.state import state
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ def require_api_key() -> dict[str, Any] | None:
     """The caller's key record, or 401; None when the relay runs open (no keys configured)."""
     if not keys_required():
         return None
+    guessing.check()
     record = apikeys.authenticate(state().redis, request.headers.get("Authorization"))
     if record is None:
+        guessing.failed()
         raise Unauthorized(
             "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
         )

@@ -24,6 +24,7 @@ from relay.core import apikeys
 from relay.core.chunks import dumps, loads, malformed
 from relay.core.conversations import Turn
 from relay.core.errors import InvalidRequest, RelayError, Unauthorized
+from relay.web import guessing
 from relay.web.api import link_headers
 from relay.web.auth import keys_required, require_api_key
 from relay.web.fanout import LiveEvent
@@ -49,8 +50,12 @@ def _check_secret() -> None:
     if require_api_key() is not None:
         return
     secret = _secret()
+    if not secret:
+        return
+    guessing.check()
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if secret and not hmac.compare_digest(given.encode(), secret.encode()):
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        guessing.failed()
         raise Unauthorized(
             "Error: No access rights (set the secret key in the page's settings).",
             code="invalid_secret",
@@ -84,6 +89,8 @@ def verify() -> Response:
     token = body.get("token") if isinstance(body, dict) else None
     if not token or not isinstance(token, str):
         raise InvalidRequest("Secret key is empty", param="token", code="missing_required")
+    guessing.check()
+    guessing.failed()  # every attempt counts: this endpoint answers nothing but "right or not"
     if keys_required():
         valid = apikeys.authenticate(state().redis, f"Bearer {token}") is not None
     else:

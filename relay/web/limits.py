@@ -45,6 +45,22 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# A failed credential check (a wrong key, token, secret or message id). KEYS: the caller's
+# failure log, its blocked flag. ARGV: limit, window (ms), a unique member. Past the limit in
+# the window, the caller is blocked for a window.
+_FAILURE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], 1, 'PX', window)
+end
+return 0
+"""
+
 WINDOW_SECONDS = 60
 
 
@@ -55,6 +71,7 @@ class Throttle:
         self.redis = redis
         self._rate = redis.register_script(_RATE)
         self._acquire = redis.register_script(_ACQUIRE)
+        self._failure = redis.register_script(_FAILURE)
 
     def hit(self, caller: str, per_minute: int) -> int:
         """Count one request; 0 if admitted, else whole seconds to wait (``Retry-After``)."""
@@ -72,6 +89,16 @@ class Throttle:
             return True
         args: list[str | int] = [limit, job_id, lease_seconds * 1000]
         return bool(self._acquire(keys=[keys.active(caller)], args=args))
+
+    def failed(self, caller: str, per_minute: int) -> None:
+        """Count a failed credential check; ``per_minute`` of them block the caller."""
+        args: list[str | int] = [per_minute, WINDOW_SECONDS * 1000, secrets.token_hex(8)]
+        self._failure(keys=[keys.failures(caller), keys.blocked(caller)], args=args)
+
+    def blocked(self, caller: str) -> int:
+        """Whole seconds the caller stays blocked for failed checks; 0 if it is not."""
+        wait_ms = int(self.redis.pttl(keys.blocked(caller)))
+        return math.ceil(wait_ms / 1000) if wait_ms > 0 else 0
 
     def release(self, caller: str, job_id: str) -> None:
         self.redis.zrem(keys.active(caller), job_id)

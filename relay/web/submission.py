@@ -13,12 +13,14 @@ from relay.core import logs
 from relay.core.conversations import Turn
 from relay.core.errors import (
     InvalidRequest,
+    NotFound,
     RateLimited,
     RequestTooLarge,
     Unavailable,
     UnsupportedMediaType,
 )
 from relay.core.jobs import new_job_id
+from relay.web import guessing
 from relay.web.access import Access
 from relay.web.limits import Throttle
 from relay.web.state import settings, state
@@ -117,7 +119,13 @@ def submit_job(body: Any = None) -> Submission:
     )
     body = validate_chat_request(body, default_model=config.default_model, limits=limits)
     owner = g.api_key["id"] if g.get("api_key") else ""
-    draft = relay.conversations.prepare(body, owner)
+    if "parentMessageId" in body:
+        guessing.check()
+    try:
+        draft = relay.conversations.prepare(body, owner)
+    except NotFound:
+        guessing.failed()  # a message id is a secret: an unknown one may be a guess
+        raise
     job_id = new_job_id()
     if not throttle.acquire(caller, job_id, concurrency, config.job_max_age_seconds):
         raise RateLimited(

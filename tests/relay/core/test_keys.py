@@ -45,6 +45,8 @@ def test_api_key_limit_and_metric_keys_are_pinned():
     assert keys.api_key("ab12") == "relay:apikey:ab12"
     assert keys.rate("key:ab12") == "relay:limit:key:ab12:rate"
     assert keys.active("key:ab12") == "relay:limit:key:ab12:active"
+    assert keys.failures("addr:10.0.0.1") == "relay:limit:addr:10.0.0.1:failures"
+    assert keys.blocked("addr:10.0.0.1") == "relay:limit:addr:10.0.0.1:blocked"
     assert keys.METRICS == "relay:metrics"
 
 
