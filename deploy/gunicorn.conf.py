@@ -20,7 +20,12 @@ timeout = 30
 # On SIGTERM, open streams end at once (post_worker_init below) and their viewers resume on
 # another process with Last-Event-ID; other requests (a non-streamed completion) get this long.
 graceful_timeout = int(os.environ.get("RELAY_GRACEFUL_TIMEOUT", 10))
-keepalive = 75
+# Seconds a client has to send its request's headers (gevent workers read them under this
+# timeout), and that an idle keep-alive connection is kept: a client that sends half a header
+# and stops holds one of worker_connections no longer than this. nginx closes its idle
+# connections to the relay sooner (keepalive_timeout in deploy/nginx.conf), so it never
+# reuses one that gunicorn is closing.
+keepalive = int(os.environ.get("RELAY_CLIENT_TIMEOUT", 10))
 # The worker heartbeat file in memory, not on a (possibly slow or container overlay) disk.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = os.environ.get("RELAY_ACCESS_LOG", "-")

@@ -199,7 +199,11 @@ class Stack:
         return redis.Redis.from_url(self.redis_url)
 
     def start_web(
-        self, workers: int = 1, env: dict[str, str] | None = None, graceful_timeout: float = 2
+        self,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        graceful_timeout: float = 2,
+        worker_connections: int = 10000,
     ) -> str:
         """A gunicorn -k gevent instance; its base URL once /healthz answers."""
         port = free_port()
@@ -210,7 +214,7 @@ class Stack:
             "-w", str(workers),
             "-b", f"127.0.0.1:{port}",
             "--graceful-timeout", str(graceful_timeout),
-            "--worker-connections", "10000",
+            "--worker-connections", str(worker_connections),
             "relay:create_app()",
         ]  # fmt: skip
         proc = start_process(f"gunicorn-{next(self._names)}", cmd, self.log_dir, self.settings(env))

@@ -95,6 +95,10 @@ class Settings:
     # Beyond this many queued jobs new ones are refused (503) until workers catch up; 0: no cap.
     max_queued_jobs: int = field(default=10000, metadata=_range(0))
     queue_full_retry_after: int = field(default=5, metadata=_range(1))
+    # Open streams one web process serves to one client address, and to one read token (a
+    # share link: many people may watch with it); 429 beyond. 0: no cap.
+    max_streams_per_client: int = field(default=256, metadata=_range(0))
+    max_streams_per_token: int = field(default=1000, metadata=_range(0))
     # A viewer whose connection takes no bytes for this long is cut off (it may resume); 0: never.
     send_timeout_seconds: float = field(default=30.0, metadata=_range(0))
     # Origins (scheme://host[:port]) whose pages may call the relay from a browser (CORS), such

@@ -6,6 +6,7 @@ before the fork would be shared by every process, so each is made on first use, 
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import cached_property
 
 from flask import current_app
@@ -25,6 +26,8 @@ class RelayState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._hub: Hub | None = None
+        # Open streams by client address and by read token (relay.web.streams' caps).
+        self.open_streams: Counter[str] = Counter()
 
     @cached_property
     def redis(self) -> Redis:

@@ -4,12 +4,14 @@ client's cut-off, and what happens when the stream closes."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from flask import Response, current_app, request
 from redis.exceptions import RedisError
 
-from relay.core.errors import Unavailable
+from relay.core.errors import RateLimited, Unavailable
+from relay.core.settings import Settings
 from relay.web.fanout import LiveEvent, SubscribeTimeout, Viewer
 from relay.web.state import settings, state
 from relay.web.streaming import follow, retry_field, sse_bytes
@@ -54,12 +56,18 @@ def stream_response(
     :func:`sse_bytes`, see :func:`follow`).
     """
     relay = state()
-    viewer = attach(job_id)
+    release_slots = _take_stream_slots(relay.open_streams, relay.settings)
+    try:
+        viewer = attach(job_id)
+    except BaseException:
+        release_slots()
+        raise
     config = relay.settings
     try:
         relay.store.add_viewer(job_id, 1)
     except BaseException:
         relay.hub.detach(viewer)  # no response will ever close it: never leave it registered
+        release_slots()
         raise
     if direct is not None and config.direct_writes:
         _allow_direct(viewer, direct)
@@ -78,6 +86,7 @@ def stream_response(
     def on_close() -> None:
         # An unstarted generator's finally never runs, so detach here as well (idempotent).
         relay.hub.detach(viewer)
+        release_slots()
         restore_timeout()
         try:
             remaining = relay.store.add_viewer(job_id, -1)
@@ -93,6 +102,41 @@ def stream_response(
     response = Response(body(), mimetype=mimetype, headers={**STREAM_HEADERS, **(headers or {})})
     response.call_on_close(on_close)
     return response
+
+
+STREAMS_RETRY_AFTER = 5  # seconds: other streams of the same client end, or time out, meanwhile
+
+
+def _take_stream_slots(counts: Counter[str], config: Settings) -> Callable[[], None]:
+    """Count this stream against its client address and its read token, in this process; 429
+    past a cap. Returns what gives the slots back (once, however often it is called)."""
+    token = request.args.get("token")
+    caps = [(f"addr:{request.remote_addr}", config.max_streams_per_client, "client address")]
+    if token:
+        caps.append((f"token:{token}", config.max_streams_per_token, "read token"))
+    for name, cap, what in caps:
+        if cap and counts[name] >= cap:
+            raise RateLimited(
+                f"Too many open streams for this {what} (at most {cap} per relay process); "
+                "close one or try again shortly.",
+                retry_after=STREAMS_RETRY_AFTER,
+                code="too_many_streams",
+            )
+    for name, _, _ in caps:
+        counts[name] += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        for name, _, _ in caps:
+            counts[name] -= 1
+            if counts[name] <= 0:
+                del counts[name]
+
+    return release
 
 
 def _allow_direct(viewer: Viewer, prefix: bytes) -> None:

@@ -331,6 +331,9 @@ class Bench:
             "RELAY_LEASE_SECONDS": "10",
             "RELAY_KEEPALIVE_SECONDS": "15",
             "RELAY_UPSTREAM_INCLUDE_USAGE": "false",
+            # Thousands of viewers from one load generator's address and one read token.
+            "RELAY_MAX_STREAMS_PER_CLIENT": "0",
+            "RELAY_MAX_STREAMS_PER_TOKEN": "0",
         }
 
     def stop(self) -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import pytest
 import requests
@@ -314,3 +314,30 @@ def test_tokens_stay_out_of_nginx_error_logs_as_well(
     wait_for(lambda: "connect() failed" in proxy.log(), 5, "nginx logging the failures")
     logs = proxy.logs()
     assert token not in logs and cancel_token not in logs and "token=" not in logs
+
+
+def established_to(port: int) -> set[int]:
+    """The client ports of the TCP connections established to ``port`` on this host."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                ports.add(int(remote.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_nginx_keeps_its_connection_to_the_relay_alive(
+    stack: Stack, start_nginx: Callable[..., Nginx]
+):
+    web = stack.start_web()
+    proxy = start_nginx(web)
+    port = urlsplit(web).port
+    seen: set[int] = set()
+    for _ in range(10):
+        assert requests.get(f"{proxy.base}/healthz", timeout=5).ok
+        seen |= established_to(port)
+    assert len(seen) == 1, f"one upstream connection reused, not {len(seen)}"
+    time.sleep(6)  # idle past nginx's keepalive_timeout (5 s), within gunicorn's (10 s)
+    assert requests.get(f"{proxy.base}/healthz", timeout=5).ok

@@ -4,6 +4,7 @@ attach leaves nothing behind, and nothing of a job outlives its retention or its
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import fakeredis
 import pytest
@@ -19,7 +20,7 @@ from relay.web.access import Access
 from relay.web.app import create_app
 from relay.web.fanout import Viewer
 from relay.web.limits import Throttle
-from tests.conftest import wait_for
+from tests.conftest import Stack, wait_for
 from tests.helpers import chat_body, create_job, read_stream
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
@@ -118,3 +119,43 @@ def test_nothing_of_a_job_outlives_its_retention(stack):
 
     assert left()
     wait_for(lambda: not left(), 10, "every key of the jobs to expire")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_streams_are_capped_per_client_address_and_per_read_token(stack: Stack):
+    base = stack.start_web(env={"RELAY_MAX_STREAMS_PER_CLIENT": "3",
+                                "RELAY_MAX_STREAMS_PER_TOKEN": "4",
+                                "RELAY_TRUSTED_PROXIES": "1"})  # fmt: skip
+    stack.start_worker()
+    job = create_job(base, chat_body("long", tokens=400, interval=0.05))
+
+    def stream(address: str) -> requests.Response:
+        return requests.get(job["events_url"], headers={"X-Forwarded-For": address},
+                            stream=True, timeout=5)  # fmt: skip
+
+    opened = [stream("10.1.0.1") for _ in range(3)]
+    assert all(r.status_code == 200 for r in opened)
+    refused = stream("10.1.0.1")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+    opened.pop().close()
+    assert wait_until_ok(lambda: stream("10.1.0.1"), opened)
+    opened.append(stream("10.1.0.2"))  # the token's fourth stream, from another address
+    over = stream("10.1.0.3")
+    assert over.status_code == 429, "the read token's cap"
+    for response in opened:
+        response.close()
+    requests.post(job["cancel_url"], timeout=5)
+
+
+def wait_until_ok(open_one: Callable[[], requests.Response], opened: list) -> bool:
+    """The slot of a closed stream comes back once the relay notices the close."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        response = open_one()
+        if response.status_code == 200:
+            opened.append(response)
+            return True
+        response.close()
+        time.sleep(0.1)
+    return False
