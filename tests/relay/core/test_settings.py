@@ -86,3 +86,12 @@ def test_the_processes_refuse_to_start_with_a_bad_value():
         assert done.returncode != 0, name
         assert "RELAY_UPSTREAM_INCLUDE_USAGE='maybe'" in done.stderr, (name, done.stderr[-500:])
         assert "Traceback" not in done.stderr, (name, done.stderr[-2000:])
+
+
+def test_keys_are_the_strings_given_never_json():
+    # Parsed as JSON, "0", "false", "null" and "[]" ran the relay open and 1e3 seeded "1000.0".
+    for raw in ("0", "false", "null", "[]", "1e3"):
+        assert Settings.from_env({"RELAY_API_KEYS": raw}).api_keys == (raw,)
+    assert Settings.from_env({"RELAY_API_KEYS": ""}).api_keys == ()
+    with pytest.raises(SettingsError, match="RELAY_ALLOWED_HOSTS"):
+        Settings.from_env({"RELAY_ALLOWED_HOSTS": " , "})
