@@ -189,8 +189,10 @@ class Stack:
             "RELAY_UPSTREAM_MAX_RETRIES": "0",
             "RELAY_KEEPALIVE_SECONDS": "1",
             "RELAY_OPEN_ACCESS": "true",  # tests that need keys seed or create them
-            # Every test's client is 127.0.0.1: guesses are throttled only where a test says so.
+            # Every test's client is 127.0.0.1: guesses are throttled, and streams per client
+            # capped, only where a test says so.
             "RELAY_AUTH_FAILURES_PER_MINUTE": "0",
+            "RELAY_MAX_STREAMS_PER_CLIENT": "0",
             **self.env,
             **(extra or {}),
         }
