@@ -9,11 +9,10 @@ import argparse
 import json
 import sys
 
-from redis import Redis
 from redis.exceptions import RedisError
 
 from relay.core.apikeys import configured, create, delete, listing, matching, revoke
-from relay.core.connections import connect
+from relay.core.connections import Client, connect
 from relay.core.settings import Settings, SettingsError
 
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(**({"redis_url": args.redis_url} if args.redis_url else {}))
     except SettingsError as exc:
         parser.exit(2, f"python -m relay.apikeys: {exc}\n")
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster)
     try:
         return _run(args, redis)
     except ValueError as exc:
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(1, f"python -m relay.apikeys: Redis at {settings.redis_url}: {exc}\n")
 
 
-def _run(args: argparse.Namespace, redis: Redis) -> int:
+def _run(args: argparse.Namespace, redis: Client) -> int:
     if args.command == "create":
         print(create(redis, args.label, args.rpm or 0, args.concurrency or 0))
     elif args.command == "list":

@@ -238,7 +238,7 @@ class Stack:
         self.procs.append(proc)
         client = self.redis()
         wait_for(
-            lambda: client.exists(f"relay:worker:{worker_id}:heartbeat"),
+            lambda: client.exists(f"relay:{{worker:{worker_id}}}:heartbeat"),
             20,
             f"worker ({proc.log})",
         )

@@ -73,7 +73,11 @@ class Worker:
         self.heartbeat_ttl_ms = int(lease * 1000 / 2)
         self.heartbeat_every = lease / 6
         self.janitor_every = lease / 4
-        self.redis = connect(settings.redis_url, max_connections=settings.redis_max_connections)
+        self.redis = connect(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            cluster=settings.redis_cluster,
+        )
         self.store = JobStore(
             self.redis, retention=settings.retention_seconds, max_age=settings.job_max_age_seconds
         )
@@ -152,9 +156,9 @@ class Worker:
         while not self.halted.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(keys.control(self.worker_id))
+                pubsub.ssubscribe(keys.control(self.worker_id))
                 while not self.halted.is_set():
-                    message = pubsub.get_message(timeout=POLL_SECONDS)
+                    message = pubsub.get_sharded_message(timeout=POLL_SECONDS)
                     if message is not None:
                         self._obey(message["data"])
                     backoff.reset()

@@ -20,12 +20,14 @@ from typing import Any
 
 import gevent
 from gevent.event import AsyncResult, Event
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from relay.core import metrics
+from relay.core import keys, metrics
 from relay.core.chunks import dumps
-from relay.core.connections import RawConnection
+from relay.core.connections import RawConnection, Router
 from relay.core.jobs import JobStore
+
+Entry = tuple[str, int, list[str], str]  # job id, attempt, events, text delta
 
 # Each lane sends its batch while the others' are on the wire or being built, so a chunk that
 # arrives meanwhile does not wait for a whole batch (1 and 16 lanes did worse: RESULTS.md).
@@ -83,13 +85,14 @@ class _Queued:
 class _Lane:
     """One share of the jobs, with its own batch in flight (a job always uses one lane)."""
 
-    __slots__ = ("queued", "wake", "runner", "conn")
+    __slots__ = ("queued", "wake", "runner", "conns")
 
     def __init__(self) -> None:
         self.queued: dict[tuple[str, int], _Queued] = {}
         self.wake = Event()
         self.runner: gevent.Greenlet | None = None
-        self.conn: RawConnection | None = None  # its own connection, made on first use
+        # Its own connection to each node it sends to ("" for one Redis), made on first use.
+        self.conns: dict[str, RawConnection] = {}
 
 
 class Publisher:
@@ -98,6 +101,7 @@ class Publisher:
 
     def __init__(self, store: JobStore, lanes: int = LANES) -> None:
         self._store = store
+        self._router = Router(store.redis)
         self._lanes = [_Lane() for _ in range(lanes)]
         # Per job: its last batch taken to be sent (in flight or done), until flushed.
         self._outcome: dict[tuple[str, int], _Queued] = {}
@@ -187,11 +191,42 @@ class Publisher:
                 queued.sent.set_exception(last.sent.exception)  # type: ignore[arg-type]
         return taken
 
-    def _execute(self, lane: _Lane) -> Any:
-        """The lane's connection's ``execute``: each lane sends on a connection of its own."""
-        if lane.conn is None:
-            lane.conn = RawConnection(self._store.redis)
-        return lane.conn.execute
+    def _send(self, lane: _Lane, entries: list[Entry]) -> list[int | Exception]:
+        """Each entry's result, sent to the node that owns its job (one round trip per node
+        the batch reaches); an entry whose slot moved (MOVED) is sent again, once, where the
+        cluster says it lives now."""
+        by_node: dict[str, list[int]] = {}
+        for index, (job_id, *_) in enumerate(entries):
+            by_node.setdefault(self._router.node(keys.job(job_id)), []).append(index)
+        results: list[int | Exception] = [0] * len(entries)
+        moved: list[int] = []
+        for node, indexes in by_node.items():
+            sent = self._send_to(lane, node, [entries[i] for i in indexes])
+            for index, result in zip(indexes, sent, strict=True):
+                results[index] = result
+                if isinstance(result, ResponseError) and str(result).startswith(("MOVED", "ASK")):
+                    moved.append(index)
+        if moved:
+            self._router.refresh()
+            again = self._send(lane, [entries[i] for i in moved]) if self._router.cluster else []
+            for index, result in zip(moved, again, strict=False):
+                results[index] = result
+        return results
+
+    def _send_to(self, lane: _Lane, node: str, entries: list[Entry]) -> list[int | Exception]:
+        conn = lane.conns.get(node)
+        try:
+            if conn is None:
+                conn = lane.conns[node] = RawConnection(self._router.node_client(node))
+            return self._store.publish_many(entries, conn.execute)
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+            if conn is not None:  # replies may still be coming: start afresh
+                conn.close()
+                lane.conns.pop(node, None)
+            if self._router.cluster:
+                with contextlib.suppress(Exception):
+                    self._router.refresh()  # a node that failed may have a successor
+            return [exc] * len(entries)
 
     def _run(self, lane: _Lane) -> None:
         while True:
@@ -202,15 +237,7 @@ class Publisher:
                 continue
             entries = [(job_id, queued.attempt, queued.events, "".join(queued.texts))
                        for (job_id, _), queued in batch]  # fmt: skip
-            try:
-                results: list[int | Exception] = self._store.publish_many(
-                    entries, self._execute(lane)
-                )
-            except Exception as exc:  # noqa: BLE001 - every waiter gets the error
-                if lane.conn is not None:  # replies may still be coming: start afresh
-                    lane.conn.close()
-                    lane.conn = None
-                results = [exc] * len(entries)
+            results = self._send(lane, entries)
             for (_, queued), result in zip(batch, results, strict=True):
                 if isinstance(result, Exception):
                     queued.sent.set_exception(result)

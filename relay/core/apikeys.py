@@ -13,10 +13,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from redis import Redis
-
 from relay.core import keys
-from relay.core.connections import as_text
+from relay.core.connections import Client, as_text
 
 ID_LENGTH = 12  # a key's id: the start of its digest, enough to tell keys apart, never the key
 MIN_ID_LENGTH = 8  # what the CLI needs to pick a key, so that a typo cannot match several
@@ -26,7 +24,7 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create(redis: Redis, label: str, rpm: int = 0, concurrency: int = 0) -> str:
+def create(redis: Client, label: str, rpm: int = 0, concurrency: int = 0) -> str:
     """Store a new key; the clear key is returned once and never stored."""
     key = "rk-" + secrets.token_urlsafe(32)
     _store(redis, digest(key), label, rpm, concurrency)
@@ -36,7 +34,7 @@ def create(redis: Redis, label: str, rpm: int = 0, concurrency: int = 0) -> str:
 SEEDED = "RELAY_API_KEYS"  # the label of keys that come from the setting
 
 
-def seed(redis: Redis, seeded: Iterable[str]) -> None:
+def seed(redis: Client, seeded: Iterable[str]) -> None:
     """Make the keys from ``RELAY_API_KEYS`` exactly those of the setting (idempotent): add the
     missing ones, delete seeded ones no longer listed. Keys made with the CLI are left alone."""
     wanted = {digest(key) for key in seeded}
@@ -48,8 +46,8 @@ def seed(redis: Redis, seeded: Iterable[str]) -> None:
             delete(redis, record["digest"])
 
 
-def _store(redis: Redis, key_digest: str, label: str, rpm: int, concurrency: int) -> None:
-    pipe = redis.pipeline(transaction=True)
+def _store(redis: Client, key_digest: str, label: str, rpm: int, concurrency: int) -> None:
+    pipe = redis.pipeline(transaction=False)  # two slots of a cluster: the record, then the set
     pipe.hset(
         keys.api_key(key_digest),
         mapping={"label": label, "created_at": f"{time.time():.0f}", "revoked": 0, "rpm": rpm,
@@ -59,11 +57,11 @@ def _store(redis: Redis, key_digest: str, label: str, rpm: int, concurrency: int
     pipe.execute()
 
 
-def configured(redis: Redis) -> bool:
+def configured(redis: Client) -> bool:
     return bool(redis.scard(keys.API_KEYS))
 
 
-def authenticate(redis: Redis, authorization: str | None) -> dict[str, Any] | None:
+def authenticate(redis: Client, authorization: str | None) -> dict[str, Any] | None:
     """The key's record for an ``Authorization: Bearer`` header; None if missing, unknown or
     revoked."""
     if not authorization or not authorization.startswith("Bearer "):
@@ -75,7 +73,7 @@ def authenticate(redis: Redis, authorization: str | None) -> dict[str, Any] | No
     return {"id": key_digest[:ID_LENGTH], **record}
 
 
-def listing(redis: Redis) -> list[dict[str, Any]]:
+def listing(redis: Client) -> list[dict[str, Any]]:
     """Every key's record: its id (what the CLI shows), label, limits, whether revoked, and
     (not for display) its full digest."""
     out = []
@@ -87,22 +85,20 @@ def listing(redis: Redis) -> list[dict[str, Any]]:
     return out
 
 
-def delete(redis: Redis, key_digest: str) -> None:
+def delete(redis: Client, key_digest: str) -> None:
     """Forget a key altogether (by its full digest)."""
-    pipe = redis.pipeline(transaction=True)
-    pipe.srem(keys.API_KEYS, key_digest)
-    pipe.delete(keys.api_key(key_digest))
-    pipe.execute()
+    redis.srem(keys.API_KEYS, key_digest)
+    redis.delete(keys.api_key(key_digest))
 
 
-def matching(redis: Redis, key_id: str) -> list[str]:
+def matching(redis: Client, key_id: str) -> list[str]:
     """The digests of the keys whose id starts with ``key_id`` (at least 8 characters)."""
     if len(key_id) < MIN_ID_LENGTH:
         raise ValueError(f"give at least {MIN_ID_LENGTH} characters of the key id")
     return [as_text(d) for d in redis.smembers(keys.API_KEYS) if as_text(d).startswith(key_id)]
 
 
-def revoke(redis: Redis, key_id: str) -> int:
+def revoke(redis: Client, key_id: str) -> int:
     """Revoke every key whose id (digest prefix, at least 8 characters) matches; how many."""
     matched = matching(redis, key_id)
     for key_digest in matched:

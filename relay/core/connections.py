@@ -1,12 +1,15 @@
 """Redis connections, made once per process after fork (never at import time).
 
-:func:`connect` makes a process's pooled client. :class:`RawConnection` is a connection of its
-own for the hot loops (the worker's publishes, a web process's pub/sub reader): redis-py opens
-it (password, database, TLS, client name, all from the same URL); commands are packed by
-``hiredis.pack_command`` and sent in one write, and replies are parsed by hiredis straight from
-the socket, as many as one ``recv`` brought. redis-py's per-command path (pool checkout with a
-``poll`` for stale data, retry wrapper, one parse per reply through several layers) is what
-those loops could not afford (tests/bench/RESULTS.md).
+:func:`connect` makes a process's pooled client: of one Redis, or of a Redis Cluster
+(``RELAY_REDIS_CLUSTER``), which routes each command to the node that owns its keys' slot.
+:class:`Router` says which node that is, for what reaches nodes directly.
+
+:class:`RawConnection` is a connection of its own for the hot loops (the worker's publishes, a
+web process's pub/sub reader): redis-py opens it (password, database, TLS, client name, all
+from the same URL); commands are packed by ``hiredis.pack_command`` and sent in one write, and
+replies are parsed by hiredis straight from the socket, as many as one ``recv`` brought.
+redis-py's per-command path (pool checkout with a ``poll`` for stale data, retry wrapper, one
+parse per reply through several layers) is what those loops could not afford (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import hiredis
 from redis import BlockingConnectionPool, Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -36,24 +40,68 @@ HEALTH_CHECK_SECONDS = 30  # a connection idle this long is checked (PING) befor
 POOL_SIZE = 50  # for tools and tests; the relay's processes size theirs by a setting
 
 
+Client = Redis | RedisCluster
+"""What the relay talks to: one Redis, or a cluster of them (the same commands)."""
+
+
 def connect(
-    url: str, max_connections: int = POOL_SIZE, socket_timeout: float = SOCKET_TIMEOUT
-) -> Redis:
-    """A client whose pool makes greenlets wait for a free connection instead of failing.
+    url: str,
+    max_connections: int = POOL_SIZE,
+    socket_timeout: float = SOCKET_TIMEOUT,
+    cluster: bool = False,
+) -> Client:
+    """A client whose pools make greenlets wait for a free connection instead of failing.
 
     redis-py's default pool raises ``MaxConnectionsError`` past its limit; under gevent a burst of
     greenlets is normal, so they queue for up to ``timeout`` seconds instead. ``socket_timeout``
     must exceed every blocking command's own timeout (``BLMOVE`` waits at most a second here).
+    With ``cluster``, ``url`` names any one node (a seed) and each node gets such a pool.
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=socket_timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        health_check_interval=HEALTH_CHECK_SECONDS,
-    )
-    return Redis(connection_pool=pool)
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": socket_timeout,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "health_check_interval": HEALTH_CHECK_SECONDS,
+    }
+    if cluster:
+        return RedisCluster.from_url(url, connection_pool_class=BlockingConnectionPool, **options)
+    return Redis(connection_pool=BlockingConnectionPool.from_url(url, **options))
+
+
+class Router:
+    """Which Redis a key lives on: the one Redis, or the cluster node that owns its slot.
+
+    Used where the relay talks to nodes itself (the pub/sub reader, the publisher's
+    connections); everything else goes through the client, which routes on its own.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.client, RedisCluster)
+
+    def node(self, key: str | bytes) -> str:
+        """The name of the node that serves ``key`` ("" for one Redis)."""
+        if not isinstance(self.client, RedisCluster):
+            return ""
+        return str(self.client.get_node_from_key(key).name)
+
+    def node_client(self, name: str) -> Redis:
+        """A client of the node ``name`` (from :meth:`node`)."""
+        if not isinstance(self.client, RedisCluster):
+            return self.client
+        node = self.client.get_node(node_name=name)
+        if node is None:
+            raise RedisConnectionError(f"no such cluster node: {name}")
+        return self.client.get_redis_connection(node)
+
+    def refresh(self) -> None:
+        """Learn the slots' owners again (after a MOVED reply, a failover, a lost node)."""
+        if isinstance(self.client, RedisCluster):
+            self.client.nodes_manager.initialize()
 
 
 _READ_SIZE = 256 * 1024

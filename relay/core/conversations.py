@@ -27,11 +27,9 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from redis import Redis
-
 from relay.core import keys, tokens
 from relay.core.chunks import dumps, loads
-from relay.core.connections import as_text
+from relay.core.connections import Client, as_text
 from relay.core.errors import InvalidRequest, NotFound
 from relay.core.settings import Settings
 
@@ -158,7 +156,7 @@ class Draft:
 class Conversations:
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         ttl: int,
         max_context_tokens: int = Settings.max_context_tokens,

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from redis import Redis
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from relay.core import keys, metrics
 from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
-from relay.core.connections import as_text
+from relay.core.connections import Client, as_text
 from relay.core.conversations import Turn
 from relay.core.scripts import Scripts
 from relay.core.status import TERMINAL, JobStatus, Recovery
@@ -41,7 +41,7 @@ def _now() -> str:
 class JobStore:
     """Jobs in Redis, as seen by one process (the relay or a worker)."""
 
-    def __init__(self, redis: Redis, *, retention: int, max_age: int) -> None:
+    def __init__(self, redis: Client, *, retention: int, max_age: int) -> None:
         self.redis = redis
         self.retention = retention
         # Unfinished jobs still expire eventually, so an abandoned queue cannot fill Redis.
@@ -80,10 +80,16 @@ class JobStore:
         if limited_as:
             fields["limited_as"] = limited_as
         pairs = [item for pair in fields.items() for item in pair]
-        pipe = self.redis.pipeline(transaction=True)
-        self.scripts.create(
-            keys=[keys.job(job_id), keys.text(job_id)], args=[self.max_age, *pairs], client=pipe
-        )
+        job_keys: list[str] = [keys.job(job_id), keys.text(job_id)]
+        args: list[Any] = [self.max_age, *pairs]
+        # The job first, then its id on the queue, so that a queued id always has a job behind
+        # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
+        # is stored before the id is queued.
+        pipe = self.redis.pipeline(transaction=False)
+        if isinstance(self.redis, RedisCluster):
+            self.scripts.create(keys=job_keys, args=args)
+        else:
+            self.scripts.create(keys=job_keys, args=args, client=pipe)
         pipe.lpush(keys.PENDING, job_id)
         metrics.count(pipe, "jobs_created")
         pipe.execute()
@@ -92,10 +98,10 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return is_job_id(job_id) and bool(self.redis.exists(keys.job(job_id)))
 
-    def progress(self, job_id: str) -> tuple[int, bool]:
-        """How many events the job has written, and whether it has ended."""
+    def progress(self, job_id: str) -> tuple[int, bool, bool]:
+        """How many events the job has written, whether it has ended, and whether it exists."""
         seq, status = (as_text(v) for v in self.redis.hmget(keys.job(job_id), "seq", "status"))
-        return int(seq or 0), status in TERMINAL
+        return int(seq or 0), status in TERMINAL, bool(status)
 
     def status(self, job_id: str) -> dict[str, Any] | None:
         """The job as ``GET /v1/jobs/<id>`` shows it, or None if unknown or expired."""
@@ -143,7 +149,7 @@ class JobStore:
             job_id, None, JobStatus.CANCELLED, [chunk, DONE], {"finish_reason": CANCELLED}
         )
         if ended and worker:
-            self.redis.publish(keys.control(worker), f"cancel {job_id}")
+            self.redis.spublish(keys.control(worker), f"cancel {job_id}")
         return ended, worker
 
     def add_viewer(self, job_id: str, delta: int) -> int:
@@ -224,21 +230,27 @@ class JobStore:
         events: list[str],
         fields: dict[str, str] | None = None,
     ) -> bool:
-        """End the job once: write its last events, its status and start its retention clock;
-        its concurrency slot is freed in the same step."""
+        """End the job once: write its last events, its status and start its retention clock.
+
+        Its concurrency slot is freed first: the caller's slots live in another slot of a
+        cluster, so the two cannot be one step; freed before, an ended job never holds one (a
+        crash between lets the caller run one job too many for a moment, never one too few).
+        """
+        self._release_slot(job_id)
         pairs: list[str] = ["finished_at", _now()]
         for name, value in (fields or {}).items():
             pairs += [name, value]
-        args: list[Any] = ["" if attempt is None else attempt, status, self.retention, job_id,
-                           len(events)]  # fmt: skip
-        ended = bool(self.scripts.finish(keys=self._end_keys(job_id), args=args + events + pairs))
+        args: list[Any] = ["" if attempt is None else attempt, status, self.retention, len(events)]
+        ended = bool(self.scripts.finish(keys=keys.end_keys(job_id), args=args + events + pairs))
         if ended:
             metrics.job_finished(self.redis, status)
         return ended
 
-    def _end_keys(self, job_id: str) -> list[str]:
+    def _release_slot(self, job_id: str) -> None:
+        """Free the concurrency slot the job holds, if it holds one (idempotent)."""
         caller = as_text(self.redis.hget(keys.job(job_id), "limited_as"))
-        return keys.end_keys(job_id, caller)
+        if caller:
+            self.redis.zrem(keys.active(caller), job_id)
 
     def complete(
         self, job_id: str, attempt: int, finish_reason: str | None, usage: dict | None
@@ -264,17 +276,25 @@ class JobStore:
         return self.finish(job_id, attempt, JobStatus.FAILED, [chunk, DONE], {"error": error})
 
     def recover(self, job_id: str, worker_id: str, message: str) -> Recovery:
-        """Handle a job claimed by a dead or stopping worker (``RECOVER`` in
+        """Handle a job claimed by a dead or stopping worker: ``RECOVER`` decides on the job,
+        then ``RELEASE_CLAIM`` takes it off the worker's list (two slots: see
         :mod:`relay.core.scripts`)."""
         model = as_text(self.redis.hget(keys.job(job_id), "model"))
         chunk = error_chunk(job_id, message, type="server_error", code="worker_lost", model=model)
         error = dumps(loads(chunk)["error"])
         outcome = Recovery(
             self.scripts.recover(
-                keys=[*self._end_keys(job_id), keys.claimed(worker_id), keys.PENDING],
-                args=[job_id, self.retention, chunk, DONE, _now(), error],
+                keys=keys.end_keys(job_id),
+                args=[worker_id, self.retention, chunk, DONE, _now(), error],
             )
         )
+        requeue = "1" if outcome is Recovery.REQUEUED else "0"
+        released = self.scripts.release_claim(
+            keys=[keys.claimed(worker_id), keys.PENDING], args=[job_id, requeue]
+        )
+        if not released:
+            return Recovery.TAKEN  # another recovery took the claim (and re-queued it, if due)
         if outcome is Recovery.FAILED:
+            self._release_slot(job_id)
             metrics.job_finished(self.redis, JobStatus.FAILED)
         return outcome

@@ -1,8 +1,10 @@
 """Every Redis key and channel name chat-relay uses, in one place.
 
-Per-job keys carry the job id in a hash tag (``relay:{<id>}:...``) so that all of one job's
-keys live on the same Redis Cluster slot and a Lua script may touch them together. The queue
-and worker registry are global and do not name a job.
+Keys that one script or transaction touches together share a hash tag (``{...}``), so that
+they live on one Redis Cluster slot (DESIGN.md, invariant 5; a test checks every script and
+transaction): a job's keys carry its id, a conversation's its id, a caller's limits the
+caller, a worker's heartbeat and orders the worker; the queue, the worker registry and every
+claimed list share ``{queue}``. API keys and the metrics hash are only ever used alone.
 """
 
 from __future__ import annotations
@@ -40,11 +42,9 @@ def viewers(job_id: str) -> str:
     return f"{PREFIX}:{{{job_id}}}:viewers"
 
 
-def end_keys(job_id: str, caller: str) -> list[str]:
-    """The keys of the scripts that end a job: :func:`job_keys`, the viewer counter, and the
-    concurrency slots of the caller it counts against (``caller`` "" if none: the job's own
-    hash stands in, untouched)."""
-    return [*job_keys(job_id), viewers(job_id), active(caller) if caller else job(job_id)]
+def end_keys(job_id: str) -> list[str]:
+    """The keys of the scripts that end a job: :func:`job_keys` and the viewer counter."""
+    return [*job_keys(job_id), viewers(job_id)]
 
 
 def conversation(conversation_id: str) -> str:
@@ -63,11 +63,34 @@ def message(message_id: str) -> str:
     return f"{PREFIX}:{{{message_id}}}:message"
 
 
-PENDING = f"{PREFIX}:queue:pending"
+QUEUE_TAG = "{queue}"
+"""The hash tag of the queue, the worker registry and every worker's claimed list: one slot, so
+that ``BLMOVE`` can move a job id from the queue onto a claimed list atomically."""
+
+PENDING = f"{PREFIX}:{QUEUE_TAG}:pending"
 """List of job ids waiting for a worker (pushed left, claimed from the right)."""
 
+WORKERS = f"{PREFIX}:{QUEUE_TAG}:workers"
+"""Set of worker ids that may hold claimed jobs."""
+
+
+def claimed(worker_id: str) -> str:
+    """List: the jobs a worker has claimed and not yet finished."""
+    return f"{PREFIX}:{QUEUE_TAG}:worker:{worker_id}:claimed"
+
+
+def heartbeat(worker_id: str) -> str:
+    """String with a TTL: present while the worker is alive (its lease). Tagged per worker."""
+    return f"{PREFIX}:{{worker:{worker_id}}}:heartbeat"
+
+
+def control(worker_id: str) -> str:
+    """Sharded pub/sub channel: orders for one worker (``"cancel <job id>"``)."""
+    return f"{PREFIX}:{{worker:{worker_id}}}:control"
+
+
 API_KEYS = f"{PREFIX}:apikeys"
-"""Set of the SHA-256 digests of every API key (see :mod:`relay.apikeys`)."""
+"""Set of the SHA-256 digests of every API key (see :mod:`relay.core.apikeys`)."""
 
 
 def api_key(key_digest: str) -> str:
@@ -75,43 +98,28 @@ def api_key(key_digest: str) -> str:
     return f"{PREFIX}:apikey:{key_digest}"
 
 
+# A caller's limits share its hash tag: the scripts that check them touch one slot.
+
+
 def rate(caller: str) -> str:
-    """Sorted set: when each of a caller's requests in the last minute came (relay.limits)."""
-    return f"{PREFIX}:limit:{caller}:rate"
+    """Sorted set: when each of a caller's requests in the last minute came (relay.web.limits)."""
+    return f"{PREFIX}:{{{caller}}}:rate"
 
 
 def active(caller: str) -> str:
     """Sorted set: a caller's unfinished jobs, scored by when their slot lapses."""
-    return f"{PREFIX}:limit:{caller}:active"
+    return f"{PREFIX}:{{{caller}}}:active"
 
 
 def failures(caller: str) -> str:
     """Sorted set: when each of a caller's failed credential checks came (relay.web.guessing)."""
-    return f"{PREFIX}:limit:{caller}:failures"
+    return f"{PREFIX}:{{{caller}}}:failures"
 
 
 def blocked(caller: str) -> str:
     """String with a TTL: present while a caller is blocked for too many failed checks."""
-    return f"{PREFIX}:limit:{caller}:blocked"
+    return f"{PREFIX}:{{{caller}}}:blocked"
 
 
 METRICS = f"{PREFIX}:metrics"
-"""Hash of counters shared by every process (see :mod:`relay.metrics`)."""
-
-WORKERS = f"{PREFIX}:workers"
-"""Set of worker ids that may hold claimed jobs."""
-
-
-def claimed(worker_id: str) -> str:
-    """List: the jobs a worker has claimed and not yet finished."""
-    return f"{PREFIX}:worker:{worker_id}:claimed"
-
-
-def control(worker_id: str) -> str:
-    """Pub/sub channel: orders for one worker (``"cancel <job id>"``)."""
-    return f"{PREFIX}:worker:{worker_id}:control"
-
-
-def heartbeat(worker_id: str) -> str:
-    """String with a TTL: present while the worker is alive (its lease)."""
-    return f"{PREFIX}:worker:{worker_id}:heartbeat"
+"""Hash of counters shared by every process (see :mod:`relay.core.metrics`)."""

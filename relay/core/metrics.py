@@ -19,10 +19,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
-from redis import Redis
 
 from relay.core import keys, queue
-from relay.core.connections import as_text
+from relay.core.connections import Client, as_text
 from relay.core.status import TERMINAL
 
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -66,7 +65,7 @@ def observe_first_chunk(redis: Any, seconds: float) -> None:
 class RelayCollector(Collector):
     """Reads the shared counters and the queue's state at scrape time."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Client) -> None:
         self.redis = redis
 
     def collect(self) -> Iterator[Metric]:
@@ -130,7 +129,7 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
-def registry(redis: Redis) -> CollectorRegistry:
+def registry(redis: Client) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(RelayCollector(redis))
     return reg

@@ -10,51 +10,49 @@ transaction that stores them.)
 
 from __future__ import annotations
 
-from redis import Redis
-
 from relay.core import keys
-from relay.core.connections import as_text
+from relay.core.connections import Client, as_text
 
 
-def claim_next(redis: Redis, worker_id: str, timeout: int) -> str | None:
+def claim_next(redis: Client, worker_id: str, timeout: int) -> str | None:
     """Wait up to ``timeout`` seconds for a pending job and claim it; its id, or None."""
     job_id = redis.blmove(keys.PENDING, keys.claimed(worker_id), timeout, "RIGHT", "LEFT")
     return as_text(job_id) or None
 
 
-def acknowledge(redis: Redis, worker_id: str, job_id: str) -> None:
+def acknowledge(redis: Client, worker_id: str, job_id: str) -> None:
     """The job has ended (or was not ours to run): drop it from the worker's claimed list."""
     redis.lrem(keys.claimed(worker_id), 1, job_id)
 
 
-def claimed_jobs(redis: Redis, worker_id: str) -> list[str]:
+def claimed_jobs(redis: Client, worker_id: str) -> list[str]:
     return [as_text(j) for j in redis.lrange(keys.claimed(worker_id), 0, -1)]
 
 
-def pending_count(redis: Redis) -> int:
+def pending_count(redis: Client) -> int:
     return int(redis.llen(keys.PENDING))
 
 
-def register_worker(redis: Redis, worker_id: str, ttl_ms: int) -> None:
-    pipe = redis.pipeline(transaction=True)
-    pipe.sadd(keys.WORKERS, worker_id)
-    pipe.set(keys.heartbeat(worker_id), "1", px=ttl_ms)
-    pipe.execute()
+def register_worker(redis: Client, worker_id: str, ttl_ms: int) -> None:
+    """Renew the worker's lease (its heartbeat first: a registered worker without one would be
+    taken for dead; the other way round is harmless)."""
+    redis.set(keys.heartbeat(worker_id), "1", px=ttl_ms)
+    redis.sadd(keys.WORKERS, worker_id)
 
 
-def drop_heartbeat(redis: Redis, worker_id: str) -> None:
+def drop_heartbeat(redis: Client, worker_id: str) -> None:
     """Say at once that this worker is gone, so its leftover claims are recovered without delay."""
     redis.delete(keys.heartbeat(worker_id))
 
 
-def unregister_worker(redis: Redis, worker_id: str) -> None:
-    pipe = redis.pipeline(transaction=True)
-    pipe.srem(keys.WORKERS, worker_id)
-    pipe.delete(keys.heartbeat(worker_id), keys.claimed(worker_id))
-    pipe.execute()
+def unregister_worker(redis: Client, worker_id: str) -> None:
+    """Forget a worker whose claims are all gone (its keys live in two slots: one at a time)."""
+    redis.srem(keys.WORKERS, worker_id)
+    redis.delete(keys.claimed(worker_id))
+    redis.delete(keys.heartbeat(worker_id))
 
 
-def _workers_by_liveness(redis: Redis) -> list[tuple[str, bool]]:
+def _workers_by_liveness(redis: Client) -> list[tuple[str, bool]]:
     workers = [as_text(w) for w in redis.smembers(keys.WORKERS)]
     if not workers:
         return []
@@ -64,10 +62,10 @@ def _workers_by_liveness(redis: Redis) -> list[tuple[str, bool]]:
     return list(zip(workers, (bool(a) for a in pipe.execute()), strict=True))
 
 
-def dead_workers(redis: Redis) -> list[str]:
+def dead_workers(redis: Client) -> list[str]:
     """Registered workers whose heartbeat has lapsed."""
     return [w for w, alive in _workers_by_liveness(redis) if not alive]
 
 
-def live_workers(redis: Redis) -> list[str]:
+def live_workers(redis: Client) -> list[str]:
     return [w for w, alive in _workers_by_liveness(redis) if alive]

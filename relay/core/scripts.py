@@ -11,8 +11,7 @@ Keys are passed in the order of :func:`relay.keys.job_keys`: job, events, text, 
 
 from __future__ import annotations
 
-from redis import Redis
-
+from relay.core.connections import Client
 from relay.core.status import TERMINAL
 
 # Shared by every script that writes events: append to the log, publish "<id> <data>".
@@ -22,21 +21,17 @@ local function append_events(job, log, live, first, last_index)
   local n = 0
   for i = first, last_index do
     n = redis.call('RPUSH', log, ARGV[i])
-    redis.call('PUBLISH', live, n .. ' ' .. ARGV[i])
+    redis.call('SPUBLISH', live, n .. ' ' .. ARGV[i])
   end
   if n > 0 then redis.call('HSET', job, 'seq', n) end
   return n
 end
 
--- A job's end, with KEYS: job, events, text, live, viewers, its caller's slot set. Its keys
--- expire after the retention (the viewer counter too) and the concurrency slot it held, if
--- any, is freed in the same step: nothing of the job outlives its retention or its end.
-local function ended(ttl, job_id)
+-- A job's end, with KEYS: job, events, text, live, viewers: its keys expire after the
+-- retention, the viewer counter too (nothing of the job outlives its retention).
+local function ended(ttl)
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
   if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('EXPIRE', KEYS[5], ttl) end
-  if redis.call('HEXISTS', KEYS[1], 'limited_as') == 1 then
-    redis.call('ZREM', KEYS[6], job_id)
-  end
 end
 
 local function is_terminal(status)
@@ -62,9 +57,9 @@ return n
 """
 )
 
-# KEYS: job, events, text, live, viewers, the caller's slot set (relay.core.keys.end_keys).
-# ARGV: attempt ('' = any running attempt), status, retention, job id, number of events k, k
-# event data, then field/value pairs for the job hash.
+# KEYS: job, events, text, live, viewers (relay.core.keys.end_keys). ARGV: attempt ('' = any
+# running attempt), status, retention, number of events k, k event data, then field/value
+# pairs for the job hash.
 # Returns 1 if this call ended the job, 0 if it had already ended or was taken over.
 FINISH = (
     _APPEND
@@ -72,11 +67,11 @@ FINISH = (
 local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if st[1] == false or is_terminal(st[1]) then return 0 end
 if ARGV[1] ~= '' and st[2] ~= ARGV[1] then return 0 end
-local k = tonumber(ARGV[5])
-append_events(KEYS[1], KEYS[2], KEYS[4], 6, 5 + k)
+local k = tonumber(ARGV[4])
+append_events(KEYS[1], KEYS[2], KEYS[4], 5, 4 + k)
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
-for i = 6 + k, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-ended(ARGV[3], ARGV[4])
+for i = 5 + k, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+ended(ARGV[3])
 return 1
 """
 )
@@ -109,41 +104,56 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at'
 return attempt
 """
 
-# A dead worker's claimed job. KEYS: job, events, text, live, viewers, the caller's slot set,
-# claimed list, pending list. ARGV: job id, retention, error event, done event, finished_at,
-# error object JSON.
-# Returns 0 (another janitor got there first), 1 (nothing to do), 2 (re-queued: nothing had been
-# published, so it can run again from the start), 3 (failed with an error event and [DONE]).
+# Recovering a job claimed by a dead or stopping worker takes two steps, each in one slot:
+# RECOVER (the job's slot) decides and acts on the job, then RELEASE_CLAIM (the queue's slot)
+# takes it off the worker's claimed list and, if it was re-queued, puts it back on the queue.
+# After a crash between the two, the next try finds the job already handled by RECOVER and
+# finishes with RELEASE_CLAIM. The job's ``worker`` field fences both: once another worker has
+# claimed the job, a late recovery for the old one changes nothing.
+#
+# RECOVER. KEYS: job, events, text, live, viewers. ARGV: the claimed-by worker id, retention,
+# error event, done event, finished_at, error object JSON. Returns 0 (claimed by another worker
+# since: nothing to do), 1 (it had ended), 2 (re-queue it: nothing had been published, so it can
+# run again from the start), 3 (failed now, with an error event and [DONE]).
 RECOVER = (
     _APPEND
     + """
-if redis.call('LREM', KEYS[7], 1, ARGV[1]) == 0 then return 0 end
-local st = redis.call('HMGET', KEYS[1], 'status', 'seq')
-if st[1] == false or is_terminal(st[1]) then return 1 end
+local st = redis.call('HMGET', KEYS[1], 'status', 'seq', 'worker')
+if st[1] == false then return 1 end
+if st[3] ~= ARGV[1] then return 0 end
+if is_terminal(st[1]) then return 1 end
+if st[1] == 'queued' then return 2 end
+-- Bumping the attempt fences the old worker off in case it was only paused, not dead.
+redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 if tonumber(st[2] or '0') == 0 then
-  -- Bumping the attempt fences the old worker off in case it was only paused, not dead.
-  redis.call('HINCRBY', KEYS[1], 'attempt', 1)
   redis.call('HSET', KEYS[1], 'status', 'queued')
-  redis.call('HDEL', KEYS[1], 'worker', 'started_at')
-  redis.call('RPUSH', KEYS[8], ARGV[1])
+  redis.call('HDEL', KEYS[1], 'started_at')
   return 2
 end
-redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 append_events(KEYS[1], KEYS[2], KEYS[4], 3, 4)
 redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[5], 'error', ARGV[6])
-ended(ARGV[2], ARGV[1])
+ended(ARGV[2])
 return 3
 """
 )
+
+# RELEASE_CLAIM. KEYS: the worker's claimed list, the pending list. ARGV: job id, "1" to put it
+# back on the queue. Returns 1 if this call took the claim, 0 if another recovery had.
+RELEASE_CLAIM = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[2] == '1' then redis.call('RPUSH', KEYS[2], ARGV[1]) end
+return 1
+"""
 
 
 class Scripts:
     """The scripts registered on one client (``EVALSHA`` with a transparent ``EVAL`` fallback)."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Client) -> None:
         self.create = redis.register_script(CREATE)
         self.publish = redis.register_script(PUBLISH)
         self.finish = redis.register_script(FINISH)
         self.claim = redis.register_script(CLAIM)
         self.viewers = redis.register_script(VIEWERS)
         self.recover = redis.register_script(RECOVER)
+        self.release_claim = redis.register_script(RELEASE_CLAIM)

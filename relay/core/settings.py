@@ -45,8 +45,10 @@ class Settings:
     """Every setting, with its default; see the README's configuration table for each."""
 
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_url(*REDIS_SCHEMES))
-    # Per process. Viewers borrow a connection only to read the replay log; live events come
-    # over the one shared subscription, so a few connections serve thousands of viewers.
+    # RELAY_REDIS_URL names any one node of a Redis Cluster (7.0+), which holds everything.
+    redis_cluster: bool = False
+    # Per process (per cluster node). Viewers borrow a connection only to read the replay log;
+    # live events come over the one shared subscription, so a few serve thousands of viewers.
     redis_max_connections: int = field(default=16, metadata=_range(1))
     upstream_base_url: str = field(
         default="https://api.openai.com/v1", metadata=_url(*HTTP_SCHEMES)

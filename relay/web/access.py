@@ -17,10 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from redis import Redis
-
 from relay.core import apikeys, keys
-from relay.core.connections import as_text
+from relay.core.connections import Client, as_text
 
 _FIELDS = ("owner", "read_token", "cancel_token")
 
@@ -59,7 +57,7 @@ NOBODY = Access.new()
 """Tokens no job has: what a token for a missing job is compared with (the same work)."""
 
 
-def load(redis: Redis, job_id: str) -> Access | None:
+def load(redis: Client, job_id: str) -> Access | None:
     """The job's access record, or None if there is no such job."""
     values = [as_text(v) for v in redis.hmget(keys.job(job_id), *_FIELDS)]
     if not values[1]:  # no job (or one made before tokens existed: nobody may see it)
@@ -67,7 +65,7 @@ def load(redis: Redis, job_id: str) -> Access | None:
     return Access(*(v or "" for v in values))
 
 
-def caller_key_id(redis: Redis, authorization: str | None) -> str | None:
+def caller_key_id(redis: Client, authorization: str | None) -> str | None:
     """The id of a valid (unrevoked) API key in an ``Authorization`` header, else None."""
     if not authorization:
         return None

@@ -153,7 +153,7 @@ def _by_creating_key(grant: Access) -> bool:
 def job_events(job_id: str):
     after = _last_event_id()
     _granted(job_id)
-    written, ended = state().store.progress(job_id)
+    written, ended, _ = state().store.progress(job_id)
     if after >= written and ended:
         # Nothing will follow: say so at once (a viewer resuming after the end used to get
         # keep-alives until the job expired).

@@ -63,7 +63,7 @@ def key_mode_at_start(settings: Settings) -> tuple[bool, str]:
     open relay, or one that refuses everything, says so at start and not only at its first
     request.
     """
-    redis = connect(settings.redis_url, max_connections=2)
+    redis = connect(settings.redis_url, max_connections=2, cluster=settings.redis_cluster)
     try:
         apikeys.seed(redis, settings.api_keys)
         if apikeys.configured(redis):

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from relay.core import keys
 from relay.core.backoff import Backoff
 from relay.core.chunks import DONE_BYTES, decode_live
+from relay.core.connections import Client, Router
 from relay.web.sse import format_event
 from relay.web.subscription import Subscription
 
@@ -174,27 +175,33 @@ class Viewer:
 
 
 class Hub:
-    """The process's subscription and the viewers it serves, keyed by live channel."""
+    """The process's subscriptions and the viewers it serves, keyed by live channel.
+
+    Job events are published on sharded channels (``SPUBLISH``), which a Redis Cluster sends
+    only through the node that owns the channel's slot: the hub holds one subscription per node
+    it needs (:class:`_Link`), never one per viewer or per job. One Redis is one such node.
+    """
 
     def __init__(
-        self, redis: Redis, *, queue_size: int, subscribe_timeout: float = SUBSCRIBE_TIMEOUT
+        self, redis: Client, *, queue_size: int, subscribe_timeout: float = SUBSCRIBE_TIMEOUT
     ) -> None:
-        self._redis = redis
+        self._router = Router(redis)
         self._queue_size = queue_size
         self._subscribe_timeout = subscribe_timeout
         self._viewers: dict[bytes, set[Viewer]] = {}
         self._ready: dict[bytes, Event] = {}
-        self._unacked: dict[bytes, int] = {}
-        self._resync: set[bytes] = set()
-        self._pubsub: Subscription | None = None
-        self._broken = False
-        self._runner: gevent.Greenlet | None = None
-        self._connected_before = False  # a (re)connect after the first may have missed events
+        self._links: dict[str, _Link] = {}
+        self._link_of: dict[bytes, _Link] = {}
         self.closing = False
 
     @property
     def viewer_count(self) -> int:
         return sum(len(v) for v in self._viewers.values())
+
+    @property
+    def connections(self) -> int:
+        """Subscription connections this process holds (one per node with its viewers)."""
+        return sum(1 for link in self._links.values() if link.pubsub is not None)
 
     def attach(self, job_id: str, *, closable: bool = True) -> Viewer:
         """Register a viewer and return once its channel's subscription is confirmed.
@@ -204,7 +211,6 @@ class Hub:
         ``closable`` viewers are ended by :meth:`close_streams` (a stream can be resumed; a
         non-streamed answer cannot).
         """
-        self._start()
         viewer = Viewer(job_id, self._queue_size, closable)
         if closable and self.closing:
             viewer.closed = True
@@ -213,7 +219,7 @@ class Hub:
         if viewers is None:
             self._viewers[channel] = {viewer}
             ready = self._ready[channel] = Event()
-            self._send("subscribe", channel)
+            self._route(channel).add(channel)
         else:
             viewers.add(viewer)
             ready = self._ready[channel]
@@ -232,8 +238,9 @@ class Hub:
         if not viewers:
             del self._viewers[viewer.channel]
             self._ready.pop(viewer.channel, None)
-            self._resync.discard(viewer.channel)
-            self._send("unsubscribe", viewer.channel)
+            link = self._link_of.pop(viewer.channel, None)
+            if link is not None:
+                link.remove(viewer.channel)
 
     def close_streams(self) -> int:
         """End every closable viewer's stream (the process is shutting down); how many."""
@@ -246,63 +253,147 @@ class Hub:
                     closed += 1
         return closed
 
-    # -- the dispatcher -------------------------------------------------------------------------
+    # -- routing channels to nodes ---------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _route(self, channel: bytes) -> _Link:
+        """The link of the node that owns ``channel``'s slot now (started if new)."""
+        name = self._router.node(channel)
+        link = self._links.get(name)
+        if link is None:
+            link = self._links[name] = _Link(self, name)
+        link.start()
+        self._link_of[channel] = link
+        return link
+
+    def reroute(self, channels: set[bytes]) -> None:
+        """Learn the slots' owners again and move ``channels`` whose node changed (a failover,
+        a migrated slot, a MOVED reply); their viewers re-read the log, which may hold events
+        that no subscription delivered meanwhile."""
+        try:
+            self._router.refresh()
+        except Exception as exc:  # noqa: BLE001 - the cluster is mid-failover: try again later
+            logger.warning("could not refresh the cluster's slots: %s", exc)
+            return
+        for channel in channels:
+            old = self._link_of.get(channel)
+            if channel not in self._viewers or old is None:
+                continue
+            if self._router.node(channel) != old.name:
+                old.remove(channel)
+                self._route(channel).add(channel, resync=True)
+                logger.info("live channel %s moved to node %s", channel, self._router.node(channel))
+
+    def ready(self, channel: bytes) -> None:
+        """The channel's subscription is confirmed: its waiting viewers may read the log."""
+        event = self._ready.get(channel)
+        if event is not None:
+            event.set()
+
+    def unready(self, channel: bytes) -> None:
+        """New viewers of ``channel`` must wait for its next confirmed subscription."""
+        if channel in self._viewers and self._ready.get(channel, Event()).is_set():
+            self._ready[channel] = Event()
+
+    def resync(self, channel: bytes) -> None:
+        for viewer in self._viewers.get(channel, ()):
+            viewer.resync()
+
+    def deliver(self, channel: bytes, message: bytes) -> None:
+        viewers = self._viewers.get(channel)
+        if not viewers:
+            return
+        seq, data = decode_live(message)
+        frame = format_event(data, id=seq)
+        event = LiveEvent(seq, data, frame, data == DONE_BYTES, http_chunk(frame))
+        for viewer in viewers:
+            viewer.offer(event)
+
+    def node_client(self, name: str) -> Redis:
+        return self._router.node_client(name)
+
+
+class _Link:
+    """One node's sharded subscription, the channels routed to it, and the greenlet that reads
+    it: the dispatcher, which formats each event once and offers it to every viewer."""
+
+    def __init__(self, hub: Hub, name: str) -> None:
+        self.hub = hub
+        self.name = name  # the node's name ("" for one Redis)
+        self.channels: set[bytes] = set()
+        self.pubsub: Subscription | None = None
+        self.broken = False
+        self.unacked: dict[bytes, int] = {}
+        self.pending_resync: set[bytes] = set()
+        self.connected_before = False  # a (re)connect after the first may have missed events
+        self.runner: gevent.Greenlet | None = None
+
+    def start(self) -> None:
         # Lazily, in the process that serves viewers: gunicorn forks after the app is made.
-        if self._runner is None or self._runner.dead:
-            self._runner = gevent.spawn(self._run)
+        if self.runner is None or self.runner.dead:
+            self.runner = gevent.spawn(self._run)
+
+    def add(self, channel: bytes, *, resync: bool = False) -> None:
+        self.channels.add(channel)
+        if resync:
+            self.pending_resync.add(channel)
+        self._send("SSUBSCRIBE", channel)
+
+    def remove(self, channel: bytes) -> None:
+        self.channels.discard(channel)
+        self.pending_resync.discard(channel)
+        self._send("SUNSUBSCRIBE", channel)
 
     def _send(self, command: str, channel: bytes) -> None:
-        pubsub = self._pubsub
+        pubsub = self.pubsub
         if pubsub is None:
-            return  # the dispatcher subscribes every known channel when it (re)connects
+            return  # the dispatcher subscribes every channel of the link when it (re)connects
         try:
-            if command == "subscribe":
-                self._unacked[channel] = self._unacked.get(channel, 0) + 1
-                pubsub.subscribe(channel)
-            else:
-                pubsub.unsubscribe(channel)
+            if command == "SSUBSCRIBE":
+                self.unacked[channel] = self.unacked.get(channel, 0) + 1
+            pubsub.send(command, channel)
         except (RedisError, OSError) as exc:
             logger.warning("pub/sub %s failed for %s: %s", command, channel, exc)
-            self._broken = True
+            self.broken = True
 
     def _connect(self) -> None:
-        pubsub = Subscription(self._redis)  # connected before other greenlets can see it
-        self._pubsub, self._broken, self._unacked = pubsub, False, {}
-        # Read after connecting (no switch from here on): viewers that attached meanwhile
-        # found no connection and rely on this to subscribe them.
-        channels = list(self._viewers)
-        reconnect, self._connected_before = self._connected_before, True
-        if channels:
+        pubsub = Subscription(self.hub.node_client(self.name))  # before others can see it
+        self.pubsub, self.broken, self.unacked = pubsub, False, {}
+        # Read after connecting (no switch from here on): channels added meanwhile found no
+        # connection and rely on this to subscribe them.
+        channels = list(self.channels)
+        reconnect, self.connected_before = self.connected_before, True
+        if reconnect:
             # After a reconnect, viewers already streaming may have missed events while it was
             # down. At the first connect nobody has streamed yet: their log read is after it.
-            self._resync = set(channels) if reconnect else set()
-            for channel in channels:
-                self._unacked[channel] = 1
-            self._pubsub.subscribe(*channels)
+            self.pending_resync |= set(channels)
+        for channel in channels:
+            self.unacked[channel] = 1
+        if channels:
+            pubsub.send_each("SSUBSCRIBE", channels)
             if reconnect:
                 logger.info("pub/sub reconnected; re-subscribed %d channels", len(channels))
 
     def _reset(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
+        pubsub, self.pubsub = self.pubsub, None
         if pubsub is not None:
             try:
                 pubsub.close()
             except Exception:  # noqa: BLE001 - the connection is already broken
                 pass
-        # New viewers must wait for the next confirmed subscription.
-        self._ready = {channel: Event() for channel in self._viewers}
+        for channel in self.channels:
+            self.hub.unready(channel)
 
     def _run(self) -> None:
         backoff = Backoff()
-        while True:
+        while self.channels or self.pubsub is not None:
             try:
-                if self._pubsub is None:
+                if self.pubsub is None:
                     self._connect()
-                if self._broken:
+                if self.broken:
                     raise ConnectionError("a pub/sub command failed")
-                for reply in self._pubsub.read(timeout=READ_WAIT):  # type: ignore[union-attr]
+                if not self.channels and not self.unacked:
+                    break  # every channel moved away or ended: this node is not needed
+                for reply in self.pubsub.read(timeout=READ_WAIT):  # type: ignore[union-attr]
                     try:
                         self._dispatch(reply)
                     except Exception:  # one bad message must not drop the rest of the read
@@ -310,36 +401,40 @@ class Hub:
                 backoff.reset()
             except (RedisError, OSError) as exc:
                 delay = backoff.next()
-                logger.warning("pub/sub connection lost (%s); retrying in %.1fs", exc, delay)
+                logger.warning(
+                    "pub/sub connection %s lost (%s); retrying in %.1fs", self.name, exc, delay
+                )
                 self._reset()
+                self.hub.reroute(set(self.channels))  # a node that failed over is another now
                 gevent.sleep(delay)
             except Exception:
                 logger.exception("fan-out dispatcher error")
                 gevent.sleep(ERROR_PAUSE)
+        self._reset()
 
-    def _dispatch(self, reply: list | bytes) -> None:
+    def _dispatch(self, reply: list | bytes | Exception) -> None:
+        if isinstance(reply, Exception):
+            # A MOVED answer to a subscription: the slot has another owner now.
+            logger.info("pub/sub on %s: %s; re-routing its channels", self.name, reply)
+            self.hub.reroute(set(self.channels))
+            return
         if not isinstance(reply, list) or len(reply) < 3:
             return  # a PONG
         kind, channel = reply[0], reply[1]
-        if kind == b"message":
-            viewers = self._viewers.get(channel)
-            if not viewers:
-                return
-            seq, data = decode_live(reply[2])
-            frame = format_event(data, id=seq)
-            event = LiveEvent(seq, data, frame, data == DONE_BYTES, http_chunk(frame))
-            for viewer in viewers:
-                viewer.offer(event)
-        elif kind == b"subscribe":
-            left = self._unacked.get(channel, 1) - 1
+        if kind == b"smessage":
+            if channel in self.channels:
+                self.hub.deliver(channel, reply[2])
+        elif kind == b"ssubscribe":
+            left = self.unacked.get(channel, 1) - 1
             if left > 0:
-                self._unacked[channel] = left
+                self.unacked[channel] = left
                 return
-            self._unacked.pop(channel, None)
-            if channel in self._resync:
-                self._resync.discard(channel)
-                for viewer in self._viewers.get(channel, ()):
-                    viewer.resync()
-            ready = self._ready.get(channel)
-            if ready is not None:
-                ready.set()
+            self.unacked.pop(channel, None)
+            if channel in self.pending_resync:
+                self.pending_resync.discard(channel)
+                self.hub.resync(channel)
+            if channel in self.channels:
+                self.hub.ready(channel)
+        elif kind == b"sunsubscribe" and channel in self.channels and channel not in self.unacked:
+            # Not asked for: the server dropped it (its slot moved to another node).
+            self.hub.reroute({channel})

@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 import secrets
 
-from redis import Redis
-
 from relay.core import keys
+from relay.core.connections import Client
 
 # A sliding log: one member per admitted request in the last window. KEYS: the caller's log.
 # ARGV: limit, window (ms), a unique member. Returns 0 if admitted, else milliseconds until the
@@ -67,7 +66,7 @@ WINDOW_SECONDS = 60
 class Throttle:
     """The limit scripts registered on one client."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Client) -> None:
         self.redis = redis
         self._rate = redis.register_script(_RATE)
         self._acquire = redis.register_script(_ACQUIRE)

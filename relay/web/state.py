@@ -10,9 +10,8 @@ from collections import Counter
 from functools import cached_property
 
 from flask import current_app
-from redis import Redis
 
-from relay.core.connections import connect
+from relay.core.connections import Client, connect
 from relay.core.conversations import Conversations
 from relay.core.jobs import JobStore
 from relay.core.settings import Settings
@@ -30,8 +29,13 @@ class RelayState:
         self.open_streams: Counter[str] = Counter()
 
     @cached_property
-    def redis(self) -> Redis:
-        return connect(self.settings.redis_url, max_connections=self.settings.redis_max_connections)
+    def redis(self) -> Client:
+        settings = self.settings
+        return connect(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            cluster=settings.redis_cluster,
+        )
 
     @cached_property
     def store(self) -> JobStore:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
+import gevent
 from gevent.queue import Empty
+from redis.exceptions import RedisError
 
+from relay.core.backoff import Backoff
 from relay.core.chunks import DONE_BYTES, error_chunk
 from relay.core.jobs import JobStore
 from relay.web.fanout import RESYNC, Hub, LiveEvent, Viewer
 from relay.web.sse import format_comment, format_event
+
+OUTAGE_SECONDS = 30.0  # Redis unreachable this long (a failover takes seconds): end the stream
+LOST = "The job no longer exists on the relay (its data was lost); its reply is incomplete."
+UNAVAILABLE = "The relay lost its store while streaming this reply; its reply is incomplete."
+REWOUND = (
+    "The relay's store lost the last part of this reply (a failover to a replica that had not "
+    "received it); the reply is incomplete."
+)
 
 
 def follow(
@@ -27,18 +39,18 @@ def follow(
     dispatcher whenever it has caught up, and takes it back when woken; this requires a
     renderer that writes each event as its ``frame`` in exactly one write, as :func:`sse_bytes`
     does, so that being resumed after a ``yield`` means the bytes are on the socket.
+
+    Redis going away for a moment (a restart, a cluster failover) is waited out for up to
+    ``OUTAGE_SECONDS``; whatever happens, the stream ends with ``[DONE]``, and its ids never
+    repeat or skip.
     """
     last = after
     event: LiveEvent | None
 
-    def lost() -> Iterator[LiveEvent]:
-        # The job vanished under its viewer (Redis restarted without persistence, or the job
-        # expired): end the stream with an error instead of keep-alives for ever.
-        data = error_chunk(
-            viewer.job_id,
-            "The job no longer exists on the relay (its data was lost); its reply is incomplete.",
-            code="job_lost",
-        ).encode()
+    def ending(code: str, message: str) -> Iterator[LiveEvent]:
+        # An error the log cannot hold (the job is gone, or Redis is): end the stream anyway,
+        # right after the last id this viewer has, instead of keep-alives for ever.
+        data = error_chunk(viewer.job_id, message, code=code).encode()
         yield LiveEvent(last + 1, data, format_event(data, id=last + 1), False)
         yield LiveEvent(last + 2, DONE_BYTES, format_event(DONE_BYTES, id=last + 2), True)
 
@@ -48,8 +60,30 @@ def follow(
             last = seq
             yield LiveEvent(seq, data, format_event(data, id=seq), data == DONE_BYTES)
 
+    def patiently(read: Callable[[], Iterator[LiveEvent]]) -> Iterator[LiveEvent]:
+        """``read()``, read again from the last id delivered while Redis is unreachable."""
+        backoff, gave_up_at = Backoff(), time.monotonic() + OUTAGE_SECONDS
+        while True:
+            try:
+                yield from read()
+                return
+            except RedisError:
+                if time.monotonic() > gave_up_at:
+                    yield from ending("relay_unavailable", UNAVAILABLE)
+                    return
+                gevent.sleep(backoff.next())
+
+    def check() -> Iterator[LiveEvent]:
+        """Idle: make sure the job is still there, and its log not behind what this viewer has
+        seen (a cluster replica promoted before it had every write); else end the stream."""
+        written, _, exists = store.progress(viewer.job_id)
+        if not exists:
+            yield from ending("job_lost", LOST)
+        elif written < last:
+            yield from ending("log_rewound", REWOUND)
+
     try:
-        for backlog in from_log():
+        for backlog in patiently(from_log):
             yield backlog
             if backlog.done:
                 return
@@ -71,18 +105,22 @@ def follow(
                 if direct and progressed:
                     continue  # events flowed directly: the client is there, the job alive
                 yield None
-                if not store.exists(viewer.job_id):
-                    yield from lost()
-                    return
+                for ended in patiently(check):
+                    yield ended
+                    if ended.done:
+                        return
                 event = RESYNC  # re-check the log in case pub/sub missed an event
             if event is RESYNC or viewer.stale or event.seq > last + 1:
                 viewer.stale = False  # before reading: anything newer lands in the mailbox
-                for logged in from_log():
+                for logged in patiently(from_log):
                     yield logged
                     if logged.done:
                         return
                 continue
             if event.seq <= last:
+                if event.done:  # the job ended at an id this viewer has passed: rewound
+                    yield from ending("log_rewound", REWOUND)
+                    return
                 continue
             last = event.seq
             yield event

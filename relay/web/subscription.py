@@ -1,4 +1,4 @@
-"""The process's pub/sub connection, read in bulk: every message already received, per wake-up.
+"""A pub/sub connection read in bulk: every message already received, per wake-up.
 
 redis-py's ``PubSub.get_message`` parses one message per call through its retry, health-check
 and push-notification layers, which a busy process cannot afford (tests/bench/RESULTS.md, "Why
@@ -19,19 +19,21 @@ from relay.core.connections import HEALTH_CHECK_SECONDS, RawConnection
 
 
 class Subscription:
-    """One dedicated pub/sub connection: commands go out packed, replies come back as hiredis
-    lists such as ``[b"message", channel, data]`` or ``[b"subscribe", channel, n]``."""
+    """One dedicated connection for sharded pub/sub: commands go out packed, replies come back as
+    hiredis lists such as ``[b"smessage", channel, data]`` or ``[b"ssubscribe", channel, n]``."""
 
     def __init__(self, redis: Redis, health_check_interval: float = HEALTH_CHECK_SECONDS) -> None:
         self._conn = RawConnection(redis)
         self._health_check_interval = health_check_interval
         self._last_heard = time.monotonic()
 
-    def subscribe(self, *channels: bytes) -> None:
-        self._conn.send([("SUBSCRIBE", *channels)])
+    def send(self, command: str, *channels: bytes) -> None:
+        """One ``SSUBSCRIBE``/``SUNSUBSCRIBE`` (a cluster takes channels of one slot at once)."""
+        self._conn.send([(command, *channels)])
 
-    def unsubscribe(self, *channels: bytes) -> None:
-        self._conn.send([("UNSUBSCRIBE", *channels)])
+    def send_each(self, command: str, channels: list[bytes]) -> None:
+        """``command`` for each channel, in one write."""
+        self._conn.send([(command, channel) for channel in channels])
 
     def ping(self) -> None:
         self._conn.send([("PING",)])
@@ -39,8 +41,8 @@ class Subscription:
     def read(self, timeout: float) -> list[Any]:
         """Every reply received so far, waiting up to ``timeout`` s for the first; [] if none.
 
-        Raises ``redis.ConnectionError`` when the connection is lost; an error reply (which a
-        healthy subscription never gets) raises ``ResponseError``.
+        An error reply (``MOVED`` when a channel's slot is served elsewhere) comes back as a
+        ``ResponseError`` value. Raises ``redis.ConnectionError`` when the connection is lost.
         """
         replies = self._parsed()
         if replies:
@@ -52,11 +54,10 @@ class Subscription:
         return self._parsed()
 
     def _parsed(self) -> list[Any]:
-        replies = self._conn.parsed()
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise ResponseError(str(reply))
-        return replies
+        return [
+            ResponseError(str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
+            for reply in self._conn.parsed()
+        ]
 
     def _check_health(self) -> None:
         """PING after a quiet spell, so that a dead connection shows up as a failed send."""

@@ -20,11 +20,7 @@ def test_every_job_key_is_pinned_and_carries_the_job_id_as_a_hash_tag():
         "relay:{job_abc}:text",
         "relay:{job_abc}:live",
     ]
-    assert keys.end_keys("job_abc", "key:k1")[4:] == [
-        "relay:{job_abc}:viewers",
-        "relay:limit:key:k1:active",
-    ]
-    assert keys.end_keys("job_abc", "")[5] == "relay:{job_abc}:job"  # no slot: a stand-in
+    assert keys.end_keys("job_abc") == [*keys.job_keys("job_abc"), "relay:{job_abc}:viewers"]
 
 
 def test_conversation_keys_are_pinned_and_carry_their_id_as_a_hash_tag():
@@ -33,20 +29,21 @@ def test_conversation_keys_are_pinned_and_carry_their_id_as_a_hash_tag():
 
 
 def test_queue_and_worker_keys_are_pinned():
-    assert keys.PENDING == "relay:queue:pending"
-    assert keys.WORKERS == "relay:workers"
-    assert keys.claimed("w1") == "relay:worker:w1:claimed"
-    assert keys.heartbeat("w1") == "relay:worker:w1:heartbeat"
-    assert keys.control("w1") == "relay:worker:w1:control"
+    assert keys.QUEUE_TAG == "{queue}"
+    assert keys.PENDING == "relay:{queue}:pending"
+    assert keys.WORKERS == "relay:{queue}:workers"
+    assert keys.claimed("w1") == "relay:{queue}:worker:w1:claimed"  # BLMOVE: the queue's slot
+    assert keys.heartbeat("w1") == "relay:{worker:w1}:heartbeat"
+    assert keys.control("w1") == "relay:{worker:w1}:control"
 
 
 def test_api_key_limit_and_metric_keys_are_pinned():
     assert keys.API_KEYS == "relay:apikeys"
     assert keys.api_key("ab12") == "relay:apikey:ab12"
-    assert keys.rate("key:ab12") == "relay:limit:key:ab12:rate"
-    assert keys.active("key:ab12") == "relay:limit:key:ab12:active"
-    assert keys.failures("addr:10.0.0.1") == "relay:limit:addr:10.0.0.1:failures"
-    assert keys.blocked("addr:10.0.0.1") == "relay:limit:addr:10.0.0.1:blocked"
+    assert keys.rate("key:ab12") == "relay:{key:ab12}:rate"
+    assert keys.active("key:ab12") == "relay:{key:ab12}:active"
+    assert keys.failures("addr:10.0.0.1") == "relay:{addr:10.0.0.1}:failures"
+    assert keys.blocked("addr:10.0.0.1") == "relay:{addr:10.0.0.1}:blocked"
     assert keys.METRICS == "relay:metrics"
 
 

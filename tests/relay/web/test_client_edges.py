@@ -15,7 +15,7 @@ from relay.core import keys
 from relay.core.connections import connect
 from relay.core.jobs import JobStore
 from relay.core.settings import Settings
-from relay.core.status import JobStatus
+from relay.core.status import Recovery
 from relay.web.access import Access
 from relay.web.app import create_app
 from relay.web.fanout import Viewer
@@ -83,25 +83,32 @@ def test_a_viewer_is_not_left_registered_when_redis_fails_as_it_attaches(redis_u
     assert not hub.viewers  # it was attached, then let go
 
 
-def test_a_jobs_concurrency_slot_is_freed_by_the_script_that_ends_it():
-    """Freed in the same step as the end: a process that stopped between the two (as the
-    previous code allowed) left the caller a slot short until the job's maximum age."""
+def test_an_ended_job_never_holds_a_concurrency_slot():
+    """The slot is freed before the end is written (in a cluster the two are in different
+    slots, so they cannot be one step): a process that stops between the two leaves the caller
+    a slot to spare, never a job short until the job's maximum age, as before."""
     redis = fakeredis.FakeRedis()
     store = JobStore(redis, retention=60, max_age=86400)
-    for end in ("finish", "recover"):
-        job_id = store.create(REQUEST, limited_as="key:k1")
-        assert Throttle(redis).acquire("key:k1", job_id, 5, 86400)
-        attempt = store.claim(job_id, "w1")
-        redis.rpush(keys.claimed("w1"), job_id)
-        if end == "finish":
-            store.scripts.finish(  # the script alone, as a worker that dies right after it
-                keys=keys.end_keys(job_id, "key:k1"),
-                args=[attempt, JobStatus.FAILED, 60, job_id, 0],
-            )
-        else:
-            redis.hset(keys.job(job_id), "seq", 1)  # started: it is failed, not re-queued
-            store.recover(job_id, "w1", "lost")
-        assert redis.zcard(keys.active("key:k1")) == 0, end
+    job_id = store.create(REQUEST, limited_as="key:k1")
+    assert Throttle(redis).acquire("key:k1", job_id, 5, 86400)
+    attempt = store.claim(job_id, "w1")
+
+    def dies(*args, **kwargs):
+        raise RedisConnectionError("the process stopped here")
+
+    finish, store.scripts.finish = store.scripts.finish, dies  # type: ignore[method-assign]
+    with pytest.raises(RedisConnectionError):
+        store.fail(job_id, attempt, "x")
+    assert redis.zcard(keys.active("key:k1")) == 0
+    store.scripts.finish = finish  # type: ignore[method-assign]
+    # A dead worker's started job, failed by a janitor, frees its slot too.
+    job_id = store.create(REQUEST, limited_as="key:k1")
+    assert Throttle(redis).acquire("key:k1", job_id, 5, 86400)
+    store.claim(job_id, "w2")
+    redis.rpush(keys.claimed("w2"), job_id)
+    redis.hset(keys.job(job_id), "seq", 1)  # started: it is failed, not re-queued
+    assert store.recover(job_id, "w2", "lost") is Recovery.FAILED
+    assert redis.zcard(keys.active("key:k1")) == 0
 
 
 @pytest.mark.integration

@@ -83,7 +83,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_keeps_what_it_has(stack):
     full = requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5)
     assert full.status_code == 503 and full.headers["Retry-After"] == "7"
     assert full.json()["error"]["code"] == "queue_full"
-    assert stack.redis().llen("relay:queue:pending") == 3
+    assert stack.redis().llen("relay:{queue}:pending") == 3
     stack.start_worker()  # the queue drains, every stored job completes, and new ones are taken
     for job in jobs:
         assert read_stream(job.json()["events_url"])[0].done
