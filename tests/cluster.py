@@ -46,6 +46,7 @@ class Node:
     port: int
     proc: subprocess.Popen
     log: Path
+    argv: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -62,6 +63,13 @@ class Node:
             self.proc.kill()
             self.proc.wait(10)
 
+    def restart(self) -> None:
+        """Start a killed node again: its nodes.conf makes it rejoin (as a replica, if it was
+        failed over)."""
+        if not self.alive():
+            self.proc = _spawn(self.argv)
+            _wait_ping(self)
+
 
 @dataclass
 class Cluster:
@@ -69,8 +77,8 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        """A seed: any one node."""
-        return f"redis://{self.nodes[0].address}/0"
+        """A seed: any one node that runs."""
+        return f"redis://{next(n for n in self.nodes if n.alive()).address}/0"
 
     def client(self) -> RedisCluster:
         alive = next(n for n in self.nodes if n.alive())
@@ -91,7 +99,8 @@ class Cluster:
     def master_of(self, key: str) -> Node:
         """The node serving ``key``'s slot now."""
         slot = self.client().keyslot(key)
-        for start, end, primary, *_ in self.client().execute_command("CLUSTER SLOTS"):
+        alive = next(n for n in self.nodes if n.alive())
+        for start, end, primary, *_ in alive.client().execute_command("CLUSTER SLOTS"):
             if start <= slot <= end:
                 return next(n for n in self.nodes if n.port == int(primary[1]))
         raise LookupError(f"no master serves slot {slot} of {key}")
@@ -104,15 +113,21 @@ class Cluster:
         for node in self.nodes:
             node.kill()
 
-    def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Until every node that runs says the cluster is ok and all slots are served."""
+    def wait_healthy(self, timeout: float = 30.0, replicated: bool = False) -> None:
+        """Until every node that runs says the cluster is ok and all slots are served; with
+        ``replicated``, also until every replica that runs has synced with its master (one that
+        never has cannot take over)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                states = [
-                    n.client().cluster("info")["cluster_state"] for n in self.nodes if n.alive()
-                ]
-                if states and all(state == "ok" for state in states):
+                running = [n for n in self.nodes if n.alive()]
+                states = [n.client().cluster("info")["cluster_state"] for n in running]
+                infos = [n.client().info("replication") for n in running] if replicated else []
+                synced = all(
+                    info["role"] == "master" or info.get("master_link_status") == "up"
+                    for info in infos
+                )
+                if states and all(state == "ok" for state in states) and synced:
                     return
             except redis.RedisError:
                 pass
@@ -131,14 +146,14 @@ def start_cluster(directory: Path, masters: int = 3, replicas: int = 1) -> Clust
             home = directory / f"node-{port}"
             home.mkdir(parents=True)
             log = home / "redis.log"
-            proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(home / "nodes.conf"),
-                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "",
-                 "--appendonly", "no", "--dir", str(home), "--logfile", str(log)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-            cluster.nodes.append(Node(port, proc, log))
+            # A replica syncs at once (the default waits 5 s for more replicas to batch).
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes", "--cluster-config-file", str(home / "nodes.conf"),
+                    "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--save", "",
+                    "--appendonly", "no", "--repl-diskless-sync-delay", "0",
+                    "--cluster-require-full-coverage", "no",
+                    "--dir", str(home), "--logfile", str(log)]  # fmt: skip
+            cluster.nodes.append(Node(port, _spawn(argv), log, argv))
         for node in cluster.nodes:
             _wait_ping(node)
         subprocess.run(
@@ -146,11 +161,17 @@ def start_cluster(directory: Path, masters: int = 3, replicas: int = 1) -> Clust
              "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        cluster.wait_healthy()
+        cluster.wait_healthy(replicated=True)
         return cluster
     except BaseException:
         cluster.stop()
         raise
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def _wait_ping(node: Node, timeout: float = 10.0) -> None:

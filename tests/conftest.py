@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+from redis.cluster import RedisCluster
+
+from tests.cluster import Cluster, start_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
@@ -178,11 +181,13 @@ class Stack:
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
+    cluster: bool = False  # redis_url names a node of a Redis Cluster
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def settings(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {
             "RELAY_REDIS_URL": self.redis_url,
+            "RELAY_REDIS_CLUSTER": "true" if self.cluster else "false",
             "RELAY_UPSTREAM_BASE_URL": self.upstream,
             "RELAY_LEASE_SECONDS": "3",
             "RELAY_UPSTREAM_READ_TIMEOUT": "3",
@@ -198,6 +203,8 @@ class Stack:
         }
 
     def redis(self) -> redis.Redis:
+        if self.cluster:
+            return RedisCluster.from_url(self.redis_url)  # type: ignore[return-value]
         return redis.Redis.from_url(self.redis_url)
 
     def start_web(
@@ -253,6 +260,29 @@ class Stack:
 def stack(redis_url: str, simulator: str, log_dir: Path) -> Iterator[Stack]:
     """An empty stack for one test: start the processes the test needs."""
     s = Stack(redis_url, simulator, log_dir)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real Redis Cluster (three masters, three replicas) for the session."""
+    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_stack(redis_cluster: Cluster, simulator: str, log_dir: Path) -> Iterator[Stack]:
+    """An empty stack for one test, on the cluster (emptied first)."""
+    redis_cluster.wait_healthy(30, replicated=True)
+    redis_cluster.flush()
+    # A worker's heartbeat may live on a failed master: its lease outlasts a failover (~3 s).
+    s = Stack(redis_cluster.url, simulator, log_dir, {"RELAY_LEASE_SECONDS": "10"}, cluster=True)
     try:
         yield s
     finally:

@@ -33,6 +33,11 @@ Entry = tuple[str, int, list[str], str]  # job id, attempt, events, text delta
 # arrives meanwhile does not wait for a whole batch (1 and 16 lanes did worse: RESULTS.md).
 LANES = 4
 
+# Replies by which a cluster refuses a command it did not run: safe to send again. A failover
+# answers CLUSTERDOWN/TRYAGAIN for a few seconds; 12 tries back off over about 9 s.
+REFUSALS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
+REFUSED_TRIES = 12
+
 
 def mergeable(chunk: dict[str, Any]) -> bool:
     """A chunk that only adds text to choice 0: what may merge with its neighbour."""
@@ -191,25 +196,33 @@ class Publisher:
                 queued.sent.set_exception(last.sent.exception)  # type: ignore[arg-type]
         return taken
 
-    def _send(self, lane: _Lane, entries: list[Entry]) -> list[int | Exception]:
+    def _send(self, lane: _Lane, entries: list[Entry], tries: int = 0) -> list[int | Exception]:
         """Each entry's result, sent to the node that owns its job (one round trip per node
-        the batch reaches); an entry whose slot moved (MOVED) is sent again, once, where the
-        cluster says it lives now."""
+        the batch reaches).
+
+        An entry the cluster refused without running it is sent again: at once where the
+        cluster says its slot lives now (MOVED, ASK), or after a pause while a failover
+        settles (CLUSTERDOWN, TRYAGAIN), up to ``REFUSED_TRIES`` times. A lost connection is
+        not retried: the script may have run, and a second run would repeat events.
+        """
         by_node: dict[str, list[int]] = {}
         for index, (job_id, *_) in enumerate(entries):
             by_node.setdefault(self._router.node(keys.job(job_id)), []).append(index)
         results: list[int | Exception] = [0] * len(entries)
-        moved: list[int] = []
+        refused: list[int] = []
         for node, indexes in by_node.items():
             sent = self._send_to(lane, node, [entries[i] for i in indexes])
             for index, result in zip(indexes, sent, strict=True):
                 results[index] = result
-                if isinstance(result, ResponseError) and str(result).startswith(("MOVED", "ASK")):
-                    moved.append(index)
-        if moved:
-            self._router.refresh()
-            again = self._send(lane, [entries[i] for i in moved]) if self._router.cluster else []
-            for index, result in zip(moved, again, strict=False):
+                if isinstance(result, ResponseError) and str(result).startswith(REFUSALS):
+                    refused.append(index)
+        if refused and self._router.cluster and tries < REFUSED_TRIES:
+            if not all(str(results[i]).startswith(("MOVED", "ASK")) for i in refused):
+                gevent.sleep(min(0.05 * 2**tries, 1.0))
+            with contextlib.suppress(RedisError):
+                self._router.refresh()
+            again = self._send(lane, [entries[i] for i in refused], tries + 1)
+            for index, result in zip(refused, again, strict=True):
                 results[index] = result
         return results
 

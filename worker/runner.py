@@ -10,7 +10,9 @@ from typing import Any
 
 import gevent
 import requests
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.core import metrics, queue
 from relay.core.chunks import completion_id, dumps, final_chunk
@@ -267,6 +269,9 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     """
     try:
         _run(ctx, job_id)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        logger.warning("job %s: lost Redis mid-run (%s); left for the janitor", job_id, exc)
+        return
     except Exception:
         logger.exception("job %s: could not be run; left for the janitor", job_id)
         return
@@ -298,6 +303,11 @@ def _run(ctx: JobContext, job_id: str) -> None:
     except JobCancelled:
         # The cancel already wrote the final chunk; leaving _stream closed the upstream.
         logger.info("job %s cancelled; upstream connection closed", job_id)
+    except (RedisConnectionError, RedisTimeoutError):
+        # Its node went away mid-stream (a failover): what was sent may or may not be in the
+        # log, so this run cannot go on without risking a hole or a repeat. The claim stays;
+        # the orphan sweep ends the job with worker_lost once its slot is served again.
+        raise
     except Exception:
         logger.exception("job %s: internal error", job_id)
         error = UpstreamError(

@@ -69,6 +69,13 @@ def connect(
     return Redis(connection_pool=BlockingConnectionPool.from_url(url, **options))
 
 
+def script_pipe(client: Client, pipe: Any) -> Any:
+    """Where to run a script that goes with a pipeline's commands: in the pipeline (one round
+    trip), or, on a cluster, whose pipelines refuse scripts, at once (``None``: the script's
+    own client)."""
+    return None if isinstance(client, RedisCluster) else pipe
+
+
 class Router:
     """Which Redis a key lives on: the one Redis, or the cluster node that owns its slot.
 

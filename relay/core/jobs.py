@@ -10,12 +10,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from relay.core import keys, metrics
 from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
-from relay.core.connections import Client, as_text
+from relay.core.connections import Client, as_text, script_pipe
 from relay.core.conversations import Turn
 from relay.core.scripts import Scripts
 from relay.core.status import TERMINAL, JobStatus, Recovery
@@ -86,10 +85,7 @@ class JobStore:
         # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
         # is stored before the id is queued.
         pipe = self.redis.pipeline(transaction=False)
-        if isinstance(self.redis, RedisCluster):
-            self.scripts.create(keys=job_keys, args=args)
-        else:
-            self.scripts.create(keys=job_keys, args=args, client=pipe)
+        self.scripts.create(keys=job_keys, args=args, client=script_pipe(self.redis, pipe))
         pipe.lpush(keys.PENDING, job_id)
         metrics.count(pipe, "jobs_created")
         pipe.execute()
@@ -155,10 +151,13 @@ class JobStore:
     def add_viewer(self, job_id: str, delta: int) -> int:
         """Count viewers across processes; the count after the change."""
         pipe = self.redis.pipeline(transaction=False)
-        self.scripts.viewers(keys=[keys.job(job_id), keys.viewers(job_id)], args=[delta],
-                             client=pipe)  # fmt: skip
+        into = script_pipe(self.redis, pipe)
+        now = self.scripts.viewers(
+            keys=[keys.job(job_id), keys.viewers(job_id)], args=[delta], client=into
+        )
         metrics.count(pipe, "viewers", delta)
-        return int(pipe.execute()[0])
+        results = pipe.execute()
+        return int(results[0] if into is not None else now)
 
     def load(self, job_id: str) -> tuple[dict[str, Any], Turn | None, float]:
         """What a worker needs to run the job: the upstream request, its conversation turn,

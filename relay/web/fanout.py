@@ -67,7 +67,7 @@ class Viewer:
     """One stream's mailbox for the live events of one job."""
 
     __slots__ = (
-        "job_id", "channel", "queue", "stale", "closable", "closed",
+        "job_id", "channel", "queue", "stale", "suspect", "closable", "closed",
         "sock", "chunked", "direct", "sent", "pending", "finished", "prefix", "_write",
     )  # fmt: skip
 
@@ -76,6 +76,9 @@ class Viewer:
         self.channel = keys.live(job_id).encode()
         self.queue: Queue = Queue(maxsize)
         self.stale = False
+        # Its subscription was lost and made again (a node went away): the log that now
+        # serves the job may be behind what this viewer has seen (a promoted replica).
+        self.suspect = False
         self.closable = closable  # ended early when the process shuts down
         self.closed = False
         self.sock: socket.socket | None = None  # set when the stream may take the fast path
@@ -158,8 +161,9 @@ class Viewer:
         self.direct = False
         self.resync()
 
-    def resync(self) -> None:
+    def resync(self, suspect: bool = False) -> None:
         self.stale = True
+        self.suspect = self.suspect or suspect
         self._wake()
 
     def close(self) -> None:
@@ -296,7 +300,7 @@ class Hub:
 
     def resync(self, channel: bytes) -> None:
         for viewer in self._viewers.get(channel, ()):
-            viewer.resync()
+            viewer.resync(suspect=True)
 
     def deliver(self, channel: bytes, message: bytes) -> None:
         viewers = self._viewers.get(channel)

@@ -112,9 +112,16 @@ def follow(
                 event = RESYNC  # re-check the log in case pub/sub missed an event
             if event is RESYNC or viewer.stale or event.seq > last + 1:
                 viewer.stale = False  # before reading: anything newer lands in the mailbox
+                suspect, viewer.suspect = viewer.suspect, False
                 for logged in patiently(from_log):
                     yield logged
                     if logged.done:
+                        return
+                # After a lost subscription, end at once if the log is behind this viewer,
+                # before the job's recovery writes events at ids it has already seen.
+                for ended in patiently(check) if suspect else ():
+                    yield ended
+                    if ended.done:
                         return
                 continue
             if event.seq <= last:

@@ -6,7 +6,9 @@ import itertools
 import json
 
 import fakeredis
+import gevent
 
+from relay.core import keys
 from relay.core.jobs import JobStore
 from relay.web.fanout import Viewer
 from relay.web.streaming import follow
@@ -45,3 +47,35 @@ def test_a_closed_viewer_stops_without_done():
     events = follow(store, hub, viewer, 0, idle=5)  # type: ignore[arg-type]
     viewer.close()
     assert list(events) == [] and hub.detached == [viewer]
+
+
+def test_a_log_behind_the_viewer_after_a_lost_subscription_ends_the_stream_at_once():
+    """A failover to a replica that missed the last writes: no hole, no repeat, an error."""
+    redis, store, viewer, hub = a_viewer_of_a_new_job()
+    attempt = store.claim(viewer.job_id, "w1")
+    events = [f'{{"n":{n}}}' for n in range(1, 6)]
+    assert store.publish_many([(viewer.job_id, attempt, events, "")], run_each(redis)) == [5]
+    stream = follow(store, hub, viewer, 0, idle=60)  # type: ignore[arg-type]
+    assert [next(stream).seq for _ in range(5)] == [1, 2, 3, 4, 5]
+    redis.ltrim(keys.events(viewer.job_id), 0, 2)  # the promoted replica had 3 of the 5
+    redis.hset(keys.job(viewer.job_id), "seq", 3)
+    viewer.resync(suspect=True)  # what the hub does once it has subscribed again
+    with gevent.Timeout(5):  # not after the 60 s idle check
+        rest = list(stream)
+    assert [e.seq for e in rest] == [6, 7] and rest[-1].done
+    assert json.loads(rest[0].data)["error"]["code"] == "log_rewound"
+
+
+def run_each(redis: fakeredis.FakeRedis):
+    """publish_many's ``execute`` on fakeredis: each command, errors as values."""
+
+    def execute(commands: list[tuple]) -> list:
+        replies = []
+        for command in commands:
+            try:
+                replies.append(redis.execute_command(*command))
+            except Exception as exc:  # noqa: BLE001
+                replies.append(exc)
+        return replies
+
+    return execute
