@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from relay.core import keys, logs, queue
 from relay.core.backoff import Backoff
-from relay.core.connections import connect
+from relay.core.connections import MIN_REDIS_VERSION, connect, oldest_version
 from relay.core.conversations import Conversations
 from relay.core.jobs import JobStore
 from relay.core.settings import Settings
@@ -200,6 +200,12 @@ class Worker:
                     logger.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
                     if self.stopping.wait(delay):
                         return
+            if (version := oldest_version(self.redis)) < MIN_REDIS_VERSION:
+                raise SystemExit(
+                    f"Redis {'.'.join(map(str, version))} at {self.settings.redis_url}: "
+                    f"chat-relay needs Redis {'.'.join(map(str, MIN_REDIS_VERSION))} or later "
+                    "(sharded pub/sub)"
+                )
             helpers = [
                 gevent.spawn(self._every, self.heartbeat_every, self._heartbeat, "heartbeat"),
                 gevent.spawn(self._every, self.janitor_every, self._sweep, "janitor"),

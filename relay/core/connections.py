@@ -69,6 +69,18 @@ def connect(
     return Redis(connection_pool=BlockingConnectionPool.from_url(url, **options))
 
 
+MIN_REDIS_VERSION = (7, 0)  # SPUBLISH / SSUBSCRIBE: job events go out by sharded pub/sub
+
+
+def oldest_version(client: Client) -> tuple[int, ...]:
+    """The lowest ``redis_version`` of the server, or of every node of a cluster."""
+    if isinstance(client, RedisCluster):
+        infos = list(client.info("server", target_nodes=RedisCluster.ALL_NODES).values())
+    else:
+        infos = [client.info("server")]
+    return min(tuple(int(p) for p in str(i["redis_version"]).split(".")[:2]) for i in infos)
+
+
 def script_pipe(client: Client, pipe: Any) -> Any:
     """Where to run a script that goes with a pipeline's commands: in the pipeline (one round
     trip), or, on a cluster, whose pipelines refuse scripts, at once (``None``: the script's

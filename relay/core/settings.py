@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 PREFIX = "RELAY_"
 _TRUE = ("true", "1", "yes")
@@ -119,6 +120,13 @@ class Settings:
     moderation: bool = False
     moderation_fail_open: bool = False
     moderation_model: str = ""
+
+    def __post_init__(self) -> None:
+        database = urlsplit(self.redis_url).path.strip("/")
+        if self.redis_cluster and database not in ("", "0"):
+            raise SettingsError(
+                f"RELAY_REDIS_URL={self.redis_url!r}: a Redis Cluster has database 0 only"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:

@@ -162,3 +162,13 @@ def test_connection_refused_ends_in_an_error_event(stack):
     stack.start_worker(env={"RELAY_UPSTREAM_MAX_RETRIES": "1"})
     received, _ = read_stream(create_job(base, chat_body("refused"))["events_url"], timeout=30)
     assert received.done and received.errors[0]["code"] == "upstream_unreachable"
+
+
+def test_a_worker_refuses_to_start_on_a_redis_older_than_7(redis_url, monkeypatch):
+    from relay.core.settings import Settings
+    from worker import main
+
+    monkeypatch.setattr(main, "oldest_version", lambda client: (6, 2))
+    worker = main.Worker(Settings.from_env({"RELAY_REDIS_URL": redis_url}), worker_id="old")
+    with pytest.raises(SystemExit, match=r"Redis 6\.2 at .*needs Redis 7\.0 or later"):
+        worker.work()

@@ -95,3 +95,12 @@ def test_keys_are_the_strings_given_never_json():
     assert Settings.from_env({"RELAY_API_KEYS": ""}).api_keys == ()
     with pytest.raises(SettingsError, match="RELAY_ALLOWED_HOSTS"):
         Settings.from_env({"RELAY_ALLOWED_HOSTS": " , "})
+
+
+def test_a_cluster_url_names_database_0_or_none():
+    cluster = {"RELAY_REDIS_CLUSTER": "true"}
+    for url in ("redis://node:7000", "redis://node:7000/", "redis://node:7000/0"):
+        assert Settings.from_env({**cluster, "RELAY_REDIS_URL": url}).redis_cluster
+    with pytest.raises(SettingsError, match="database 0 only"):
+        Settings.from_env({**cluster, "RELAY_REDIS_URL": "redis://node:7000/3"})
+    assert Settings.from_env({"RELAY_REDIS_URL": "redis://node:7000/3"}).redis_url.endswith("/3")
