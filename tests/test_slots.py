@@ -69,9 +69,10 @@ class Monitor:
                 self.commands.append((client, args))
 
     def stop(self) -> list[tuple[str, list[bytes]]]:
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
+        self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end of the stream
         self.thread.join(5)
+        self.file.close()  # the socket is only released once its file is closed too
+        self.sock.close()
         return list(self.commands)
 
 

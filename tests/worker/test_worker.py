@@ -170,5 +170,8 @@ def test_a_worker_refuses_to_start_on_a_redis_older_than_7(redis_url, monkeypatc
 
     monkeypatch.setattr(main, "oldest_version", lambda client: (6, 2))
     worker = main.Worker(Settings.from_env({"RELAY_REDIS_URL": redis_url}), worker_id="old")
-    with pytest.raises(SystemExit, match=r"Redis 6\.2 at .*needs Redis 7\.0 or later"):
-        worker.work()
+    try:
+        with pytest.raises(SystemExit, match=r"Redis 6\.2 at .*needs Redis 7\.0 or later"):
+            worker.work()
+    finally:
+        worker.redis.close()
