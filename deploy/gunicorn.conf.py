@@ -47,15 +47,6 @@ def on_starting(server):
         sys.exit(2)
 
 
-def when_ready(server):
-    """Say once, at start, whether creating jobs needs an API key (or the relay runs open)."""
-    from relay.core.settings import Settings
-    from relay.web.auth import key_mode_at_start
-
-    open_mode, message = key_mode_at_start(Settings.from_env())
-    (server.log.warning if open_mode else server.log.info)(message)
-
-
 def post_fork(server, worker):
     """The app's own log lines as JSON with the job id (gunicorn keeps its own format)."""
     from relay.core import logs
@@ -64,8 +55,18 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """On SIGTERM, end open streams at once instead of holding them to ``graceful_timeout``."""
+    """On SIGTERM, end open streams at once instead of holding them to ``graceful_timeout``;
+    and say once, at start, whether creating jobs needs an API key (or the relay runs open).
+
+    Nothing here runs in the master: redis imported there (it keeps a reference to ssl's
+    SSLContext) would make each gevent worker warn that ssl was patched too late.
+    """
+    from relay.core.settings import Settings
     from relay.web.app import end_streams_on_sigterm
+    from relay.web.auth import key_mode_at_start
 
     if hasattr(worker.wsgi, "extensions"):  # the relay's Flask app (not a wrapped one)
         end_streams_on_sigterm(worker.wsgi)
+    if worker.age == 1:  # the first worker of this start, not each one nor each restart
+        open_mode, message = key_mode_at_start(Settings.from_env())
+        (worker.log.warning if open_mode else worker.log.info)(message)

@@ -60,6 +60,7 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    offset: int = 0  # where this process's output starts in a log shared by name
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -79,7 +80,10 @@ class Proc:
             self.popen.wait(5)
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        """What this process wrote (a later test's process of the same name appends)."""
+        if not self.log.exists():
+            return ""
+        return self.log.read_bytes()[self.offset :].decode(errors="replace")
 
 
 def start_process(
@@ -89,6 +93,7 @@ def start_process(
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
     with open(log, "ab") as out:
+        offset = out.tell()
         popen = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -97,7 +102,7 @@ def start_process(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return Proc(name, popen, log)
+    return Proc(name, popen, log, offset)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ script must start its own redis-server.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,11 @@ from tests.conftest import ROOT, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
+# A warning, an error or a traceback in a log, JSON (the relay's) or plain (gunicorn's, Python's).
+NOISE = re.compile(
+    r'"level":"(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR|CRITICAL)\]|Warning|Traceback'
+)
+
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to clone the project")
 def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
@@ -31,6 +37,8 @@ def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
         "RELAY_PORT": str(port),
         "RELAY_SIM_PORT": str(sim_port),
         "RELAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        # With a key configured the relay is closed: the demo must use it.
+        "RELAY_API_KEYS": "sk-relay-setup-test",
     }
     proc = subprocess.Popen(
         ["bash", "deploy/run.sh", "--simulator"],  # the local model's build stays out of CI
@@ -58,11 +66,19 @@ def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
         page = requests.get(f"http://127.0.0.1:{port}/", timeout=5)
         assert page.ok and "text/html" in page.headers["Content-Type"]
         assert "/static/chat.js" in page.text  # the chat page, served by the stack it started
-        # Ctrl-C stops everything the script started.
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 130
+        assert requests.post(f"http://127.0.0.1:{port}/v1/jobs", json={"prompt": "x"},
+                             timeout=5).status_code == 401  # fmt: skip
+        # Ctrl-C (SIGINT to the terminal's whole process group) stops everything the script
+        # started, Redis last.
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        for name in ("web.log", "worker.log"):
+            log = (clone / ".local" / name).read_text()
+            noisy = [line for line in log.splitlines() if NOISE.search(line)]
+            assert not noisy, f"{name}: {noisy}"
+        assert "stopped: 0 jobs running" in (clone / ".local" / "worker.log").read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

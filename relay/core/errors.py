@@ -58,6 +58,13 @@ class NotFound(RelayError):
     code = "not_found"
 
 
+class Conflict(RelayError):
+    """The request cannot apply to the thing in its present state (a job that has ended)."""
+
+    status = 409
+    type = "invalid_request_error"
+
+
 class UnsupportedMediaType(RelayError):
     status = 415
     type = "invalid_request_error"

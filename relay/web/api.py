@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.core import logs, metrics
 from relay.core.chunks import DONE
-from relay.core.errors import InvalidRequest, NotFound, Unauthorized
+from relay.core.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from relay.core.jobs import is_job_id
 from relay.web import access, guessing
 from relay.web.access import Access
@@ -183,10 +183,16 @@ def cancel_job(job_id: str):
     if grant is None or not allowed:
         guessing.failed()
         raise _unknown(job_id)
-    cancel_and_keep_reply(job_id)  # a job that already ended keeps its outcome
+    ended = cancel_and_keep_reply(job_id)  # a job that already ended keeps its outcome
     status = store.status(job_id)
     if status is None:
         raise _unknown(job_id)
+    if not ended:
+        raise Conflict(
+            f"Job {job_id} has already ended (status: {status['status']}); "
+            "there is nothing to cancel.",
+            code="job_already_ended",
+        )
     return jsonify({**status, **job_links(job_id, grant, creator=True)})
 
 

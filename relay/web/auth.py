@@ -30,13 +30,14 @@ class KeyMode:
         self.checked_at = float("-inf")
         self.announced = False
 
-    def keys_required(self) -> bool:
+    def keys_required(self, fresh: bool = False) -> bool:
+        """``fresh``: look again now, not within ``_CHECK_EVERY`` of the last look."""
         redis, settings = state().redis, state().settings
         if not self.seeded:
             apikeys.seed(redis, settings.api_keys)
             self.seeded = True
         now = time.monotonic()
-        if now - self.checked_at > _CHECK_EVERY:
+        if fresh or now - self.checked_at > _CHECK_EVERY:
             exist, self.checked_at = apikeys.configured(redis), now
             if settings.api_keys and not exist:
                 # Redis lost its data (restarted without persistence): seed again.
@@ -59,7 +60,7 @@ NO_KEYS = (
 def key_mode_at_start(settings: Settings) -> tuple[bool, str]:
     """Seed ``RELAY_API_KEYS`` and say how the relay admits requests: (warn?, message to log).
 
-    Called once by gunicorn's master when it is ready (deploy/gunicorn.conf.py), so that an
+    Called once by gunicorn's first worker (deploy/gunicorn.conf.py), so that an
     open relay, or one that refuses everything, says so at start and not only at its first
     request.
     """
@@ -75,11 +76,11 @@ def key_mode_at_start(settings: Settings) -> tuple[bool, str]:
         redis.close()
 
 
-def keys_required() -> bool:
+def keys_required(fresh: bool = False) -> bool:
     """Whether creating something needs an API key: unless no key exists and the relay was
     told to run open (``RELAY_OPEN_ACCESS``)."""
     mode: KeyMode = current_app.extensions.setdefault("relay.keymode", KeyMode())
-    return mode.keys_required()
+    return mode.keys_required(fresh)
 
 
 def require_api_key() -> dict[str, Any] | None:
@@ -88,6 +89,8 @@ def require_api_key() -> dict[str, Any] | None:
         return None
     guessing.check()
     record = apikeys.authenticate(state().redis, request.headers.get("Authorization"))
+    if record is None and not keys_required(fresh=True):
+        return None  # the last key was deleted a moment ago: the relay is open again
     if record is None:
         guessing.failed()
         raise Unauthorized(

@@ -72,15 +72,21 @@ class Throttle:
         self._acquire = redis.register_script(_ACQUIRE)
         self._failure = redis.register_script(_FAILURE)
 
-    def hit(self, caller: str, per_minute: int) -> int:
-        """Count one request; 0 if admitted, else whole seconds to wait (``Retry-After``)."""
+    def hit(self, caller: str, per_minute: int) -> tuple[int, str]:
+        """Count one request: (0 if admitted, else whole seconds to wait (``Retry-After``); the
+        count's id, for :meth:`refund`)."""
         if per_minute <= 0:
-            return 0
+            return 0, ""
         member = secrets.token_hex(8)
         wait_ms = int(
             self._rate(keys=[keys.rate(caller)], args=[per_minute, WINDOW_SECONDS * 1000, member])
         )
-        return math.ceil(wait_ms / 1000) if wait_ms else 0
+        return (math.ceil(wait_ms / 1000) if wait_ms else 0), member
+
+    def refund(self, caller: str, member: str) -> None:
+        """Take back a counted request that was refused after all (it created nothing)."""
+        if member:
+            self.redis.zrem(keys.rate(caller), member)
 
     def acquire(self, caller: str, job_id: str, limit: int, lease_seconds: int) -> bool:
         """Take one of the caller's ``limit`` job slots for ``job_id``, if one is free."""

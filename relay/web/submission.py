@@ -3,11 +3,13 @@ and queued; and cancelling one, keeping its text as a reply a follow-up can name
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, NamedTuple
 
 import orjson
 from flask import g, request
+from redis.exceptions import RedisError
 
 from relay.core import logs
 from relay.core.conversations import Turn
@@ -15,6 +17,7 @@ from relay.core.errors import (
     InvalidRequest,
     NotFound,
     RateLimited,
+    RelayError,
     RequestTooLarge,
     Unavailable,
     UnsupportedMediaType,
@@ -83,14 +86,18 @@ def _caller() -> tuple[str, int, int]:
     return f"key:{key['id']}", own_rpm or rpm, own_concurrency or concurrency
 
 
-def _admit(throttle: Throttle, caller: str, rpm: int) -> None:
-    """Refuse the request if its caller is over its rate or the queue is full."""
-    wait = throttle.hit(caller, rpm)
+def _admit(throttle: Throttle, caller: str, rpm: int) -> str:
+    """Count the request against its caller's rate, or refuse it; the count's id."""
+    wait, counted = throttle.hit(caller, rpm)
     if wait:
         raise RateLimited(
             f"Rate limit reached: {rpm} requests per minute. Please try again in {wait}s.",
             retry_after=wait,
         )
+    return counted
+
+
+def _check_queue(throttle: Throttle) -> None:
     if throttle.queue_full(settings().max_queued_jobs):
         raise Unavailable(
             "The relay's queue is full; please try again shortly.",
@@ -102,12 +109,25 @@ def _admit(throttle: Throttle, caller: str, rpm: int) -> None:
 def submit_job(body: Any = None) -> Submission:
     """Check limits, validate the body, rebuild its conversation, then store and queue the job.
 
-    Nothing is written before every limit has been checked: a refused request leaves no trace
-    but its count against the rate limit.
+    The rate is counted first, so that a caller over it is refused before any work; a request
+    refused after that (a 4xx: a bad body, an unknown parent, the concurrency limit, a full
+    queue's 503 too) gets its count back. Nothing is written before every limit has been
+    checked: a refused request leaves no trace.
     """
     throttle = state().throttle
     caller, rpm, concurrency = _caller()
-    _admit(throttle, caller, rpm)
+    counted = _admit(throttle, caller, rpm)
+    try:
+        return _submit(throttle, caller, concurrency, body)
+    except RelayError as refused:
+        if 400 <= refused.status < 500 or refused.code == "queue_full":
+            with contextlib.suppress(RedisError):  # the refusal is the answer either way
+                throttle.refund(caller, counted)
+        raise
+
+
+def _submit(throttle: Throttle, caller: str, concurrency: int, body: Any) -> Submission:
+    _check_queue(throttle)
     if body is None:
         body = json_body()
     relay = state()
@@ -149,11 +169,13 @@ def submit_job(body: Any = None) -> Submission:
     return Submission(job_id, draft.request, turn, grant)
 
 
-def cancel_and_keep_reply(job_id: str) -> None:
-    """Cancel a job and keep its text so far as a reply that can be a parent."""
+def cancel_and_keep_reply(job_id: str) -> bool:
+    """Cancel a job and keep its text so far as a reply that can be a parent; whether this call
+    ended it (False: it had already ended)."""
     relay = state()
     ended, _ = relay.store.cancel(job_id)
     turn = relay.store.turn(job_id)
     if ended and turn is not None:
         status = relay.store.status(job_id) or {}
         relay.conversations.save_reply(turn, status.get("text") or "")
+    return ended

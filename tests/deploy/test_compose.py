@@ -47,10 +47,16 @@ def command(service: dict) -> list[str]:
     return shlex.split(cmd) if isinstance(cmd, str) else [str(part) for part in cmd]
 
 
+def default(value: object) -> str:
+    """A compose value as it is without the variable set: ``${NAME:-45s}`` is ``45s``."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+
+
 def seconds(value: str | int) -> float:
     """A compose duration (``45s``, ``1m30s``) or a systemd time span in seconds."""
     if isinstance(value, int):
         return value
+    value = default(value)
     total = 0.0
     for amount, unit in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", str(value)):
         total += float(amount) * {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}[unit]
@@ -78,11 +84,14 @@ def gunicorn_setting(name: str) -> object:
     raise AssertionError(f"deploy/gunicorn.conf.py sets no {name}")
 
 
-def grace_of(worker_cmd: list[str]) -> float:
-    """The worker's --grace (python -m worker defaults to 30 s)."""
+def grace_of(worker_cmd: list[str], environment: dict | None = None) -> float:
+    """The worker's grace: a --grace on its command line, else RELAY_WORKER_GRACE_SECONDS in
+    its environment, else the setting's default."""
     if "--grace" in worker_cmd:
         return float(worker_cmd[worker_cmd.index("--grace") + 1])
-    return 30.0
+    if environment and "RELAY_WORKER_GRACE_SECONDS" in environment:
+        return float(default(environment["RELAY_WORKER_GRACE_SECONDS"]))
+    return Settings().worker_grace_seconds
 
 
 # --- compose.yaml -----------------------------------------------------------------------------
@@ -130,7 +139,9 @@ def test_worker_runs_python_m_worker(compose: dict) -> None:
         == compose["services"]["web"]["environment"]["RELAY_REDIS_URL"]
     )
     # Docker's default 10 s would SIGKILL running jobs in the middle of their grace period.
-    assert seconds(worker["stop_grace_period"]) > grace_of(cmd)
+    assert seconds(worker["stop_grace_period"]) > grace_of(cmd, worker["environment"])
+    # The grace comes from the environment (the .env file), not a fixed --grace.
+    assert "--grace" not in cmd and "RELAY_WORKER_GRACE_SECONDS" in worker["environment"]
 
 
 def test_web_and_worker_are_built_from_the_container_file(compose: dict) -> None:
@@ -229,6 +240,7 @@ def test_worker_unit_runs_python_m_worker() -> None:
     cmd = shlex.split(service["ExecStart"])
     assert Path(cmd[0]).name.startswith("python")
     assert cmd[1:3] == ["-m", "worker"]
+    assert "--grace" not in cmd  # the env file's RELAY_WORKER_GRACE_SECONDS decides
     assert seconds(service["TimeoutStopSec"]) > grace_of(cmd)
 
 

@@ -5,6 +5,7 @@ import { renderMarkdown } from "./markdown.js";
 import { followJob, samePath } from "./stream.js";
 
 const STORAGE_KEY = "chat-relay:conversation";
+const KEY_STORAGE = "chat-relay:api-key"; // the API key this browser sends, if it was given one
 const $ = (id) => document.getElementById(id);
 const ui = {
   scroller: $("scroller"),
@@ -15,7 +16,13 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   newChat: $("new-chat"),
+  keyButton: $("key-button"),
+  keyDialog: $("key-dialog"),
+  keyForm: $("key-form"),
+  keyInput: $("key-input"),
+  keyHelp: $("key-help"),
 };
+const KEY_HELP = ui.keyHelp.textContent;
 
 // A message: {role: "user" | "assistant", text} and, for a reply, jobId, messageId, the job's
 // eventsUrl, watchUrl (share link) and cancelUrl (each carrying its token), status
@@ -157,16 +164,28 @@ async function send(prompt) {
   const request = { prompt };
   if (chat.parentMessageId) request.parentMessageId = chat.parentMessageId;
   let response, answer;
+  const key = apiKey();
   try {
     response = await fetch("/v1/jobs", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: {
+        "Content-Type": "application/json",
+        ...(key ? { Authorization: `Bearer ${key}` } : {}),
+      },
       body: JSON.stringify(request),
     });
     answer = await response.json().catch(() => null);
   } catch (error) {
     ui.prompt.value ||= prompt; // so that it can be sent again
     return finish(reply, "failed", `Could not reach the relay: ${error.message}`);
+  }
+  if (response.status === 401) {
+    ui.prompt.value ||= prompt;
+    const message = key
+      ? "The relay refused this API key. Check it under “API key”, then send again."
+      : "This relay needs an API key. Enter yours under “API key”, then send again.";
+    finish(reply, "failed", message);
+    return askForKey(message);
   }
   if (!response.ok) {
     ui.prompt.value ||= prompt;
@@ -232,10 +251,58 @@ function finish(reply, status, error) {
   setBusy();
 }
 
-/** Cancel a job through its cancel URL (it carries the token only its creator was given). */
+/** Cancel a job through its cancel URL (it carries the token only its creator was given; a
+ * relay with API keys wants the key on every POST too). */
 function cancel(cancelUrl) {
-  return fetch(samePath(cancelUrl), { method: "POST" });
+  const key = apiKey();
+  return fetch(samePath(cancelUrl), {
+    method: "POST",
+    headers: key ? { Authorization: `Bearer ${key}` } : {},
+  });
 }
+
+// ---- the API key ---------------------------------------------------------------------------
+
+function apiKey() {
+  try {
+    return localStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return "";
+  }
+}
+
+function setApiKey(key) {
+  try {
+    if (key) localStorage.setItem(KEY_STORAGE, key);
+    else localStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // storage disabled: the key cannot be kept
+  }
+  showKeyState();
+}
+
+function showKeyState() {
+  const has = Boolean(apiKey());
+  ui.keyButton.classList.toggle("has-key", has);
+  ui.keyButton.title = has ? "An API key is saved in this browser" : "No API key saved";
+}
+
+/** Open the key dialog; ``why`` (a refusal) replaces its usual help text. */
+function askForKey(why) {
+  ui.keyHelp.textContent = why || KEY_HELP;
+  ui.keyInput.value = apiKey();
+  ui.keyDialog.returnValue = ""; // closed with Escape: nothing changes
+  if (!ui.keyDialog.open) ui.keyDialog.showModal();
+  ui.keyInput.focus();
+}
+
+ui.keyButton.addEventListener("click", () => askForKey());
+ui.keyDialog.addEventListener("close", () => {
+  if (ui.keyDialog.returnValue === "save") setApiKey(ui.keyInput.value.trim());
+  else if (ui.keyDialog.returnValue === "forget") setApiKey("");
+  ui.keyInput.value = "";
+  ui.prompt.focus();
+});
 
 // ---- controls ----------------------------------------------------------------------------
 
@@ -303,6 +370,7 @@ function resume() {
   }
 }
 
+showKeyState();
 drawAll();
 resume();
 ui.prompt.focus();

@@ -50,9 +50,10 @@ def test_cancel_stops_the_upstream_within_a_second_and_every_viewer_gets_done(ru
     status = requests.get(job["status_url"], timeout=5).json()
     assert status["status"] == "cancelled" and status["finish_reason"] == "cancelled"
     assert status["text"] == results[0].text  # the text so far is kept
-    # Cancelling again changes nothing.
-    again = requests.post(job["cancel_url"], timeout=5).json()
-    assert again["events"] == status["events"]
+    # Cancelling again changes nothing, and says so.
+    again = requests.post(job["cancel_url"], timeout=5)
+    assert again.status_code == 409 and "status: cancelled" in again.json()["error"]["message"]
+    assert requests.get(job["status_url"], timeout=5).json()["events"] == status["events"]
 
 
 def test_cancel_of_a_queued_job_means_it_never_runs(stack):
@@ -66,6 +67,23 @@ def test_cancel_of_a_queued_job_means_it_never_runs(stack):
     assert read_stream(probe["events_url"])[0].done
     status = requests.get(job["status_url"], timeout=5).json()
     assert status["status"] == "cancelled" and status["started_at"] is None  # ...not this one
+
+
+def test_cancel_after_the_job_ended_is_409_and_changes_nothing(running_stack):
+    base = running_stack[1]
+    job = create_job(base, chat_body("quick", tokens=2))
+    before, _ = read_stream(job["events_url"])
+    assert before.finish_reasons == ["stop"]
+    answer = requests.post(job["cancel_url"], timeout=5)
+    assert answer.status_code == 409
+    error = answer.json()["error"]
+    assert error["code"] == "job_already_ended" and error["type"] == "invalid_request_error"
+    assert "status: completed" in error["message"] and error["param"] is None
+    after, _ = read_stream(job["events_url"])
+    assert after == before  # the outcome and its stream are as they were
+    assert requests.get(job["status_url"], timeout=5).json()["status"] == "completed"
+    again = requests.post(job["cancel_url"], timeout=5)  # cancelling twice: the same answer
+    assert again.status_code == 409
 
 
 def test_cancel_of_an_unknown_job_is_404(running_stack):

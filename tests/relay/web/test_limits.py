@@ -42,6 +42,37 @@ def test_n_plus_one_requests_in_a_minute_across_two_processes_get_exactly_one_42
     assert requests.post(f"{web_b}/v1/jobs", json=chat_body(), headers=other, timeout=5).ok
 
 
+def test_refused_requests_do_not_use_up_the_rate(stack):
+    base = stack.start_web()
+
+    def post(key: str, body: object) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        return requests.post(f"{base}/v1/jobs", json=body, headers=headers, timeout=5)
+
+    key = apikeys.create(stack.redis(), "three a minute", rpm=3)
+    unknown_parent = "00000000-0000-4000-8000-000000000000"
+    refused = [
+        post(key, {"messages": []}),  # 400: no messages
+        post(key, {"messages": [{"role": "wizard", "content": "x"}]}),  # 400: a bad role
+        post(key, {**chat_body(), "max_tokens": -1}),  # 400: a bad parameter
+        post(key, {"prompt": "hi", "parentMessageId": unknown_parent}),  # 404
+    ]
+    assert [r.status_code for r in refused] == [400, 400, 400, 404]
+    assert [post(key, chat_body()).status_code for _ in range(3)] == [202] * 3
+    assert_openai_429(post(key, chat_body()), "rate_limit_exceeded")
+
+    # Refused for concurrency (no worker runs: the first job stays queued): not counted either.
+    key = apikeys.create(stack.redis(), "one at once, two a minute", rpm=2, concurrency=1)
+    first = post(key, chat_body())
+    for _ in range(3):
+        assert_openai_429(post(key, chat_body()), "concurrency_limit_exceeded")
+    cancel = requests.post(first.json()["cancel_url"], headers={"Authorization": f"Bearer {key}"},
+                           timeout=5)  # fmt: skip
+    assert cancel.ok  # frees the slot
+    assert post(key, chat_body()).status_code == 202
+    assert_openai_429(post(key, chat_body()), "rate_limit_exceeded")
+
+
 def test_open_mode_limits_each_client_address_by_the_default_rate(stack):
     base = stack.start_web(env={"RELAY_RATE_LIMIT_RPM": "3"})
     answers = [requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5) for _ in range(4)]

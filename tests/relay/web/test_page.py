@@ -101,6 +101,16 @@ def fast(redis_server: str, simulator: str, log_dir: Path) -> Iterator[str]:
         yield base
 
 
+PAGE_KEY = "sk-relay-page-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed(redis_server: str, simulator: str, log_dir: Path) -> Iterator[str]:
+    """A stack that needs an API key (``PAGE_KEY``) to create jobs."""
+    with relay_stack(redis_server, simulator, log_dir, RELAY_API_KEYS=PAGE_KEY) as (_, base):
+        yield base
+
+
 @pytest.fixture(scope="module")
 def markdown(redis_server: str, log_dir: Path) -> Iterator[str]:
     sim_args = ("--interval", "0.01", "--reply", HOSTILE_REPLY)
@@ -510,6 +520,53 @@ def test_errors_are_shown(context: BrowserContext, fast: str):
     expect(watcher.locator("#status")).to_have_text("failed")
     expect(watcher.locator("#problem")).to_contain_text("unknown or expired job")
     assert not problems and not watcher_problems
+
+
+def test_the_page_asks_for_a_key_and_sends_the_one_it_was_given(browser: Browser, keyed: str):
+    context = browser.new_context()
+    page, problems = open_page(context, f"{keyed}/")
+    sent: list[str | None] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")
+            and sent.append(r.headers.get("authorization")))  # fmt: skip
+    send(page, "Without a key")
+    expect(last_reply(page)).to_have_attribute("data-status", "failed")
+    expect(last_reply(page).locator(".notice.error")).to_contain_text("This relay needs an API key")
+    expect(page.locator("#key-dialog")).to_be_visible()  # opened where the key goes
+    expect(page.locator("#key-help")).to_contain_text("needs an API key")
+    expect(page.locator("#prompt")).to_have_value("Without a key")
+
+    page.locator("#key-input").fill("sk-relay-wrong")
+    page.locator("#key-save").click()
+    page.locator("#send").click()
+    expect(last_reply(page).locator(".notice.error")).to_contain_text("refused this API key")
+
+    page.locator("#key-input").fill(PAGE_KEY)
+    page.locator("#key-save").click()
+    expect(page.locator("#key-dialog")).to_be_hidden()
+    page.locator("#send").click()
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("data-status", "done")
+    expect(reply.locator(".body")).to_have_text(FAST_REPLY)
+    assert sent == [None, "Bearer sk-relay-wrong", f"Bearer {PAGE_KEY}"]
+
+    # The share link works with its token alone, in a browser that has no key.
+    share = reply.locator("a.share").get_attribute("href")
+    stranger = browser.new_context()
+    watcher, watcher_problems = open_page(stranger, urllib.parse.urljoin(keyed, share))
+    expect(watcher.locator("#status")).to_have_text("finished")
+    expect(watcher.locator("#reply")).to_have_text(FAST_REPLY)
+
+    # Kept across a reload; "Forget" removes it.
+    page.reload()
+    expect(page.locator("#key-button")).to_have_class(re.compile(r"\bhas-key\b"))
+    page.locator("#key-button").click()
+    expect(page.locator("#key-input")).to_have_value(PAGE_KEY)
+    page.locator("#key-forget").click()
+    expect(page.locator("#key-button")).not_to_have_class(re.compile(r"\bhas-key\b"))
+    assert page.evaluate("localStorage.getItem('chat-relay:api-key')") is None
+    assert not problems and not watcher_problems
+    context.close()
+    stranger.close()
 
 
 def test_an_error_in_the_stream_is_shown(context: BrowserContext, broken: str):
