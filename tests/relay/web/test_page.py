@@ -105,9 +105,10 @@ PAGE_KEY = "sk-relay-page-test-key"
 
 
 @pytest.fixture(scope="module")
-def keyed(redis_server: str, simulator: str, log_dir: Path) -> Iterator[str]:
-    """A stack that needs an API key (``PAGE_KEY``) to create jobs."""
-    with relay_stack(redis_server, simulator, log_dir, RELAY_API_KEYS=PAGE_KEY) as (_, base):
+def keyed(redis_server: str, slow_sim: str, log_dir: Path) -> Iterator[str]:
+    """A slow stack that needs an API key (``PAGE_KEY``) for every POST."""
+    env = {"RELAY_API_KEYS": PAGE_KEY}
+    with relay_stack(redis_server, f"{slow_sim}/v1", log_dir, **env) as (_, base):
         yield base
 
 
@@ -546,15 +547,20 @@ def test_the_page_asks_for_a_key_and_sends_the_one_it_was_given(browser: Browser
     page.locator("#send").click()
     reply = last_reply(page)
     expect(reply).to_have_attribute("data-status", "done")
-    expect(reply.locator(".body")).to_have_text(FAST_REPLY)
+    expect(reply.locator(".body")).to_have_text(SLOW_REPLY)
     assert sent == [None, "Bearer sk-relay-wrong", f"Bearer {PAGE_KEY}"]
+    share = reply.locator("a.share").get_attribute("href")
+
+    send(page, "Stop this one")  # Stop is a POST too: it carries the key
+    wait_words(page, 2)
+    page.locator("#stop").click()
+    expect(last_reply(page)).to_have_attribute("data-status", "stopped")
 
     # The share link works with its token alone, in a browser that has no key.
-    share = reply.locator("a.share").get_attribute("href")
     stranger = browser.new_context()
     watcher, watcher_problems = open_page(stranger, urllib.parse.urljoin(keyed, share))
     expect(watcher.locator("#status")).to_have_text("finished")
-    expect(watcher.locator("#reply")).to_have_text(FAST_REPLY)
+    expect(watcher.locator("#reply")).to_have_text(SLOW_REPLY)
 
     # Kept across a reload; "Forget" removes it.
     page.reload()
