@@ -37,12 +37,13 @@ loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
 
 
 def on_starting(server):
-    """Refuse to start with a bad ``RELAY_*`` setting, naming the variable."""
+    """Refuse to start with a bad ``RELAY_*`` setting or routes file, naming the problem."""
+    from relay.core import routes
     from relay.core.settings import Settings, SettingsError
 
     try:
-        Settings.from_env()
-    except SettingsError as exc:
+        routes.load(Settings.from_env())
+    except (SettingsError, routes.RoutesError) as exc:
         server.log.error("bad setting: %s", exc)
         sys.exit(2)
 

@@ -25,6 +25,7 @@ from relay.core import apikeys, conversations, scripts
 from relay.web import limits
 from tests.conftest import Stack, wait_for
 from tests.helpers import chat_body, read_stream
+from worker import slots
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -42,6 +43,7 @@ def registered_scripts() -> dict[str, str]:
     sources |= {
         f"conversations.{n}": getattr(conversations, n) for n in ("_APPEND", "_HISTORY", "_REPLY")
     }
+    sources |= {f"slots.{n}": getattr(slots, n) for n in ("_TAKE", "_RENEW")}
     return {hashlib.sha1(source.encode()).hexdigest(): name for name, source in sources.items()}
 
 
@@ -114,8 +116,12 @@ def groups(commands: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[byte
     return found
 
 
-def test_every_script_and_multi_key_command_stays_in_one_slot(stack: Stack):
+def test_every_script_and_multi_key_command_stays_in_one_slot(stack: Stack, tmp_path):
     stack.env["RELAY_AUTH_FAILURES_PER_MINUTE"] = "30"  # the guessing counter's script runs
+    routes = tmp_path / "routes.toml"  # a capped upstream: its slot scripts run
+    routes.write_text(f'[upstreams.sim]\nbase_url = "{stack.upstream}"\nmax_streams = 8\n'
+                      '[[routes]]\nmodel = "*"\nupstreams = ["sim"]\n')  # fmt: skip
+    stack.env["RELAY_UPSTREAMS_FILE"] = str(routes)
     redis = stack.redis()
     monitor = Monitor(stack.redis_url)
     try:

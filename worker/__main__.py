@@ -11,7 +11,7 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 
-from relay.core import logs  # noqa: E402
+from relay.core import logs, routes  # noqa: E402
 from relay.core.settings import Settings, SettingsError  # noqa: E402
 
 from .main import Worker  # noqa: E402
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings = Settings.from_env(**{k: v for k, v in given.items() if v is not None})
-    except SettingsError as exc:
+        routes.load(settings)  # a bad routes file stops the worker here, naming the problem
+    except (SettingsError, routes.RoutesError) as exc:
         parser.exit(2, f"python -m worker: {exc}\n")
     logs.configure(args.log_level, args.log_format)
     worker = Worker(settings, worker_id=args.worker_id)

@@ -16,7 +16,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from redis.exceptions import RedisError
 
-from relay.core import keys, logs, queue
+from relay.core import keys, logs, queue, routes
 from relay.core.backoff import Backoff
 from relay.core.connections import MIN_REDIS_VERSION, connect, oldest_version
 from relay.core.conversations import Conversations
@@ -27,6 +27,7 @@ from relay.core.status import Recovery
 from . import janitor
 from .publisher import Publisher
 from .runner import JobCancelled, JobContext, run_job
+from .slots import UpstreamSlots
 from .upstream import Upstream
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ class Worker:
                 read_timeout=settings.upstream_read_timeout,
             ),
             worker_id=self.worker_id,
+            routes=routes.load(settings),
+            slots=UpstreamSlots(self.redis, lease),
             max_retries=settings.upstream_max_retries,
             default_model=settings.default_model,
             include_usage=settings.upstream_include_usage,
@@ -130,6 +133,8 @@ class Worker:
 
     def _heartbeat(self) -> None:
         queue.register_worker(self.redis, self.worker_id, self.heartbeat_ttl_ms)
+        if self.ctx.slots is not None:
+            self.ctx.slots.renew()
 
     def _sweep(self) -> None:
         janitor.sweep(self.store)
@@ -212,10 +217,12 @@ class Worker:
                 gevent.spawn(self._listen),
             ]
             logger.info(
-                "worker %s ready: concurrency %d, upstream %s",
+                "worker %s ready: concurrency %d, upstreams %s",
                 self.worker_id,
                 self.concurrency,
-                self.ctx.upstream.chat_url,
+                ", ".join(u.chat_url for u in self.ctx.routes.upstreams.values())
+                if self.ctx.routes is not None
+                else self.ctx.upstream.chat_url,
             )
             backoff.reset()
             while not self.stopping.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +19,13 @@ from relay.core import metrics, queue
 from relay.core.chunks import completion_id, dumps, final_chunk
 from relay.core.conversations import Conversations, Turn, reply_cost
 from relay.core.jobs import JobStore
+from relay.core.routes import Routes, Target, Upstream
 
 from . import moderation
 from .publisher import Publisher
 from .reader import follow_chunks
-from .upstream import Upstream, UpstreamError, open_stream, sanitize
+from .slots import UpstreamSlots
+from .upstream import UpstreamError, open_stream, sanitize
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +49,10 @@ class JobContext:
     publisher: Publisher  # a job's publishes only queue; flush() waits for them
     conversations: Conversations
     session: requests.Session
-    upstream: Upstream
+    upstream: Upstream  # RELAY_UPSTREAM_BASE_URL's: moderation goes there
     worker_id: str
+    routes: Routes | None = None  # where each model's jobs go (None: all to ``upstream``)
+    slots: UpstreamSlots | None = None  # the streams each capped upstream carries
     max_retries: int = 2
     default_model: str = ""
     include_usage: bool = True
@@ -66,13 +71,17 @@ def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
     return "", None
 
 
-def _open_with_retries(ctx: JobContext, job_id: str, body: dict) -> requests.Response:
+def _open_with_retries(
+    ctx: JobContext, job_id: str, body: dict, upstream: Upstream
+) -> requests.Response:
     """Retry what may pass (refused, 429, 5xx), only before anything was published."""
     attempt = 0
     while True:
+        metrics.upstream_request(ctx.store.redis, upstream.name)
         try:
-            return open_stream(ctx.session, ctx.upstream, body)
+            return open_stream(ctx.session, upstream, body)
         except UpstreamError as exc:
+            metrics.upstream_failure(ctx.store.redis, upstream.name, exc.status, exc.code)
             if not exc.retryable or attempt >= ctx.max_retries:
                 raise
             backoff = RETRY_FIRST_DELAY * 2**attempt
@@ -102,15 +111,67 @@ def _is_usage_only(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and bool(chunk.get("usage"))
 
 
-def _observe_first_chunk(redis: Any, seconds: float) -> None:
-    """Record enqueue-to-first-chunk off the chunk's path (it may run in an event-loop
-    callback, which must not wait for Redis); a lost sample is better than a stalled stream."""
+def _observe_first_chunk(redis: Any, seconds: float, upstream: str, sent_at: float) -> None:
+    """Record enqueue-to-first-chunk, and the upstream's own time to it, off the chunk's path
+    (it may run in an event-loop callback, which must not wait for Redis); a lost sample is
+    better than a stalled stream."""
+    upstream_seconds = time.time() - sent_at
 
     def observe() -> None:
         with contextlib.suppress(RedisError):
             metrics.observe_first_chunk(redis, seconds)
+            metrics.upstream_first_token(redis, upstream, upstream_seconds)
 
     gevent.spawn(observe)
+
+
+def _targets(ctx: JobContext, model: str) -> list[Target]:
+    if ctx.routes is None:
+        return [Target(ctx.upstream, model)]
+    targets = ctx.routes.targets(model)
+    if not targets:  # the web tier refuses these; a routes file changed since the POST
+        raise UpstreamError(
+            f"The model {model!r} does not exist or no upstream serves it.",
+            type="invalid_request_error",
+            code="model_not_found",
+        )
+    return targets
+
+
+def _falls_back(error: UpstreamError) -> bool:
+    """A failure the next upstream of the route may not have: refused, silent, 429, 5xx."""
+    return error.retryable or error.code in ("upstream_timeout", "upstream_unreachable")
+
+
+def _follow(
+    ctx: JobContext, response: requests.Response, relay: Any, upstream: Upstream, relayed: Any
+) -> None:
+    try:  # publishing only queues, so chunks are handled from the event loop
+        follow_chunks(response, relay, upstream.read_timeout)
+    except UpstreamError as exc:
+        with contextlib.suppress(RedisError):
+            metrics.upstream_failure(ctx.store.redis, upstream.name, exc.status, exc.code)
+        raise
+    finally:
+        response.close()
+        with contextlib.suppress(RedisError):  # never mask the job's own outcome
+            metrics.count(ctx.store.redis, "deltas", sum(1 for part in relayed.parts if part))
+
+
+@contextlib.contextmanager
+def _slot(ctx: JobContext, job_id: str, upstream: Upstream, wait: bool) -> Iterator[bool]:
+    """One of a capped upstream's stream slots for the job, for as long as it streams: True
+    once taken; False at once when the upstream is full and ``wait`` is off."""
+    if ctx.slots is None or upstream.max_streams <= 0:
+        yield True
+        return
+    if not ctx.slots.take(upstream, job_id, wait=wait):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        ctx.slots.give_back(upstream, job_id)
 
 
 @dataclass
@@ -126,12 +187,18 @@ class _Relayed:
 def _stream(
     ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None, created_at: float
 ) -> None:
-    """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job."""
+    """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job.
+
+    The job goes to the first upstream of its model's route; if that one fails before the first
+    chunk was published (refused, timed out, 429, 5xx, after its retries), to the next. Once
+    a chunk is out, the job stays where it is: viewers see one clean stream.
+    """
     store = ctx.store
     body, wants_usage = _upstream_request(ctx, body)
-    response = _open_with_retries(ctx, job_id, body)
+    targets = _targets(ctx, body.get("model") or "")
     relayed = _Relayed(parts=[])
     public_id = completion_id(job_id)
+    sent_at = 0.0
 
     def relay(data: str, chunk: dict[str, Any]) -> None:
         """One chunk: never waits (with a publisher, it runs in an event-loop callback)."""
@@ -151,14 +218,33 @@ def _stream(
             raise JobLost(job_id)
         relayed.published += 1
         if relayed.published == 1:
-            _observe_first_chunk(store.redis, time.time() - created_at)
+            _observe_first_chunk(store.redis, time.time() - created_at, serving, sent_at)
 
-    try:  # publishing only queues, so chunks are handled from the event loop
-        follow_chunks(response, relay, ctx.upstream.read_timeout)
-    finally:
-        response.close()
-        with contextlib.suppress(RedisError):  # never mask the job's own outcome
-            metrics.count(store.redis, "deltas", sum(1 for part in relayed.parts if part))
+    for index, target in enumerate(targets):
+        serving = target.upstream.name
+        more = index + 1 < len(targets)
+        try:
+            with _slot(ctx, job_id, target.upstream, wait=not more) as taken:
+                if not taken:  # at its cap, and the route has another upstream
+                    metrics.upstream_fallback(store.redis, serving)
+                    continue
+                sent_at = time.time()
+                sent = {**body, "model": target.model} if target.model else body
+                response = _open_with_retries(ctx, job_id, sent, target.upstream)
+                if ctx.routes is not None and ctx.routes.from_file:
+                    store.served_by(job_id, serving)
+                _follow(ctx, response, relay, target.upstream, relayed)
+            break
+        except UpstreamError as exc:
+            if relayed.published or not more or not _falls_back(exc):
+                raise
+            metrics.upstream_fallback(store.redis, serving)
+            logger.warning(
+                "job %s: upstream %s failed before the first chunk (%s); trying %s",
+                job_id, serving, exc.code, targets[index + 1].upstream.name,
+            )  # fmt: skip
+            relayed.parts.clear()
+            relayed.finish_reason, relayed.usage = None, None
     if relayed.finish_reason is None:
         # DESIGN.md: a stream that ends with neither a finish_reason nor [DONE] is a failure.
         raise UpstreamError(
@@ -235,6 +321,12 @@ def _refused_by_moderation(
     return True
 
 
+def _secrets(ctx: JobContext) -> list[str]:
+    """Every upstream key the worker holds: none may reach a viewer."""
+    routed = ctx.routes.upstreams.values() if ctx.routes is not None else ()
+    return [ctx.upstream.api_key, *(u.api_key for u in routed)]
+
+
 def handle_job_failure(
     ctx: JobContext, job_id: str, attempt: int, error: UpstreamError, model: str = ""
 ) -> None:
@@ -249,7 +341,7 @@ def handle_job_failure(
     with contextlib.suppress(Exception):  # the text so far goes before the error, if it can
         ctx.publisher.flush(job_id, attempt)
     # Viewers see this: never the relay's own upstream key, should the upstream echo it.
-    message = sanitize(error.message, ctx.upstream.api_key)
+    message = sanitize(error.message, *_secrets(ctx))
     ended = ctx.store.fail(job_id, attempt, message, type=error.type, code=error.code, model=model)
     logger.warning(
         "job %s failed (%s): %s%s",

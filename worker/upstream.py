@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import requests
 
 from relay.core.chunks import dumps
-from relay.core.settings import Settings
+from relay.core.routes import Upstream
 
 _ERROR_BODY_LIMIT = 64 * 1024  # an error body is a message, not a payload: read no more
 # Besides 5xx: a timeout, a conflict and "too many requests" may pass on a second try.
@@ -40,18 +39,6 @@ class UpstreamError(Exception):
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    base_url: str
-    api_key: str = ""
-    connect_timeout: float = Settings.upstream_connect_timeout
-    read_timeout: float = Settings.upstream_read_timeout
-
-    @property
-    def chat_url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
 
 
 MAX_MESSAGE_CHARS = 500  # an upstream's error message shown to viewers: a sentence, not a dump
@@ -113,6 +100,7 @@ def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> re
         "Accept": "text/event-stream",
         "Accept-Encoding": "identity",
     }
+    headers.update(upstream.headers)
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
     try:

@@ -123,6 +123,7 @@ class JobStore:
             "messageId": turn.message_id if turn else None,
             "parentMessageId": turn.parent_message_id if turn else None,
             "model": h.get("model") or None,
+            "upstream": h.get("upstream") or None,  # the one that served it (routes file)
             "text": (text or b"").decode(),
             "finish_reason": h.get("finish_reason") or None,
             "usage": loads(h["usage"]) if h.get("usage") else None,
@@ -190,6 +191,10 @@ class JobStore:
     def claim(self, job_id: str, worker_id: str) -> int:
         """Mark a job running for this worker; the attempt number fences later writes (0: skip)."""
         return int(self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()]))
+
+    def served_by(self, job_id: str, upstream: str) -> None:
+        """Record which upstream serves the job (its status says so)."""
+        self.redis.hset(keys.job(job_id), "upstream", upstream)
 
     def publish_many(
         self,

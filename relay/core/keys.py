@@ -89,6 +89,17 @@ def control(worker_id: str) -> str:
     return f"{PREFIX}:{{worker:{worker_id}}}:control"
 
 
+def upstream_streams(upstream: str) -> str:
+    """Sorted set: the jobs streaming from a capped upstream, scored by when each slot lapses
+    unless its worker renews it (:mod:`worker.slots`)."""
+    return f"{PREFIX}:{{upstream:{upstream}}}:streams"
+
+
+def upstream_models(upstream: str) -> str:
+    """String: an upstream's last model list (JSON) and when it was fetched (relay.web.models)."""
+    return f"{PREFIX}:{{upstream:{upstream}}}:models"
+
+
 API_KEYS = f"{PREFIX}:apikeys"
 """Set of the SHA-256 digests of every API key (see :mod:`relay.core.apikeys`)."""
 

@@ -17,6 +17,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -50,6 +51,37 @@ def upstream_error(redis: Any, code: str | None) -> None:
     """Count a job failed by an upstream error, under a label from a bounded set."""
     known = code in RELAY_ERROR_CODES or (code is not None and _HTTP_CODE.fullmatch(code))
     count(redis, f"upstream_errors:{code if known else 'upstream_other'}")
+
+
+def failure_class(status: int | None, code: str | None) -> str:
+    """An upstream failure's class, for per-upstream counters: a bounded set."""
+    if status is not None:
+        return "http_429" if status == 429 else f"http_{status // 100}xx"
+    if code in ("upstream_timeout", "upstream_unreachable", "upstream_disconnected",
+                "upstream_incomplete", "upstream_malformed"):  # fmt: skip
+        return code.removeprefix("upstream_")
+    return "other"
+
+
+def upstream_request(redis: Any, upstream: str) -> None:
+    count(redis, f"upstream_requests:{upstream}")
+
+
+def upstream_failure(redis: Any, upstream: str, status: int | None, code: str | None) -> None:
+    count(redis, f"upstream_failures:{upstream}:{failure_class(status, code)}")
+
+
+def upstream_fallback(redis: Any, upstream: str) -> None:
+    """A job moved away from ``upstream`` to the next of its route."""
+    count(redis, f"upstream_fallbacks:{upstream}")
+
+
+def upstream_first_token(redis: Any, upstream: str, seconds: float) -> None:
+    """The time from sending a job to ``upstream`` to its first chunk."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hincrby(keys.METRICS, f"upstream_ttft_count:{upstream}", 1)
+    pipe.hincrbyfloat(keys.METRICS, f"upstream_ttft_sum:{upstream}", seconds)
+    pipe.execute()
 
 
 def observe_first_chunk(redis: Any, seconds: float) -> None:
@@ -110,7 +142,46 @@ class RelayCollector(Collector):
             if name.startswith("upstream_errors:"):
                 errors.add_metric([name.split(":", 1)[1]], float(value))
         yield errors
+        yield from self._per_upstream(fields)
         yield self._first_chunk(number)
+
+    def _per_upstream(self, fields: dict[str, str]) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "relay_upstream_requests", "Requests sent to each upstream.", labels=["upstream"]
+        )
+        failures = CounterMetricFamily(
+            "relay_upstream_failures", "Failed upstream requests, by upstream and class.",
+            labels=["upstream", "class"],
+        )  # fmt: skip
+        fallbacks = CounterMetricFamily(
+            "relay_upstream_fallbacks",
+            "Jobs moved from an upstream to the next of their route before the first chunk.",
+            labels=["upstream"],
+        )
+        ttft = SummaryMetricFamily(
+            "relay_upstream_time_to_first_token_seconds",
+            "Time from sending a job to an upstream to its first chunk.",
+            labels=["upstream"],
+        )
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for name, value in sorted(fields.items()):
+            kind, _, rest = name.partition(":")
+            if kind == "upstream_requests":
+                requests.add_metric([rest], float(value))
+            elif kind == "upstream_failures":
+                upstream, _, klass = rest.rpartition(":")
+                failures.add_metric([upstream, klass], float(value))
+            elif kind == "upstream_fallbacks":
+                fallbacks.add_metric([rest], float(value))
+            elif kind == "upstream_ttft_sum":
+                sums[rest] = float(value)
+            elif kind == "upstream_ttft_count":
+                counts[rest] = float(value)
+        for upstream in sorted(counts):
+            ttft.add_metric([upstream], count_value=int(counts[upstream]),
+                            sum_value=sums.get(upstream, 0.0))  # fmt: skip
+        yield from (requests, failures, fallbacks, ttft)
 
     def _first_chunk(self, number: Any) -> Metric:
         cumulative, buckets = 0.0, []

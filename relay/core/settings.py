@@ -51,6 +51,9 @@ class Settings:
     # Per process (per cluster node). Viewers borrow a connection only to read the replay log;
     # live events come over the one shared subscription, so a few serve thousands of viewers.
     redis_max_connections: int = field(default=16, metadata=_range(1))
+    # A TOML file of upstreams and model routes (relay/core/routes.py); unset: every model goes
+    # to RELAY_UPSTREAM_BASE_URL.
+    upstreams_file: str = ""
     upstream_base_url: str = field(
         default="https://api.openai.com/v1", metadata=_url(*HTTP_SCHEMES)
     )

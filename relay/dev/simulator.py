@@ -6,11 +6,13 @@ set the default interval and number of words; ``--reply`` makes every reply that
 unless a request asks otherwise — for browser tests, whose page sends no simulator options).
 It serves ``POST /v1/chat/completions`` (streamed or not), ``POST /v1/moderations`` (flags text that
 contains "forbidden"; answers 503 to text that contains "moderation-outage"),
-``GET /v1/models``, ``GET /healthz``, and for
+``GET /v1/models`` (``--models a,b``), ``GET /healthz``, and for
 tests ``GET|DELETE /_sim/requests`` (recorded bodies, last 1000) and ``GET /_sim/stats``.
 
 The reply is deterministic: :func:`reply_text` gives the exact text for a request body.
-A request steers the simulator with an optional ``"simulator": {...}`` body field:
+A request steers the simulator with an optional ``"simulator": {...}`` body field (an
+``X-Sim-Fail: <fail mode>`` header forces a failure before the first chunk, whatever the body
+says: for an upstream whose routes-file headers set it):
 
 - ``reply`` (str): this exact text; pieces keep whitespace attached to the following word.
 - ``tokens`` (int, default 12): number of generated words when there is no ``reply``.
@@ -236,13 +238,16 @@ class Simulator:
         api_key: str | None = None,
         tokens: int = DEFAULT_TOKENS,
         reply: str | None = None,
+        models: tuple[str, ...] = ("simulator",),
     ) -> None:
+        self.models = models
         self.interval = interval
         self.api_key = api_key
         self.tokens = tokens
         self.reply = reply
         self.requests: deque[Any] = deque(maxlen=MAX_RECORDED)
         self.active_streams = 0
+        self.peak_streams = 0  # the most streams at once since the stats were last reset
         self.total_requests = 0
         self.moderations = 0
 
@@ -256,8 +261,9 @@ class Simulator:
             case "POST", "/v1/moderations":
                 return self._moderate(environ, start_response)
             case "GET", "/v1/models":
-                model = {"id": "simulator", "object": "model", "created": 0, "owned_by": "relay"}
-                return _json(start_response, 200, {"object": "list", "data": [model]})
+                data = [{"id": m, "object": "model", "created": 0, "owned_by": "simulator"}
+                        for m in self.models]  # fmt: skip
+                return _json(start_response, 200, {"object": "list", "data": data})
             case "GET", "/healthz":
                 return _json(start_response, 200, {"ok": True})
             case "GET", "/_sim/requests":
@@ -268,6 +274,7 @@ class Simulator:
             case "GET", "/_sim/stats":
                 stats = {
                     "active_streams": self.active_streams,
+                    "peak_streams": self.peak_streams,
                     "total_requests": self.total_requests,
                     "moderations": self.moderations,
                 }
@@ -327,6 +334,8 @@ class Simulator:
         if not isinstance(body, dict):
             return _invalid(start_response, 400, "The body must be a JSON object.")
         self.requests.append(body)
+        if forced := environ.get("HTTP_X_SIM_FAIL"):  # a header a routes file may set
+            body = {**body, "simulator": {**_options(body), "fail": forced, "fail_after": 0}}
         try:
             plan = make_plan(self._with_defaults(body), self.interval)
         except ValueError as exc:
@@ -396,6 +405,7 @@ class Simulator:
         self, body: dict, plan: Plan, model: str, write: Callable[[bytes], Any]
     ) -> Iterator[bytes]:
         self.active_streams += 1
+        self.peak_streams = max(self.peak_streams, self.active_streams)
         try:
             # pywsgi sends headers with the first non-empty chunk only; first_delay must come
             # after them (a real upstream answers headers as soon as it accepts the request).
@@ -473,9 +483,11 @@ def create_app(
     api_key: str | None = None,
     tokens: int = DEFAULT_TOKENS,
     reply: str | None = None,
+    models: tuple[str, ...] = ("simulator",),
 ) -> Simulator:
     """The simulator as a WSGI application (serve it with gevent.pywsgi for streaming)."""
-    return Simulator(interval=interval, api_key=api_key, tokens=tokens, reply=reply)
+    return Simulator(interval=interval, api_key=api_key, tokens=tokens, reply=reply,
+                     models=models)  # fmt: skip
 
 
 class QuietHandler(WSGIHandler):
@@ -513,13 +525,22 @@ def main(argv: list[str] | None = None) -> int:
         help="words per reply when a request names none",
     )
     parser.add_argument("--reply", default=None, help="the exact reply when a request names none")
+    parser.add_argument(
+        "--models", default="simulator", help="comma-separated model names /v1/models lists"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.tokens <= MAX_TOKENS:
         parser.error(f"--tokens must be between 0 and {MAX_TOKENS}")
 
     server = WSGIServer(
         (args.host, args.port),
-        create_app(args.interval, args.api_key, args.tokens, args.reply),
+        create_app(
+            args.interval,
+            args.api_key,
+            args.tokens,
+            args.reply,
+            tuple(m for m in args.models.split(",") if m),
+        ),  # fmt: skip
         backlog=4096,
         log=None,  # no access log: thousands of streams must stay cheap
         handler_class=QuietHandler,

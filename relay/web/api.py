@@ -196,6 +196,26 @@ def cancel_job(job_id: str):
     return jsonify({**status, **job_links(job_id, grant, creator=True)})
 
 
+@api.get("/v1/models")
+def list_models():
+    """The models the relay serves (OpenAI's shape); a key is needed when keys exist."""
+    require_api_key()
+    return jsonify({"object": "list", "data": state().models.listing()})
+
+
+@api.get("/v1/models/<path:model_id>")
+def get_model(model_id: str):
+    require_api_key()
+    found = state().models.find(model_id)
+    if found is None:
+        raise NotFound(
+            f"The model '{model_id}' does not exist or the relay does not serve it.",
+            param="model",
+            code="model_not_found",
+        )
+    return jsonify(found)
+
+
 @api.post("/v1/chat/completions")
 def chat_completions():
     submission = submit_job()

@@ -11,12 +11,14 @@ from functools import cached_property
 
 from flask import current_app
 
+from relay.core import routes
 from relay.core.connections import Client, connect
 from relay.core.conversations import Conversations
 from relay.core.jobs import JobStore
 from relay.core.settings import Settings
 from relay.web.fanout import Hub
 from relay.web.limits import Throttle
+from relay.web.models import ModelCatalog
 
 
 class RelayState:
@@ -24,6 +26,7 @@ class RelayState:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.routes = routes.load(settings)  # a bad routes file stops the app here
         self._hub: Hub | None = None
         # Open streams by client address and by read token (relay.web.streams' caps).
         self.open_streams: Counter[str] = Counter()
@@ -53,6 +56,10 @@ class RelayState:
             max_context_tokens=self.settings.max_context_tokens,
             max_response_tokens=self.settings.max_response_tokens,
         )
+
+    @cached_property
+    def models(self) -> ModelCatalog:
+        return ModelCatalog(self.redis, self.routes)
 
     @cached_property
     def throttle(self) -> Throttle:

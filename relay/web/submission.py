@@ -138,6 +138,14 @@ def _submit(throttle: Throttle, caller: str, concurrency: int, body: Any) -> Sub
         max_tokens=config.max_tokens,
     )
     body = validate_chat_request(body, default_model=config.default_model, limits=limits)
+    model = body.get("model") or ""
+    if not relay.routes.targets(model):
+        raise NotFound(
+            f"The model '{model}' does not exist or the relay does not serve it "
+            "(GET /v1/models lists those it does).",
+            param="model",
+            code="model_not_found",
+        )
     owner = g.api_key["id"] if g.get("api_key") else ""
     if "parentMessageId" in body:
         guessing.check()

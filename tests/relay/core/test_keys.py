@@ -47,6 +47,11 @@ def test_api_key_limit_and_metric_keys_are_pinned():
     assert keys.METRICS == "relay:metrics"
 
 
+def test_upstream_keys_are_pinned_and_carry_the_upstream_as_a_hash_tag():
+    assert keys.upstream_streams("local") == "relay:{upstream:local}:streams"
+    assert keys.upstream_models("local") == "relay:{upstream:local}:models"
+
+
 def test_this_file_pins_every_key_the_schema_defines():
     """A key added to relay/core/keys.py without a line here fails this test."""
     public = {

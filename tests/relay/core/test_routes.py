@@ -1,0 +1,98 @@
+"""The routes file: which upstreams serve which models, and what a bad file says."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from relay.core import routes
+from relay.core.routes import RoutesError
+from relay.core.settings import Settings
+
+EXAMPLE = """
+[upstreams.local]
+base_url = "http://127.0.0.1:8082/v1"
+max_streams = 4
+
+[upstreams.hosted]
+base_url = "https://api.example.com/v1"
+api_key_env = "HOSTED_KEY"
+headers = { "X-Team" = "drafts" }
+read_timeout = 90
+
+[[routes]]
+model = "small"
+upstreams = ["local"]
+
+[[routes]]
+model = "gpt-*"
+upstreams = ["hosted", "local"]
+rename = { local = "small" }
+"""
+
+
+def parsed(text: str = EXAMPLE, **settings: object) -> routes.Routes:
+    return routes.parse(tomllib.loads(text), Settings(**settings), {"HOSTED_KEY": "sk-h"})
+
+
+def test_models_go_to_their_routes_in_order_with_renames():
+    table = parsed()
+    assert [(t.upstream.name, t.model) for t in table.targets("small")] == [("local", "small")]
+    assert [(t.upstream.name, t.model) for t in table.targets("gpt-4o")] == [
+        ("hosted", "gpt-4o"),
+        ("local", "small"),
+    ]
+    assert table.targets("claude") == []
+    assert table.targets("")[0].model == Settings().default_model  # gpt-* takes the default
+    assert parsed(default_model="claude").targets("") == table.targets("small")  # the first
+    assert parsed(default_model="gpt-x").targets("")[0].model == "gpt-x"
+    hosted = table.upstreams["hosted"]
+    assert hosted.api_key == "sk-h" and dict(hosted.headers) == {"X-Team": "drafts"}
+    assert hosted.read_timeout == 90 and hosted.chat_url.endswith("/v1/chat/completions")
+    assert table.upstreams["local"].max_streams == 4 and hosted.max_streams == 0
+    assert table.declared_models() == [("small", "local")]
+
+
+def test_without_a_file_every_model_goes_to_the_one_upstream():
+    table = routes.load(Settings(upstream_base_url="http://up:1/v1", upstream_api_key="k"))
+    (target,) = table.targets("anything")
+    assert target.upstream.base_url == "http://up:1/v1" and target.upstream.api_key == "k"
+    assert not table.from_file and table.declared_models() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[[routes]]\nmodel='a'\nupstreams=['x']", "no [upstreams.NAME] table"),
+        ("[upstreams.x]\nbase_url='http://x'", "no [[routes]] entry"),
+        ("[upstreams.x]\nbase_url='ftp://x'\n[[routes]]\nmodel='a'\nupstreams=['x']",
+         "http:// or https://"),
+        ("[upstreams.x]\nbase_url='http://x'\n[[routes]]\nmodel='a'\nupstreams=['y']",
+         "unknown upstreams: y"),
+        ("[upstreams.x]\nbase_url='http://x'\napi_key_env='NOPE'\n[[routes]]\nmodel='a'\n"
+         "upstreams=['x']", "NOPE is not set"),
+        ("[upstreams.x]\nbase_url='http://x'\nmax_streams=-1\n[[routes]]\nmodel='a'\n"
+         "upstreams=['x']", "max_streams must be a number of at least 0"),
+        ("[upstreams.x]\nbase_url='http://x'\ncolour='red'\n[[routes]]\nmodel='a'\n"
+         "upstreams=['x']", "unknown keys: colour"),
+        ("[upstreams.'a b']\nbase_url='http://x'\n[[routes]]\nmodel='a'\nupstreams=['a b']",
+         "upstream name 'a b'"),
+        ("[upstreams.x]\nbase_url='http://x'\n[[routes]]\nmodel='a'\nupstreams=['x']\n"
+         "rename={y='b'}", "rename must map upstreams of the route"),
+    ],
+)  # fmt: skip
+def test_a_bad_file_says_what_is_wrong(text: str, says: str):
+    with pytest.raises(RoutesError) as error:
+        parsed(text)
+    assert str(error.value).startswith("routes: ") and says in str(error.value)
+
+
+def test_an_unreadable_or_invalid_file_names_itself(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(RoutesError, match=f"RELAY_UPSTREAMS_FILE='{missing}'"):
+        routes.load(Settings(upstreams_file=str(missing)))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[upstreams\n")
+    with pytest.raises(RoutesError, match="not valid TOML"):
+        routes.load(Settings(upstreams_file=str(broken)))

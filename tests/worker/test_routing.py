@@ -1,0 +1,253 @@
+"""Several upstreams from a routes file (RELAY_UPSTREAMS_FILE), against real processes: models
+routed to their upstreams, fallback before the first chunk and never after it, a cap on one
+upstream's streams across workers, and /v1/models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from relay.dev.simulator import reply_text
+from tests.conftest import Stack, free_port, start_process, wait_for
+from tests.helpers import chat_body, read_stream
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@contextlib.contextmanager
+def upstream(log_dir: Path, name: str, *args: str) -> Iterator[tuple[str, object]]:
+    """A simulator process of its own: (base URL without /v1, its Proc)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "relay.dev.simulator", "--port", str(port), *args]
+    proc = start_process(name, cmd, log_dir)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: requests.get(f"{base}/healthz", timeout=1).ok, 15, name)
+        yield base, proc
+    finally:
+        proc.stop()
+
+
+def sim_models(base: str) -> list[str]:
+    return [r.get("model") for r in requests.get(f"{base}/_sim/requests", timeout=5).json()]
+
+
+def routes_file(tmp_path: Path, text: str) -> dict[str, str]:
+    path = tmp_path / "routes.toml"
+    path.write_text(text)
+    return {"RELAY_UPSTREAMS_FILE": str(path)}
+
+
+def job_for(base: str, model: str, **simulator: object) -> dict:
+    body = {**chat_body(f"for {model}", **simulator), "model": model}
+    response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+@pytest.fixture
+def two(log_dir: Path) -> Iterator[tuple[str, str]]:
+    with upstream(log_dir, "sim-a", "--interval", "0.01", "--models", "alpha,alpha-mini") as (a, _):
+        with upstream(log_dir, "sim-b", "--interval", "0.01", "--models", "beta") as (b, _):
+            yield a, b
+
+
+def test_each_model_goes_to_its_upstream_and_the_status_says_which(stack: Stack, two, tmp_path):
+    a, b = two
+    stack.env.update(
+        routes_file(
+            tmp_path,
+            f"""
+[upstreams.a]
+base_url = "{a}/v1"
+[upstreams.b]
+base_url = "{b}/v1"
+[[routes]]
+model = "alpha*"
+upstreams = ["a"]
+[[routes]]
+model = "fast"
+upstreams = ["b"]
+rename = {{ b = "beta" }}
+""",
+        )
+    )
+    base = stack.start_web()
+    stack.start_worker()
+    for model, served_by, sent_as in (("alpha-mini", "a", "alpha-mini"), ("fast", "b", "beta")):
+        job = job_for(base, model, tokens=5)
+        received, _ = read_stream(job["events_url"])
+        assert received.done and not received.errors
+        assert received.text == reply_text({"simulator": {"tokens": 5}})
+        status = requests.get(job["status_url"], timeout=5).json()
+        assert status["upstream"] == served_by and status["model"] == model
+        assert sent_as in sim_models(a if served_by == "a" else b)
+    refused = requests.post(f"{base}/v1/jobs", json={**chat_body(), "model": "gamma"}, timeout=5)
+    assert refused.status_code == 404
+    assert refused.json()["error"]["code"] == "model_not_found"
+    assert refused.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize("failure", ["refused", "status_429", "status_500"])
+def test_a_failure_before_the_first_chunk_moves_the_job_to_the_next_upstream(
+    stack: Stack, two, tmp_path, failure: str
+):
+    a, b = two
+    first = f"http://127.0.0.1:{free_port()}/v1" if failure == "refused" else f"{a}/v1"
+    headers = "" if failure == "refused" else f'headers = {{ "X-Sim-Fail" = "{failure}" }}'
+    stack.env.update(
+        routes_file(
+            tmp_path,
+            f"""
+[upstreams.first]
+base_url = "{first}"
+{headers}
+[upstreams.second]
+base_url = "{b}/v1"
+[[routes]]
+model = "*"
+upstreams = ["first", "second"]
+""",
+        )
+    )
+    base = stack.start_web()
+    stack.start_worker()
+    job = job_for(base, "anything", tokens=8)
+    received, _ = read_stream(job["events_url"])
+    assert received.done and not received.errors
+    assert received.ids == list(range(1, len(received.ids) + 1))  # one clean stream
+    assert received.text == reply_text({"simulator": {"tokens": 8}})
+    assert requests.get(job["status_url"], timeout=5).json()["upstream"] == "second"
+    metrics = requests.get(f"{base}/metrics", timeout=5).text
+    assert 'relay_upstream_fallbacks_total{upstream="first"} 1.0' in metrics
+    assert 'relay_upstream_requests_total{upstream="second"} 1.0' in metrics
+    klass = {"refused": "unreachable", "status_429": "http_429", "status_500": "http_5xx"}
+    assert (
+        f'relay_upstream_failures_total{{class="{klass[failure]}",upstream="first"}}' in (metrics)
+        or f'relay_upstream_failures_total{{upstream="first",class="{klass[failure]}"}}' in metrics
+    )
+
+
+def test_a_failure_after_the_first_chunk_stays_where_it_is(stack: Stack, two, tmp_path):
+    a, b = two
+    stack.env.update(
+        routes_file(
+            tmp_path,
+            f"""
+[upstreams.first]
+base_url = "{a}/v1"
+[upstreams.second]
+base_url = "{b}/v1"
+[[routes]]
+model = "*"
+upstreams = ["first", "second"]
+""",
+        )
+    )
+    base = stack.start_web()
+    stack.start_worker()
+    requests.delete(f"{b}/_sim/requests", timeout=5)
+    job = job_for(base, "anything", tokens=8, fail="error_after", fail_after=3)
+    received, _ = read_stream(job["events_url"])
+    assert received.done and received.errors  # the viewer sees the failure...
+    assert sim_models(b) == []  # ...and the second upstream never saw the job
+    assert requests.get(job["status_url"], timeout=5).json()["status"] == "failed"
+
+
+def test_a_capped_upstream_never_carries_more_than_its_cap(stack: Stack, log_dir, tmp_path):
+    with upstream(log_dir, "sim-capped", "--interval", "0.05") as (capped, _):
+        stack.env.update(
+            routes_file(
+                tmp_path,
+                f"""
+[upstreams.small]
+base_url = "{capped}/v1"
+max_streams = 2
+[[routes]]
+model = "*"
+upstreams = ["small"]
+""",
+            )
+        )
+        base = stack.start_web()
+        stack.start_worker()
+        stack.start_worker()  # the cap holds across worker processes
+        jobs = [job_for(base, "m", tokens=10) for _ in range(6)]
+        results: list = []
+        threads = [threading.Thread(target=lambda j=j: results.append(read_stream(
+            j["events_url"], timeout=60)[0])) for j in jobs]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(results) == 6 and all(r.done and not r.errors for r in results)
+        stats = requests.get(f"{capped}/_sim/stats", timeout=5).json()
+        print(f"\nfigure: 6 jobs on an upstream capped at 2: peak {stats['peak_streams']} streams")
+        assert stats["peak_streams"] == 2 and stats["total_requests"] == 6
+
+
+def test_v1_models_lists_both_upstreams_and_survives_one_being_down(
+    stack: Stack, log_dir, tmp_path
+):
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    with upstream(log_dir, "sim-a", "--models", "alpha,alpha-mini,other") as (a, _):
+        with upstream(log_dir, "sim-b", "--models", "beta") as (b, b_proc):
+            stack.env.update(
+                routes_file(
+                    tmp_path,
+                    f"""
+[upstreams.a]
+base_url = "{a}/v1"
+[upstreams.b]
+base_url = "{b}/v1"
+[upstreams.down]
+base_url = "{down}"
+[[routes]]
+model = "alpha*"
+upstreams = ["a"]
+[[routes]]
+model = "beta"
+upstreams = ["b"]
+[[routes]]
+model = "offline-model"
+upstreams = ["down"]
+""",
+                )
+            )
+            web = stack.start_web()
+            listed = requests.get(f"{web}/v1/models", timeout=10)
+            assert listed.status_code == 200
+            body = listed.json()
+            assert body["object"] == "list"
+            ids = [m["id"] for m in body["data"]]
+            # alpha and alpha-mini from a ("other" routes nowhere), beta from b, and the
+            # down upstream's model because a route names it.
+            assert ids == ["alpha", "alpha-mini", "beta", "offline-model"]
+            assert {m["owned_by"] for m in body["data"]} == {"a", "b", "down"}
+            client = openai.OpenAI(base_url=f"{web}/v1", api_key="unused", max_retries=0)
+            assert [m.id for m in client.models.list()] == ids
+            assert client.models.retrieve("beta").owned_by == "b"
+            missing = requests.get(f"{web}/v1/models/gpt-9", timeout=5)
+            assert missing.status_code == 404
+            assert missing.json()["error"]["code"] == "model_not_found"
+            b_proc.stop()  # b goes away: its last list is kept
+        again = requests.get(f"{web}/v1/models", timeout=10)
+        assert again.status_code == 200
+        assert [m["id"] for m in again.json()["data"]] == ids
+    assert "upstream down: model list unavailable" in stack.procs[0].output()
+    # With keys configured, listing models needs one.
+    stack.redis().sadd("relay:apikeys", "0" * 64)
+    wait_for(lambda: requests.get(f"{web}/v1/models", timeout=5).status_code == 401, 5,
+             "models to need a key")  # fmt: skip
+    assert json.loads(requests.get(f"{web}/v1/models", timeout=5).text)["error"]["code"] == (
+        "invalid_api_key"
+    )
