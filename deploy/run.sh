@@ -102,6 +102,20 @@ start_local_model() {
   http_ok "http://127.0.0.1:$MODEL_PORT/v1/models" || { echo "the model server did not start: $STATE/model.log" >&2; exit 1; }
   export RELAY_UPSTREAM_BASE_URL="http://127.0.0.1:$MODEL_PORT/v1"
   export RELAY_DEFAULT_MODEL="${RELAY_DEFAULT_MODEL:-smollm2}"
+  # One upstream serving one named model: the page's picker (from /v1/models) shows its name.
+  if [ -z "${RELAY_UPSTREAMS_FILE:-}" ]; then
+    cat >"$STATE/routes.toml" <<EOF_ROUTES
+# Written by deploy/run.sh: the local model (README, "Several models and upstreams").
+[upstreams.local]
+base_url = "http://127.0.0.1:$MODEL_PORT/v1"
+read_timeout = 120
+
+[[routes]]
+model = "smollm2"
+upstreams = ["local"]
+EOF_ROUTES
+    export RELAY_UPSTREAMS_FILE="$STATE/routes.toml"
+  fi
   export RELAY_MAX_CONTEXT_TOKENS="${RELAY_MAX_CONTEXT_TOKENS:-2048}"
   export RELAY_MAX_RESPONSE_TOKENS="${RELAY_MAX_RESPONSE_TOKENS:-512}"
 }

@@ -6,6 +6,7 @@ import { followJob, samePath } from "./stream.js";
 
 const STORAGE_KEY = "chat-relay:conversation";
 const KEY_STORAGE = "chat-relay:api-key"; // the API key this browser sends, if it was given one
+const MODEL_STORAGE = "chat-relay:model"; // the model picked, "" for the relay's default
 const $ = (id) => document.getElementById(id);
 const ui = {
   scroller: $("scroller"),
@@ -21,6 +22,7 @@ const ui = {
   keyForm: $("key-form"),
   keyInput: $("key-input"),
   keyHelp: $("key-help"),
+  model: $("model"),
 };
 const KEY_HELP = ui.keyHelp.textContent;
 
@@ -163,6 +165,7 @@ async function send(prompt) {
 
   const request = { prompt };
   if (chat.parentMessageId) request.parentMessageId = chat.parentMessageId;
+  if (ui.model.value) request.model = ui.model.value;
   let response, answer;
   const key = apiKey();
   try {
@@ -300,8 +303,46 @@ ui.keyButton.addEventListener("click", () => askForKey());
 ui.keyDialog.addEventListener("close", () => {
   if (ui.keyDialog.returnValue === "save") setApiKey(ui.keyInput.value.trim());
   else if (ui.keyDialog.returnValue === "forget") setApiKey("");
+  if (ui.keyDialog.returnValue) loadModels(); // a key may show models it could not before
   ui.keyInput.value = "";
   ui.prompt.focus();
+});
+
+// ---- the model picker ----------------------------------------------------------------------
+
+function storedModel() {
+  try {
+    return localStorage.getItem(MODEL_STORAGE) || "";
+  } catch {
+    return "";
+  }
+}
+
+/** Offer the models the relay lists (GET /v1/models); hidden if it lists none or refuses. */
+async function loadModels() {
+  const key = apiKey();
+  let models = [];
+  try {
+    const response = await fetch("/v1/models", {
+      headers: key ? { Authorization: `Bearer ${key}` } : {},
+    });
+    if (response.ok) models = ((await response.json()).data || []).map((m) => m.id);
+  } catch {
+    // the relay is unreachable: sending will say so
+  }
+  ui.model.replaceChildren(ui.model.options[0]);
+  for (const id of models) ui.model.append(new Option(id, id));
+  const wanted = storedModel();
+  ui.model.value = models.includes(wanted) ? wanted : "";
+  ui.model.hidden = models.length === 0;
+}
+
+ui.model.addEventListener("change", () => {
+  try {
+    localStorage.setItem(MODEL_STORAGE, ui.model.value);
+  } catch {
+    // storage disabled: the choice holds for this page view
+  }
 });
 
 // ---- controls ----------------------------------------------------------------------------
@@ -371,6 +412,7 @@ function resume() {
 }
 
 showKeyState();
+loadModels();
 drawAll();
 resume();
 ui.prompt.focus();

@@ -526,6 +526,7 @@ def test_errors_are_shown(context: BrowserContext, fast: str):
 def test_the_page_asks_for_a_key_and_sends_the_one_it_was_given(browser: Browser, keyed: str):
     context = browser.new_context()
     page, problems = open_page(context, f"{keyed}/")
+    expect(page.locator("#model")).to_be_hidden()  # /v1/models needs the key too
     sent: list[str | None] = []
     page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")
             and sent.append(r.headers.get("authorization")))  # fmt: skip
@@ -544,6 +545,7 @@ def test_the_page_asks_for_a_key_and_sends_the_one_it_was_given(browser: Browser
     page.locator("#key-input").fill(PAGE_KEY)
     page.locator("#key-save").click()
     expect(page.locator("#key-dialog")).to_be_hidden()
+    expect(page.locator("#model")).to_be_visible()  # the key shows the relay's models
     page.locator("#send").click()
     reply = last_reply(page)
     expect(reply).to_have_attribute("data-status", "done")
@@ -573,6 +575,27 @@ def test_the_page_asks_for_a_key_and_sends_the_one_it_was_given(browser: Browser
     assert not problems and not watcher_problems
     context.close()
     stranger.close()
+
+
+def test_the_model_picker_lists_the_relays_models_and_remembers_the_choice(
+    context: BrowserContext, fast: str
+):
+    page, problems = open_page(context, f"{fast}/")
+    picker = page.locator("#model")
+    expect(picker).to_be_visible()
+    expect(picker.locator("option")).to_have_text(["Default", "simulator"])
+    posted: list[dict] = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")
+            and posted.append(r.post_data_json))  # fmt: skip
+    send(page, "With the default")
+    expect(last_reply(page)).to_have_attribute("data-status", "done")
+    picker.select_option("simulator")
+    page.reload()
+    expect(page.locator("#model")).to_have_value("simulator")  # remembered
+    send(page, "With a model")
+    expect(last_reply(page)).to_have_attribute("data-status", "done")
+    assert "model" not in posted[0] and posted[1]["model"] == "simulator"
+    assert not problems
 
 
 def test_an_error_in_the_stream_is_shown(context: BrowserContext, broken: str):
