@@ -19,17 +19,25 @@ class ChunkedError(ValueError):
 class ChunkedDecoder:
     """Feed the raw body as it arrives; get the payload bytes back. :attr:`done` at the end."""
 
-    __slots__ = ("_left", "_crlf", "_line", "done")
+    __slots__ = ("_left", "_crlf", "_line", "done", "complete", "extra")
 
     def __init__(self) -> None:
         self._left = 0  # payload bytes still to come in the current chunk
         self._crlf = b""  # the part of the CRLF after a chunk's payload still expected
-        self._line = b""  # an incomplete chunk-size line
-        self.done = False  # the last (zero-size) chunk was seen; trailers are not read
+        self._line = b""  # an incomplete chunk-size (or trailer) line
+        self.done = False  # the last (zero-size) chunk was seen: the payload is over
+        # The body's very end (the blank line after any trailers) was seen too, and what came
+        # after it (``extra``): a connection whose body ended with nothing after it may carry
+        # another request.
+        self.complete = False
+        self.extra = b""
 
     def feed(self, data: bytes) -> bytes:
         """The payload in ``data``; raises :class:`ChunkedError` on a framing error."""
-        if self.done or not data:
+        if self.done:
+            self._trailer(data)
+            return b""
+        if not data:
             return b""
         out: list[bytes] = []
         pos, end = 0, len(data)
@@ -59,9 +67,24 @@ class ChunkedDecoder:
                 size = _chunk_size(line)
                 if size == 0:
                     self.done = True
+                    self._trailer(data[pos:])
                     break
                 self._left = size
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _trailer(self, data: bytes) -> None:
+        """After the last chunk: trailer lines up to a blank one (the body's end)."""
+        if self.complete:
+            self.extra += data
+            return
+        self._line += data
+        while (newline := self._line.find(b"\n")) >= 0:
+            line, self._line = self._line[:newline], self._line[newline + 1 :]
+            if line in (b"", b"\r"):
+                self.complete, self.extra, self._line = True, self._line, b""
+                return
+        if len(self._line) > _MAX_SIZE_LINE:
+            self._line = self._line[-_MAX_SIZE_LINE:]  # never complete: the connection closes
 
 
 def _chunk_size(line: bytes) -> int:

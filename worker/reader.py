@@ -167,8 +167,9 @@ def iter_chunks(response: requests.Response) -> Iterator[Chunk]:
 
 def follow_chunks(
     response: requests.Response, on_chunk: Callable[[str, dict[str, Any]], None], timeout: float
-) -> None:
-    """Call ``on_chunk`` for each chunk up to ``[DONE]``, from the event loop; return at the end.
+) -> bool:
+    """Call ``on_chunk`` for each chunk up to ``[DONE]``, from the event loop; return at the end,
+    saying whether the connection may carry another request (:func:`keep_alive`).
 
     The same outcomes as iterating :func:`iter_chunks` (and an exception from ``on_chunk``
     ends the stream with it), but each chunk is handled by a callback of the event loop the
@@ -181,7 +182,7 @@ def follow_chunks(
     if body is None or not isinstance(sock, socket.socket):
         for data, chunk in iter_chunks(response):
             on_chunk(data, chunk)
-        return
+        return False
     parser = ChunkParser()
     ended: AsyncResult = AsyncResult()
     loop = gevent.get_hub().loop
@@ -222,7 +223,7 @@ def follow_chunks(
         handle(body.read())
         if ended.ready():
             ended.get()
-            return
+            return _ended_cleanly(body, sock)
         sock.settimeout(0.0)
         watcher = loop.io(sock.fileno(), 1)  # 1: readable
         ticker = loop.timer(timeout / 4, timeout / 4)
@@ -236,3 +237,29 @@ def follow_chunks(
             ticker.stop()
             watcher.close()
             ticker.close()
+        return _ended_cleanly(body, sock)
+
+
+def _ended_cleanly(body: _ChunkedBody, sock: socket.socket) -> bool:
+    """Whether the body ended exactly: its last chunk and final blank line read, and nothing
+    after them. [DONE] usually comes in the same write as the body's end; if the end is not
+    there yet, it is not waited for (the connection is closed instead).
+
+    Every byte read so far went through the decoder: ``read1`` hands over all that http.client
+    had buffered (less than one read's size), and after it the socket is read directly.
+    """
+    framing = body.framing
+    if not framing.complete and not isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(0.0)
+        with contextlib.suppress(OSError):  # BlockingIOError: not there yet
+            framing.feed(sock.recv(_READ_SIZE))
+    return framing.complete and not framing.extra
+
+
+def keep_alive(response: requests.Response) -> None:
+    """Give the connection of a body that ended cleanly back to the session's pool, for the
+    next job to the same upstream (a new connection costs a TCP handshake, and TLS's)."""
+    inner = response.raw._fp  # http.client's response: closing it leaves the socket open
+    if inner is not None:
+        inner.close()
+        response.raw.release_conn()

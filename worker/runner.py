@@ -23,7 +23,7 @@ from relay.core.routes import Routes, Target, Upstream
 
 from . import moderation
 from .publisher import Publisher
-from .reader import follow_chunks
+from .reader import follow_chunks, keep_alive
 from .slots import UpstreamSlots
 from .upstream import UpstreamError, open_stream, sanitize
 
@@ -147,7 +147,8 @@ def _follow(
     ctx: JobContext, response: requests.Response, relay: Any, upstream: Upstream, relayed: Any
 ) -> None:
     try:  # publishing only queues, so chunks are handled from the event loop
-        follow_chunks(response, relay, upstream.read_timeout)
+        if follow_chunks(response, relay, upstream.read_timeout):
+            keep_alive(response)  # the next job to this upstream skips the handshake
     except UpstreamError as exc:
         with contextlib.suppress(RedisError):
             metrics.upstream_failure(ctx.store.redis, upstream.name, exc.status, exc.code)

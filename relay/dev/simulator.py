@@ -248,6 +248,7 @@ class Simulator:
         self.requests: deque[Any] = deque(maxlen=MAX_RECORDED)
         self.active_streams = 0
         self.peak_streams = 0  # the most streams at once since the stats were last reset
+        self.connections = 0  # TCP connections accepted (keep-alive clients reuse theirs)
         self.total_requests = 0
         self.moderations = 0
 
@@ -275,6 +276,7 @@ class Simulator:
                 stats = {
                     "active_streams": self.active_streams,
                     "peak_streams": self.peak_streams,
+                    "connections": self.connections,
                     "total_requests": self.total_requests,
                     "moderations": self.moderations,
                 }
@@ -496,6 +498,9 @@ class QuietHandler(WSGIHandler):
     def handle(self) -> None:
         # Small SSE writes must leave at once, not wait for the previous segment's ACK.
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        app = self.server.application
+        if isinstance(app, Simulator):
+            app.connections += 1  # /_sim/stats: how many connections clients opened
         super().handle()
 
     def handle_error(self, t: type, v: BaseException, tb: Any) -> None:

@@ -34,6 +34,23 @@ def test_nothing_after_the_last_chunk_is_payload() -> None:
     assert decoder.done and decoder.feed(b"3\r\nxyz\r\n") == b""
 
 
+@pytest.mark.parametrize("cut", range(1, len(BODY)))
+def test_the_very_end_is_seen_however_split_and_nothing_after_it(cut: int) -> None:
+    decoder = ChunkedDecoder()
+    decoder.feed(BODY[:cut])
+    decoder.feed(BODY[cut:])
+    assert decoder.complete and decoder.extra == b""  # the connection may carry another request
+
+
+def test_bytes_after_the_end_or_a_missing_blank_line_keep_a_connection_from_reuse() -> None:
+    after = ChunkedDecoder()
+    after.feed(b"2\r\nab\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert after.complete and after.extra == b"HTTP/1.1 200 OK\r\n"
+    unfinished = ChunkedDecoder()
+    unfinished.feed(b"2\r\nab\r\n0\r\n")
+    assert unfinished.done and not unfinished.complete
+
+
 def test_an_unfinished_body_is_not_done() -> None:
     assert decode([b"5\r\nhel"]) == (b"hel", False)
 

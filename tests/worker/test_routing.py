@@ -251,3 +251,18 @@ upstreams = ["down"]
     assert json.loads(requests.get(f"{web}/v1/models", timeout=5).text)["error"]["code"] == (
         "invalid_api_key"
     )
+
+
+def test_jobs_to_one_upstream_reuse_one_connection(stack: Stack, log_dir):
+    with upstream(log_dir, "sim-warm", "--interval", "0.001") as (sim, _):
+        stack.upstream = f"{sim}/v1"
+        base = stack.start_web()
+        stack.start_worker()
+        before = requests.get(f"{sim}/_sim/stats", timeout=5).json()["connections"]
+        for n in range(5):
+            job = job_for(base, "m", tokens=3)
+            received, _ = read_stream(job["events_url"])
+            assert received.done and not received.errors, n
+        after = requests.get(f"{sim}/_sim/stats", timeout=5).json()["connections"]
+        # One connection for five jobs (the stats request itself is one more).
+        assert after - before - 1 == 1
