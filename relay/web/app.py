@@ -16,6 +16,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from relay.core.errors import RelayError, Unavailable
 from relay.core.settings import Settings
 from relay.web.api import api
+from relay.web.backend_api import backend_api
 from relay.web.chatgpt_web import chatgpt_web
 from relay.web.http_errors import error_response, from_http_exception
 from relay.web.origins import guard
@@ -66,6 +67,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None) -> Flask:
     guard(app, settings)
     app.register_blueprint(api)
     app.register_blueprint(chatgpt_web)
+    app.register_blueprint(backend_api)
     app.register_blueprint(pages)
 
     @app.errorhandler(RelayError)
