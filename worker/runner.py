@@ -77,7 +77,7 @@ def _open_with_retries(
     """Retry what may pass (refused, 429, 5xx), only before anything was published."""
     attempt = 0
     while True:
-        metrics.upstream_request(ctx.store.redis, upstream.name)
+        _off_the_path(metrics.upstream_request, ctx.store.redis, upstream.name)
         try:
             return open_stream(ctx.session, upstream, body)
         except UpstreamError as exc:
@@ -123,6 +123,16 @@ def _observe_first_chunk(redis: Any, seconds: float, upstream: str, sent_at: flo
             metrics.upstream_first_token(redis, upstream, upstream_seconds)
 
     gevent.spawn(observe)
+
+
+def _off_the_path(count: Any, *args: Any) -> None:
+    """A metric written by its own greenlet: the first token does not wait for Redis."""
+
+    def write() -> None:
+        with contextlib.suppress(RedisError):
+            count(*args)
+
+    gevent.spawn(write)
 
 
 def _targets(ctx: JobContext, model: str) -> list[Target]:
@@ -233,7 +243,7 @@ def _stream(
                 sent = {**body, "model": target.model} if target.model else body
                 response = _open_with_retries(ctx, job_id, sent, target.upstream)
                 if ctx.routes is not None and ctx.routes.from_file:
-                    store.served_by(job_id, serving)
+                    _off_the_path(store.served_by, job_id, serving)
                 _follow(ctx, response, relay, target.upstream, relayed)
             break
         except UpstreamError as exc:
