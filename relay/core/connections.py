@@ -81,11 +81,19 @@ def oldest_version(client: Client) -> tuple[int, ...]:
     return min(tuple(int(p) for p in str(i["redis_version"]).split(".")[:2]) for i in infos)
 
 
-def script_pipe(client: Client, pipe: Any) -> Any:
-    """Where to run a script that goes with a pipeline's commands: in the pipeline (one round
-    trip), or, on a cluster, whose pipelines refuse scripts, at once (``None``: the script's
-    own client)."""
-    return None if isinstance(client, RedisCluster) else pipe
+def script_in(client: Client, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> Any:
+    """Run ``script`` with a pipeline's commands: queued in ``pipe`` (its result comes with the
+    pipeline's; returns None), or, on a cluster, whose pipelines refuse scripts, at once (returns
+    its result).
+
+    Queued as ``EVAL`` with the script's text: a pipeline's ``EVALSHA`` makes redis-py ask
+    ``SCRIPT EXISTS`` for every script first, a round trip per request on the first token's path
+    (the text is a few hundred bytes; Redis caches the compiled script by its hash).
+    """
+    if isinstance(client, RedisCluster):
+        return script(keys=keys, args=args)
+    pipe.eval(script.script, len(keys), *keys, *args)
+    return None
 
 
 class Router:

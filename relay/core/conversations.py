@@ -29,7 +29,7 @@ from typing import Any
 
 from relay.core import keys, tokens
 from relay.core.chunks import dumps, loads
-from relay.core.connections import Client, as_text, script_pipe
+from relay.core.connections import Client, as_text, script_in
 from relay.core.errors import InvalidRequest, NotFound
 from relay.core.settings import Settings
 
@@ -285,7 +285,7 @@ class Conversations:
             # in the same round trip.
             first = 1
             pipe = self.redis.pipeline(transaction=False)
-            self._append(keys=key, args=args, client=script_pipe(self.redis, pipe))
+            script_in(self.redis, pipe, self._append, key, args)
             self._point(question_id, conversation_id, len(records), draft.system, pipe)
             pipe.execute()
         else:
@@ -314,10 +314,12 @@ class Conversations:
         record = _record("assistant", text, cost)
         tokens_, rest = record.split(" ", 1)
         pipe = self.redis.pipeline(transaction=False)
-        self._reply(
-            keys=[keys.conversation(turn.conversation_id)],
-            args=[self.ttl, turn.reply_number, f"{tokens_} {turn.parent_number} {rest}"],
-            client=script_pipe(self.redis, pipe),
+        script_in(
+            self.redis,
+            pipe,
+            self._reply,
+            [keys.conversation(turn.conversation_id)],
+            [self.ttl, turn.reply_number, f"{tokens_} {turn.parent_number} {rest}"],
         )
         self._point(turn.message_id, turn.conversation_id, turn.reply_number, turn.system, pipe)
         pipe.execute()

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 
 from relay.core import keys, metrics
 from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
-from relay.core.connections import Client, as_text, script_pipe
+from relay.core.connections import Client, as_text, script_in
 from relay.core.conversations import Turn
 from relay.core.scripts import Scripts
 from relay.core.status import TERMINAL, JobStatus, Recovery
@@ -85,7 +85,7 @@ class JobStore:
         # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
         # is stored before the id is queued.
         pipe = self.redis.pipeline(transaction=False)
-        self.scripts.create(keys=job_keys, args=args, client=script_pipe(self.redis, pipe))
+        script_in(self.redis, pipe, self.scripts.create, job_keys, args)
         pipe.lpush(keys.PENDING, job_id)
         metrics.count(pipe, "jobs_created")
         pipe.execute()
@@ -152,13 +152,11 @@ class JobStore:
     def add_viewer(self, job_id: str, delta: int) -> int:
         """Count viewers across processes; the count after the change."""
         pipe = self.redis.pipeline(transaction=False)
-        into = script_pipe(self.redis, pipe)
-        now = self.scripts.viewers(
-            keys=[keys.job(job_id), keys.viewers(job_id)], args=[delta], client=into
-        )
+        job_keys = [keys.job(job_id), keys.viewers(job_id)]
+        at_once = script_in(self.redis, pipe, self.scripts.viewers, job_keys, [delta])
         metrics.count(pipe, "viewers", delta)
         results = pipe.execute()
-        return int(results[0] if into is not None else now)
+        return int(results[0] if at_once is None else at_once)
 
     def load(self, job_id: str) -> tuple[dict[str, Any], Turn | None, float]:
         """What a worker needs to run the job: the upstream request, its conversation turn,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT = 5.0  # seconds for Redis to confirm a subscription before a viewer gets 503
 READ_WAIT = 1.0  # the dispatcher wakes at least this often (to PING a quiet connection)
 ERROR_PAUSE = 0.1  # after an unexpected error in dispatching: do not spin on a poisoned read
+LINGER_SECONDS = 60.0  # a node's subscription connection outlives its last channel this long
 
 
 class LiveEvent(NamedTuple):
@@ -389,14 +391,21 @@ class _Link:
 
     def _run(self) -> None:
         backoff = Backoff()
+        idle_since: float | None = None
         while self.channels or self.pubsub is not None:
             try:
                 if self.pubsub is None:
                     self._connect()
                 if self.broken:
                     raise ConnectionError("a pub/sub command failed")
-                if not self.channels and not self.unacked:
-                    break  # every channel moved away or ended: this node is not needed
+                if self.channels or self.unacked:
+                    idle_since = None
+                elif idle_since is None:
+                    # Kept open a while: the next job's first viewer would otherwise pay for a
+                    # new connection (its handshake was a fifth of the first chunk's overhead).
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > LINGER_SECONDS:
+                    break  # every channel moved away or ended long ago: this node is not needed
                 for reply in self.pubsub.read(timeout=READ_WAIT):  # type: ignore[union-attr]
                     try:
                         self._dispatch(reply)
@@ -404,11 +413,13 @@ class _Link:
                         logger.exception("fan-out dispatcher error")
                 backoff.reset()
             except (RedisError, OSError) as exc:
+                self._reset()
+                if not self.channels:
+                    break  # nobody to reconnect for
                 delay = backoff.next()
                 logger.warning(
                     "pub/sub connection %s lost (%s); retrying in %.1fs", self.name, exc, delay
                 )
-                self._reset()
                 self.hub.reroute(set(self.channels))  # a node that failed over is another now
                 gevent.sleep(delay)
             except Exception:
