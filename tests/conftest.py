@@ -177,6 +177,21 @@ def simulator(log_dir: Path) -> Iterator[str]:
         proc.stop()
 
 
+@contextlib.contextmanager
+def simulator_process(log_dir: Path, name: str, *args: str) -> Iterator[tuple[str, Proc]]:
+    """A simulator process of one test's own, with server-wide options: (its base URL without
+    /v1, the process)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "relay.dev.simulator", "--port", str(port), *args]
+    proc = start_process(name, cmd, log_dir)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: requests.get(f"{base}/healthz", timeout=1).ok, 15, name)
+        yield base, proc
+    finally:
+        proc.stop()
+
+
 @dataclass
 class Stack:
     """Relay processes against one Redis database; everything started is stopped at teardown."""

@@ -37,13 +37,14 @@ TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 
 def registered_scripts() -> dict[str, str]:
     """sha1 -> name of every Lua script the relay registers."""
-    names = ("CREATE", "PUBLISH", "FINISH", "CLAIM", "VIEWERS", "RECOVER", "RELEASE_CLAIM")
+    names = ("CREATE", "PUBLISH", "FINISH", "CLAIM", "VIEWERS", "RECOVER", "RELEASE_CLAIM",
+             "ACQUIRE_SLOT")  # fmt: skip
     sources = {name: getattr(scripts, name) for name in names}
-    sources |= {f"limits.{n}": getattr(limits, n) for n in ("_RATE", "_ACQUIRE", "_FAILURE")}
+    sources |= {f"limits.{n}": getattr(limits, n) for n in ("_RATE", "_FAILURE")}
     sources |= {
         f"conversations.{n}": getattr(conversations, n) for n in ("_APPEND", "_HISTORY", "_REPLY")
     }
-    sources |= {f"slots.{n}": getattr(slots, n) for n in ("_TAKE", "_RENEW")}
+    sources |= {"slots._RENEW": slots._RENEW}
     return {hashlib.sha1(source.encode()).hexdigest(): name for name, source in sources.items()}
 
 

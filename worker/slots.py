@@ -17,20 +17,10 @@ from relay.core import keys
 from relay.core.backoff import Backoff
 from relay.core.connections import Client
 from relay.core.routes import Upstream
+from relay.core.scripts import ACQUIRE_SLOT
 
 logger = logging.getLogger(__name__)
 
-# KEYS: the upstream's set. ARGV: cap, job id, lease (ms). 1 if the job now holds a slot.
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
 
 # KEYS: the upstream's set. ARGV: lease (ms), job ids. Pushes the held slots' leases forward.
 _RENEW = """
@@ -52,7 +42,7 @@ class UpstreamSlots:
     def __init__(self, redis: Client, lease_seconds: float) -> None:
         self.redis = redis
         self.lease_ms = int(lease_seconds * 1000)
-        self._take = redis.register_script(_TAKE)
+        self._take = redis.register_script(ACQUIRE_SLOT)
         self._renew = redis.register_script(_RENEW)
         self.held: dict[str, set[str]] = {}  # upstream name -> job ids
 

@@ -67,6 +67,20 @@ MAX_TOOL_CALLS = 128  # tool calls in one reply: their index sizes a list, so it
 _OPTIONAL_TEXT = (str, type(None))
 
 
+def failure(chunk: Any) -> str | None:
+    """What a relayed chunk says went wrong, for renderers of other formats: the message of
+    its error object, or why its shape is unusable (workers refuse those); None for a good
+    chunk."""
+    problem = malformed(chunk) if isinstance(chunk, dict) else "not an object"
+    if problem:
+        return f"The upstream's reply was malformed: {problem}."
+    error = chunk.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else None
+        return str(message or "The upstream failed.")
+    return None
+
+
 def malformed(chunk: dict[str, Any]) -> str | None:
     """What is wrong with a ``chat.completion.chunk``'s shape, or None if nothing is.
 

@@ -146,6 +146,22 @@ return 1
 """
 
 
+# A capped set of slots held under a lease: a caller's concurrent jobs (relay.web.limits), an
+# upstream's streams (worker.slots). KEYS: the set. ARGV: cap, holder (a job id), lease (ms).
+# Each member is scored by when its slot lapses unless renewed. Returns 1 if the holder has a
+# slot now (it may already have had it), 0 at the cap.
+ACQUIRE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
 class Scripts:
     """The scripts registered on one client (``EVALSHA`` with a transparent ``EVAL`` fallback)."""
 

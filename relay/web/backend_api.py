@@ -25,7 +25,7 @@ from typing import Any
 
 from flask import Blueprint, Response, g
 
-from relay.core.chunks import dumps, loads, malformed
+from relay.core.chunks import dumps, failure, loads
 from relay.core.conversations import Turn
 from relay.core.errors import InvalidRequest, NotFound
 from relay.web import guessing
@@ -164,11 +164,7 @@ def conversation_events(events: Iterator[LiveEvent | None], turn: Turn) -> Itera
             yield b"data: [DONE]\n\n"
             return
         chunk = loads(live.data)
-        problem = malformed(chunk) if isinstance(chunk, dict) else "not an object"
-        if problem or chunk.get("error"):
-            error = chunk.get("error") if not problem else None
-            message = error.get("message") if isinstance(error, dict) else None
-            why = str(message or f"The upstream's reply was malformed: {problem}.")
+        if (why := failure(chunk)) is not None:
             yield event("finished_with_error", True, why)
             continue
         choice = (chunk.get("choices") or [{}])[0]

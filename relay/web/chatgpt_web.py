@@ -21,7 +21,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from relay.core import apikeys
-from relay.core.chunks import dumps, loads, malformed
+from relay.core.chunks import dumps, failure, loads
 from relay.core.conversations import Turn
 from relay.core.errors import InvalidRequest, RelayError, Unauthorized
 from relay.web import guessing
@@ -150,16 +150,9 @@ def chat_process_lines(events: Iterator[LiveEvent | None], turn: Turn) -> Iterat
         if event.done:
             return
         chunk = loads(event.data)
-        problem = malformed(chunk) if isinstance(chunk, dict) else "not an object"
-        if problem or chunk.get("error"):
-            # A chunk of an odd shape (workers refuse them) ends the stream as an error too.
-            error = chunk.get("error") if not problem else None
-            message = error.get("message") if isinstance(error, dict) else None
-            line: dict[str, Any] = {
-                "status": "Fail",
-                "message": str(message or f"The upstream's reply was malformed: {problem}."),
-                "data": None,
-            }
+        # A chunk of an odd shape (workers refuse them) ends the stream as an error too.
+        if (why := failure(chunk)) is not None:
+            line: dict[str, Any] = {"status": "Fail", "message": why, "data": None}
         else:
             choice = (chunk.get("choices") or [{}])[0]
             delta = (choice.get("delta") or {}).get("content") or ""

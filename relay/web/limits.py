@@ -13,6 +13,7 @@ import secrets
 
 from relay.core import keys
 from relay.core.connections import Client
+from relay.core.scripts import ACQUIRE_SLOT
 
 # A sliding log: one member per admitted request in the last window. KEYS: the caller's log.
 # ARGV: limit, window (ms), a unique member. Returns 0 if admitted, else milliseconds until the
@@ -31,18 +32,8 @@ redis.call('PEXPIRE', KEYS[1], window)
 return 0
 """
 
-# The caller's unfinished jobs, each scored by when its slot lapses on its own (a job that
-# expires unfinished must not hold a slot for ever). KEYS: the caller's set. ARGV: limit,
-# job id, lease (ms). Returns 1 if the job may start, 0 if the caller is at the limit.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
+# The caller's unfinished jobs hold slots (relay.core.scripts.ACQUIRE_SLOT) whose lease is the
+# job's maximum age: a job that expires unfinished must not hold a slot for ever.
 
 # A failed credential check (a wrong key, token, secret or message id). KEYS: the caller's
 # failure log, its blocked flag. ARGV: limit, window (ms), a unique member. Past the limit in
@@ -69,7 +60,7 @@ class Throttle:
     def __init__(self, redis: Client) -> None:
         self.redis = redis
         self._rate = redis.register_script(_RATE)
-        self._acquire = redis.register_script(_ACQUIRE)
+        self._acquire = redis.register_script(ACQUIRE_SLOT)
         self._failure = redis.register_script(_FAILURE)
 
     def hit(self, caller: str, per_minute: int) -> tuple[int, str]:

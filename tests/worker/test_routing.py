@@ -5,9 +5,7 @@ upstream's streams across workers, and /v1/models.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,24 +15,11 @@ import pytest
 import requests
 
 from relay.dev.simulator import reply_text
-from tests.conftest import Stack, free_port, start_process, wait_for
+from tests.conftest import Stack, free_port, wait_for
+from tests.conftest import simulator_process as upstream
 from tests.helpers import chat_body, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@contextlib.contextmanager
-def upstream(log_dir: Path, name: str, *args: str) -> Iterator[tuple[str, object]]:
-    """A simulator process of its own: (base URL without /v1, its Proc)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "relay.dev.simulator", "--port", str(port), *args]
-    proc = start_process(name, cmd, log_dir)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: requests.get(f"{base}/healthz", timeout=1).ok, 15, name)
-        yield base, proc
-    finally:
-        proc.stop()
 
 
 def sim_models(base: str) -> list[str]:

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import re
 import socket
-import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -35,8 +34,7 @@ from tests.conftest import (
     ROOT,
     free_port,
     relay_stack,
-    start_process,
-    wait_for,
+    simulator_process,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -67,24 +65,10 @@ def greet(name: str) -> str:
 # ---- processes ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def simulator_process(log_dir: Path, name: str, *args: str) -> Iterator[str]:
-    """An own simulator process with server-wide options; its base URL (without /v1)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "relay.dev.simulator", "--port", str(port), *args]
-    proc = start_process(name, cmd, log_dir)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: requests.get(f"{base}/healthz", timeout=1).ok, 15, name)
-        yield base
-    finally:
-        proc.stop()
-
-
 @pytest.fixture(scope="module")
 def slow_sim(log_dir: Path) -> Iterator[str]:
     args = ("--interval", str(SLOW_INTERVAL), "--tokens", str(SLOW_TOKENS))
-    with simulator_process(log_dir, "simulator-slow", *args) as base:
+    with simulator_process(log_dir, "simulator-slow", *args) as (base, _):
         yield base
 
 
@@ -115,7 +99,7 @@ def keyed(redis_server: str, slow_sim: str, log_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def markdown(redis_server: str, log_dir: Path) -> Iterator[str]:
     sim_args = ("--interval", "0.01", "--reply", HOSTILE_REPLY)
-    with simulator_process(log_dir, "simulator-markdown", *sim_args) as sim:
+    with simulator_process(log_dir, "simulator-markdown", *sim_args) as (sim, _):
         with relay_stack(redis_server, f"{sim}/v1", log_dir) as (_, base):
             yield base
 
