@@ -386,11 +386,10 @@ def run_job(ctx: JobContext, job_id: str) -> None:
 
 def _run(ctx: JobContext, job_id: str) -> None:
     store = ctx.store
-    attempt = store.claim(job_id, ctx.worker_id)
+    attempt, body, turn, created_at = store.claim_and_load(job_id, ctx.worker_id)
     if not attempt:
         logger.info("job %s is no longer queued; skipping", job_id)
         return
-    body, turn, created_at = store.load(job_id)
     if not body.get("model") and ctx.default_model:
         body["model"] = ctx.default_model
     logger.info("job %s started (attempt %d)", job_id, attempt)

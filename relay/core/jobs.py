@@ -188,7 +188,23 @@ class JobStore:
 
     def claim(self, job_id: str, worker_id: str) -> int:
         """Mark a job running for this worker; the attempt number fences later writes (0: skip)."""
-        return int(self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()]))
+        return self.claim_and_load(job_id, worker_id)[0]
+
+    def claim_and_load(
+        self, job_id: str, worker_id: str
+    ) -> tuple[int, dict[str, Any], Turn | None, float]:
+        """:meth:`claim`, with what :meth:`load` gives, in one round trip (attempt 0: skip)."""
+        reply = self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()])
+        attempt = int(reply[0])
+        if not attempt:
+            return 0, {}, None, 0.0
+        raw, turn, created = (reply + [None, None, None])[1:4]
+        return (
+            attempt,
+            loads(raw) if raw else {},
+            Turn.from_json(turn) if turn else None,
+            float(created or 0),
+        )
 
     def served_by(self, job_id: str, upstream: str) -> None:
         """Record which upstream serves the job (its status says so)."""
