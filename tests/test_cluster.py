@@ -27,13 +27,30 @@ def status_of(job: dict) -> dict:
     return requests.get(job["status_url"], timeout=5).json()
 
 
+def jobs_on_every_master(
+    base: str, cluster, body_for, each: int, most: int = 40
+) -> list[dict]:  # fmt: skip
+    """Jobs made until every master owns at least ``each`` of them (job ids hash to slots at
+    random: nine jobs miss one of three masters about one time in thirteen)."""
+    jobs: list[dict] = []
+    per_master: dict[int, int] = {}
+    while len(per_master) < 3 or min(per_master.values()) < each:
+        assert len(jobs) < most, f"{most} jobs did not cover every master: {per_master}"
+        job = create_job(base, body_for(len(jobs)))
+        jobs.append(job)
+        port = cluster.master_of(keys.job(job["id"])).port
+        per_master[port] = per_master.get(port, 0) + 1
+    return jobs
+
+
 def test_jobs_spread_over_every_master_and_viewers_join_late_and_resume(
     cluster_stack: Stack, redis_cluster
 ):
     web_a, web_b = cluster_stack.start_web(), cluster_stack.start_web()
     cluster_stack.start_worker()
-    jobs = [create_job(web_a, chat_body(f"spread {i}", tokens=30, interval=0.02))
-            for i in range(12)]  # fmt: skip
+    jobs = jobs_on_every_master(
+        web_a, redis_cluster, lambda i: chat_body(f"spread {i}", tokens=30, interval=0.02), 2
+    )
     masters = {redis_cluster.master_of(keys.job(job["id"])).port for job in jobs}
     assert len(masters) == 3, f"jobs landed on {len(masters)} masters"
     results: dict[tuple[int, str], object] = {}
@@ -135,8 +152,9 @@ def test_a_master_killed_mid_stream_fails_over_and_nobody_hangs(
 ):
     base = cluster_stack.start_web()
     cluster_stack.start_worker()
-    jobs = [create_job(base, chat_body(f"failover {i}", tokens=150, interval=0.03))
-            for i in range(9)]  # fmt: skip
+    jobs = jobs_on_every_master(
+        base, redis_cluster, lambda i: chat_body(f"failover {i}", tokens=150, interval=0.03), 2
+    )
     owner = {job["id"]: redis_cluster.master_of(keys.job(job["id"])).port for job in jobs}
     assert len(set(owner.values())) == 3
     seen: dict[str, object] = {}

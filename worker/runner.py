@@ -284,7 +284,12 @@ def _complete(
     if not ctx.publisher.flush(job_id, attempt):
         raise JobLost(job_id)
     if turn is not None:
-        ctx.conversations.save_reply(turn, text, _counted_off_the_loop(text))
+        try:
+            ctx.conversations.save_reply(turn, text, _counted_off_the_loop(text))
+        except RedisError as exc:
+            # On a cluster the conversation may live on a node that is failing over: the reply
+            # still reaches its viewers, it just cannot be followed up.
+            logger.warning("job %s: reply not saved in its conversation (%s)", job_id, exc)
     if not ctx.store.complete(job_id, attempt, finish_reason, usage):
         raise JobLost(job_id)
 

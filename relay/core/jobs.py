@@ -4,13 +4,14 @@ makes while it runs one. Every write that adds events goes through :mod:`relay.c
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from relay.core import keys, metrics
 from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
@@ -261,14 +262,18 @@ class JobStore:
         args: list[Any] = ["" if attempt is None else attempt, status, self.retention, len(events)]
         ended = bool(self.scripts.finish(keys=keys.end_keys(job_id), args=args + events + pairs))
         if ended:
-            metrics.job_finished(self.redis, status)
+            with contextlib.suppress(RedisError):  # a counter never holds up a job's end
+                metrics.job_finished(self.redis, status)
         return ended
 
     def _release_slot(self, job_id: str) -> None:
-        """Free the concurrency slot the job holds, if it holds one (idempotent)."""
+        """Free the concurrency slot the job holds, if it holds one (idempotent). The caller's
+        keys may live on another cluster node than the job's; if that one is unreachable, the
+        slot lapses with its lease instead."""
         caller = as_text(self.redis.hget(keys.job(job_id), "limited_as"))
         if caller:
-            self.redis.zrem(keys.active(caller), job_id)
+            with contextlib.suppress(RedisError):
+                self.redis.zrem(keys.active(caller), job_id)
 
     def complete(
         self, job_id: str, attempt: int, finish_reason: str | None, usage: dict | None
