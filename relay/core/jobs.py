@@ -159,18 +159,6 @@ class JobStore:
         results = pipe.execute()
         return int(results[0] if at_once is None else at_once)
 
-    def load(self, job_id: str) -> tuple[dict[str, Any], Turn | None, float]:
-        """What a worker needs to run the job: the upstream request, its conversation turn,
-        and when it was created."""
-        raw, turn, created = self.redis.hmget(
-            keys.job(job_id), "request", "conversation", "created_at"
-        )
-        return (
-            loads(raw) if raw else {},
-            Turn.from_json(turn) if turn else None,
-            float(created or 0),
-        )
-
     def turn(self, job_id: str) -> Turn | None:
         raw = self.redis.hget(keys.job(job_id), "conversation")
         return Turn.from_json(raw) if raw else None
@@ -194,7 +182,8 @@ class JobStore:
     def claim_and_load(
         self, job_id: str, worker_id: str
     ) -> tuple[int, dict[str, Any], Turn | None, float]:
-        """:meth:`claim`, with what :meth:`load` gives, in one round trip (attempt 0: skip)."""
+        """:meth:`claim`, with what the worker runs the job with: its upstream request,
+        conversation turn and creation time, in the same round trip (attempt 0: skip)."""
         reply = self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()])
         attempt = int(reply[0])
         if not attempt:

@@ -121,9 +121,6 @@ class Routes:
         """(model, upstream) for every route that names one model exactly."""
         return [(r.pattern, r.upstreams[0]) for r in self.routes if r.exact]
 
-    def capped(self) -> list[Upstream]:
-        return [u for u in self.upstreams.values() if u.max_streams > 0]
-
 
 def single(settings: Settings) -> Routes:
     """The one-upstream shorthand: every model goes to ``RELAY_UPSTREAM_BASE_URL``."""

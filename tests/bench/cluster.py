@@ -23,7 +23,6 @@ import redis  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from relay.core import keys  # noqa: E402
 from tests.bench.run import Bench, CpuMeter, Row, children, machine, print_table  # noqa: E402
 from tests.cluster import Cluster, start_cluster  # noqa: E402
 from tests.conftest import Stack  # noqa: E402
@@ -46,9 +45,6 @@ class ClusterBench(Bench):
         if self.cluster is not None:  # every node, masters and replicas, is the relay's Redis
             meter.parts["redis"] = [node.proc.pid for node in self.cluster.nodes]
         return meter
-
-    def log_length(self, job_id: str) -> int:
-        return int(self.redis.llen(keys.events(job_id)))
 
     def node_ports(self) -> list[int]:
         if self.cluster is None:

@@ -32,7 +32,7 @@ def test_create_stores_and_queues_atomically(store):
     assert store.redis.lrange(keys.PENDING, 0, -1) == [job_id.encode()]
     status = store.status(job_id)
     assert status["status"] == "queued" and status["text"] == "" and status["events"] == 0
-    assert store.load(job_id)[0] == REQUEST
+    assert store.claim_and_load(job_id, "w1")[1] == REQUEST
     assert 0 < store.redis.ttl(keys.job(job_id)) <= 600
 
 

@@ -156,3 +156,23 @@ def test_backend_api_jobs_are_watchable_and_conversations_stay_their_owners(stac
     assert backend_post(base, follow_up, watch_token).status_code == 401
     bad = backend_post(base, {"action": "variant", "messages": []}, "owner-key")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "action"
+
+
+def test_on_an_open_relay_a_watch_link_continues_no_backend_api_conversation(stack):
+    base = stack.start_web()  # no keys: the message id itself is the secret
+    stack.start_worker()
+    with backend_post(base, new_message("mine"), "", stream=True) as answer:
+        events_url = answer.headers["X-Relay-Events-Url"]
+        lines = [line for line in answer.iter_lines() if line.startswith(b"data: {")]
+    conversation = json.loads(lines[-1][6:])["conversation_id"]
+    watched, _ = read_stream(events_url)  # all a watch-link holder sees
+    job_id = events_url.split("/v1/jobs/")[1].split("/")[0]
+    token = events_url.split("token=")[1]
+    chunk_id = json.loads(watched.data[0])["id"]
+    for parent in (job_id, token, chunk_id):
+        for conversation_id in (conversation, str(uuid.uuid4())):
+            follow_up = new_message("theirs", parent_message_id=parent,
+                                    conversation_id=conversation_id)  # fmt: skip
+            refused = backend_post(base, follow_up, token)
+            assert refused.status_code == 404, (parent, refused.text)
+            assert refused.json()["error"]["code"] == "message_not_found"
