@@ -45,6 +45,7 @@ from tests.bench.loadgen import DATA, STAMP, request_bytes  # noqa: E402
 from tests.conftest import Proc, Stack, free_port, start_process, wait_for  # noqa: E402
 
 INTERVAL = 0.02  # a chunk every 20 ms: 50 tokens/s, a fast model
+FIRST_INTERVAL = 0.005  # the first-chunk jobs' 3 tokens: short jobs, one after another
 
 
 @dataclass
@@ -544,11 +545,18 @@ class Bench:
             extra={"per_viewer_kib": per_viewer / 1024},
         )  # fmt: skip
 
-    def first_chunk(self, base: str, jobs: int) -> list[Row]:
-        """Time from POST to the first chunk, through the relay and directly, interleaved."""
+    def first_chunk(self, base: str, jobs: int, *, leave: bool = False) -> list[Row]:
+        """Time from POST to the first chunk, through the relay and directly, interleaved.
+
+        Each client reads its stream to the end, as a chat client does: the job completes and
+        its upstream connection goes back to the worker's pool for the next job. With
+        ``leave``, each client hangs up at the first chunk instead: the relay cancels the
+        job, closing its upstream connection (that is how an upstream is told to stop), so
+        every job opens a new one.
+        """
         relay_times: list[float] = []
         direct_times: list[float] = []
-        body = json.dumps(sim_body(3, stream=True)).encode()
+        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
 
         def one(url: str, into: list[float]) -> None:
             parts = urlsplit(url)
@@ -562,6 +570,10 @@ class Bench:
                         return
                     buf += more
                 into.append(time.monotonic() - started)
+                while not leave and b"data: [DONE]" not in buf:
+                    if not (more := sock.recv(65536)):
+                        break
+                    buf = buf[-16:] + more
 
         for _ in range(jobs):
             one(f"{base}/v1/chat/completions", relay_times)
@@ -570,12 +582,14 @@ class Bench:
         overhead = (
             f"overhead p50 {(r.p50 - d.p50) * 1e3:.1f} ms, p99 {(r.p99 - d.p99) * 1e3:.1f} ms"
         )
+        scenario = "enqueue to first chunk" + (", client leaves at it" if leave else "")
+        how = "each job cancelled by its client at the first chunk" if leave else "read to [DONE]"
         return [
-            latency_row("enqueue to first chunk", "relay", f"{jobs:,} jobs, one at a time", 0,
-                        relay_times, f"POST to first chunk; {overhead}",
+            latency_row(scenario, "relay", f"{jobs:,} jobs, one at a time", 0,
+                        relay_times, f"POST to first chunk ({how}); {overhead}",
                         overhead_p50_ms=(r.p50 - d.p50) * 1e3,
                         overhead_p99_ms=(r.p99 - d.p99) * 1e3),
-            latency_row("enqueue to first chunk", "floor", f"{jobs:,} requests, direct", 0,
+            latency_row(scenario, "floor", f"{jobs:,} requests, direct", 0,
                         direct_times, "the simulator's own time to first chunk"),
         ]  # fmt: skip
 
@@ -690,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         if "first" in wanted:
             base = bench.relay(1)[0]
             rows += bench.first_chunk(base, 10 if smoke else 1000)
+            rows += bench.first_chunk(base, 10 if smoke else 1000, leave=True)
             print(rows[-1].cells(), flush=True)
             bench.stop_relays()
         if "worker" in wanted:
