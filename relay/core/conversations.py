@@ -271,8 +271,12 @@ class Conversations:
             history.append({"role": role, "content": loads(content)})
         return history
 
-    def save(self, draft: Draft) -> Turn:
-        """Store the draft's new messages after its parent: the turn the job will answer."""
+    def save(self, draft: Draft, pipe: Any = None) -> Turn:
+        """Store the draft's new messages after its parent: the turn the job will answer.
+
+        With ``pipe``, what can wait is queued there, for the caller to send with its own
+        writes (a new conversation's, on one Redis, all of it); without, it is sent here.
+        """
         parent = draft.parent
         conversation_id = parent.conversation_id if parent else new_message_id()
         records = [_record(m.get("role"), m.get("content")) for m in draft.new]
@@ -280,21 +284,23 @@ class Conversations:
         args: list[str | int] = [self.ttl, str(parent.number) if parent else NO_PARENT, draft.owner,
                 draft.system or NO_PARENT, draft.system_text, len(records), *records]  # fmt: skip
         message_id, question_id = new_message_id(), new_message_id()
+        own = pipe is None
+        if own:
+            pipe = self.redis.pipeline(transaction=False)
         if parent is None:
             # A new conversation numbers its messages from 1: the question's id can be written
             # in the same round trip.
             first = 1
-            pipe = self.redis.pipeline(transaction=False)
             script_in(self.redis, pipe, self._append, key, args)
-            self._point(question_id, conversation_id, len(records), draft.system, pipe)
-            pipe.execute()
         else:
             first = int(self._append(keys=key, args=args))
             if not first:  # expired between prepare and save
                 raise NotFound(
                     "The conversation expired.", param="parentMessageId", code="message_not_found"
                 )
-            self._point(question_id, conversation_id, first + len(records) - 1, draft.system)
+        self._point(question_id, conversation_id, first + len(records) - 1, draft.system, pipe)
+        if own:
+            pipe.execute()
         return Turn(
             conversation_id=conversation_id,
             message_id=message_id,
@@ -323,6 +329,13 @@ class Conversations:
         )
         self._point(turn.message_id, turn.conversation_id, turn.reply_number, turn.system, pipe)
         pipe.execute()
+
+    def forget(self, draft: Draft, turn: Turn) -> None:
+        """Undo :meth:`save` for a turn whose job was never stored: its question's id goes,
+        and a new conversation with it (an older one keeps the messages, which no id names)."""
+        self.redis.delete(keys.message(turn.parent_message_id))
+        if draft.parent is None:
+            self.redis.delete(keys.conversation(turn.conversation_id))
 
     def _point(
         self, message_id: str, conversation_id: str, number: int, system: str, pipe: Any = None

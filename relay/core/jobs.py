@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from relay.core import keys, metrics
@@ -22,6 +23,10 @@ from relay.core.status import TERMINAL, JobStatus, Recovery
 
 _JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{24}")
 LOG_PAGE = 500  # replay-log entries read per round trip: a resuming viewer's memory is bounded
+
+
+class QueueFull(Exception):
+    """The queue holds its cap of jobs already: the job was not stored."""
 
 
 def new_job_id() -> str:
@@ -58,12 +63,17 @@ class JobStore:
         grant: Mapping[str, str] | None = None,
         job_id: str | None = None,
         limited_as: str = "",
+        max_queued: int = 0,
+        pipe: Any = None,
     ) -> str:
         """Store a job and queue it, atomically, so a queued id always has a job behind it.
 
         ``grant``: the fields that say who may watch and cancel it (:mod:`relay.web.access`);
         without them nobody may, by token. ``limited_as``: the caller whose concurrency slot
-        the job holds until it ends.
+        the job holds until it ends. ``max_queued``: raise :class:`QueueFull`, writing
+        nothing of the job, if the queue holds that many jobs already (0: no cap). ``pipe``:
+        a pipeline holding the caller's own writes (the job's conversation turn), sent first
+        in the same round trip.
         """
         job_id = job_id or new_job_id()
         fields: dict[str | bytes, str | int] = {
@@ -81,15 +91,27 @@ class JobStore:
             fields["limited_as"] = limited_as
         pairs = [item for pair in fields.items() for item in pair]
         job_keys: list[str] = [keys.job(job_id), keys.text(job_id)]
-        args: list[Any] = [self.max_age, *pairs]
-        # The job first, then its id on the queue, so that a queued id always has a job behind
-        # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
-        # is stored before the id is queued.
-        pipe = self.redis.pipeline(transaction=False)
-        script_in(self.redis, pipe, self.scripts.create, job_keys, args)
-        pipe.lpush(keys.PENDING, job_id)
+        pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
+        if isinstance(self.redis, RedisCluster):
+            # The queue lives in a slot of its own: checked first (concurrent requests may
+            # overshoot the cap by their number, which keeps it bounded all the same), then
+            # the job stored at once, then its id queued, in that order across the nodes.
+            if max_queued > 0 and self.redis.llen(keys.PENDING) >= max_queued:
+                pipe.execute()  # the caller's writes: it undoes them on QueueFull
+                raise QueueFull()
+            self.scripts.create(keys=job_keys, args=[self.max_age, *pairs])
+            pipe.lpush(keys.PENDING, job_id)
+            metrics.count(pipe, "jobs_created")
+            pipe.execute()
+            return job_id
+        # One Redis runs a pipeline in order, and the queue's cap is checked by the script that
+        # queues: everything a new job writes is one round trip.
+        args = [self.max_age, max_queued, job_id, *pairs]
+        script = self.scripts.create_queued
+        pipe.eval(script.script, 3, *job_keys, keys.PENDING, *args)
         metrics.count(pipe, "jobs_created")
-        pipe.execute()
+        if not pipe.execute()[-2]:
+            raise QueueFull()
         return job_id
 
     def exists(self, job_id: str) -> bool:

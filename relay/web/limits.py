@@ -98,11 +98,3 @@ class Throttle:
 
     def release(self, caller: str, job_id: str) -> None:
         self.redis.zrem(keys.active(caller), job_id)
-
-    def queue_full(self, max_queued: int) -> bool:
-        """Whether the queue holds ``max_queued`` jobs already (0: no cap).
-
-        Checked before queueing, not atomically with it: concurrent requests may overshoot the
-        cap by at most their number, which keeps the queue bounded all the same.
-        """
-        return max_queued > 0 and self.redis.llen(keys.PENDING) >= max_queued

@@ -22,7 +22,7 @@ from relay.core.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from relay.core.jobs import new_job_id
+from relay.core.jobs import QueueFull, new_job_id
 from relay.web import guessing
 from relay.web.access import Access
 from relay.web.limits import Throttle
@@ -97,13 +97,12 @@ def _admit(throttle: Throttle, caller: str, rpm: int) -> str:
     return counted
 
 
-def _check_queue(throttle: Throttle) -> None:
-    if throttle.queue_full(settings().max_queued_jobs):
-        raise Unavailable(
-            "The relay's queue is full; please try again shortly.",
-            code="queue_full",
-            headers={"Retry-After": str(settings().queue_full_retry_after)},
-        )
+def _queue_full() -> Unavailable:
+    return Unavailable(
+        "The relay's queue is full; please try again shortly.",
+        code="queue_full",
+        headers={"Retry-After": str(settings().queue_full_retry_after)},
+    )
 
 
 def submit_job(body: Any = None) -> Submission:
@@ -111,8 +110,9 @@ def submit_job(body: Any = None) -> Submission:
 
     The rate is counted first, so that a caller over it is refused before any work; a request
     refused after that (a 4xx: a bad body, an unknown parent, the concurrency limit, a full
-    queue's 503 too) gets its count back. Nothing is written before every limit has been
-    checked: a refused request leaves no trace.
+    queue's 503 too) gets its count back. A refused request leaves no trace: the queue's cap is
+    checked by the script that stores the job (one round trip with the turn's writes, which a
+    full queue takes back).
     """
     throttle = state().throttle
     caller, rpm, concurrency = _caller()
@@ -127,7 +127,6 @@ def submit_job(body: Any = None) -> Submission:
 
 
 def _submit(throttle: Throttle, caller: str, concurrency: int, body: Any) -> Submission:
-    _check_queue(throttle)
     if body is None:
         body = json_body()
     relay = state()
@@ -164,11 +163,17 @@ def _submit(throttle: Throttle, caller: str, concurrency: int, body: Any) -> Sub
         )
     grant = Access.new(owner=owner)
     try:
-        turn = relay.conversations.save(draft)
-        limited_as = caller if concurrency > 0 else ""
-        relay.store.create(
-            draft.request, turn, grant=grant.fields(), job_id=job_id, limited_as=limited_as
-        )
+        # The turn's writes and the job's go in one round trip where they can.
+        pipe = relay.redis.pipeline(transaction=False)
+        turn = relay.conversations.save(draft, pipe)
+        try:
+            relay.store.create(draft.request, turn, grant=grant.fields(), job_id=job_id,
+                               limited_as=caller if concurrency > 0 else "",
+                               max_queued=config.max_queued_jobs, pipe=pipe)  # fmt: skip
+        except QueueFull:
+            with contextlib.suppress(RedisError):  # the ids were never handed out
+                relay.conversations.forget(draft, turn)
+            raise _queue_full() from None
     except BaseException:
         throttle.release(caller, job_id)
         raise

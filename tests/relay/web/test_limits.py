@@ -111,10 +111,19 @@ def test_a_full_queue_answers_503_with_retry_after_and_keeps_what_it_has(stack):
     base = stack.start_web(env={"RELAY_MAX_QUEUED_JOBS": "3", "RELAY_QUEUE_FULL_RETRY_AFTER": "7"})
     jobs = [requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5) for _ in range(3)]
     assert [j.status_code for j in jobs] == [202] * 3
+    redis = stack.redis()
+
+    def stored() -> set[bytes]:
+        """Every key of a job or a conversation turn."""
+        return {k for k in redis.scan_iter("relay:*") if k.endswith((b":job", b":text",
+                b":conversation", b":message"))}  # fmt: skip
+
+    before = stored()
     full = requests.post(f"{base}/v1/jobs", json=chat_body(), timeout=5)
     assert full.status_code == 503 and full.headers["Retry-After"] == "7"
     assert full.json()["error"]["code"] == "queue_full"
-    assert stack.redis().llen("relay:{queue}:pending") == 3
+    assert redis.llen("relay:{queue}:pending") == 3
+    assert stored() == before  # the refused request's conversation turn was taken back
     stack.start_worker()  # the queue drains, every stored job completes, and new ones are taken
     for job in jobs:
         assert read_stream(job.json()["events_url"])[0].done
