@@ -29,6 +29,8 @@ def test_the_benchmark_suite_runs_at_tiny_loads(tmp_path):
         ("fan-out", "floor"), ("fan-out", "relay"), ("fan-out", "flask-sse"), ("fan-out", "kernel"),
         ("many jobs", "relay"), ("idle viewers", "relay"),
         ("enqueue to first chunk", "relay"), ("enqueue to first chunk", "floor"),
+        ("enqueue to first chunk, client leaves at it", "relay"),
+        ("enqueue to first chunk, client leaves at it", "floor"),
         ("worker capacity", "relay"),
     }  # fmt: skip
     for row in rows:
