@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from relay.core import keys, metrics
@@ -70,8 +69,8 @@ class JobStore:
 
         ``grant``: the fields that say who may watch and cancel it (:mod:`relay.web.access`);
         without them nobody may, by token. ``limited_as``: the caller whose concurrency slot
-        the job holds until it ends. ``max_queued``: raise :class:`QueueFull`, writing
-        nothing of the job, if the queue holds that many jobs already (0: no cap). ``pipe``:
+        the job holds until it ends. ``max_queued``: raise :class:`QueueFull`, the job taken
+        back, if the queue held that many jobs already (0: no cap). ``pipe``:
         a pipeline holding the caller's own writes (the job's conversation turn), sent first
         in the same round trip.
         """
@@ -91,28 +90,29 @@ class JobStore:
             fields["limited_as"] = limited_as
         pairs = [item for pair in fields.items() for item in pair]
         job_keys: list[str] = [keys.job(job_id), keys.text(job_id)]
+        # The job first, then its id on the queue, so that a queued id always has a job behind
+        # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
+        # is stored (at once) before the id is queued.
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        if isinstance(self.redis, RedisCluster):
-            # The queue lives in a slot of its own: checked first (concurrent requests may
-            # overshoot the cap by their number, which keeps it bounded all the same), then
-            # the job stored at once, then its id queued, in that order across the nodes.
-            if max_queued > 0 and self.redis.llen(keys.PENDING) >= max_queued:
-                pipe.execute()  # the caller's writes: it undoes them on QueueFull
-                raise QueueFull()
-            self.scripts.create(keys=job_keys, args=[self.max_age, *pairs])
-            pipe.lpush(keys.PENDING, job_id)
-            metrics.count(pipe, "jobs_created")
-            pipe.execute()
-            return job_id
-        # One Redis runs a pipeline in order, and the queue's cap is checked by the script that
-        # queues: everything a new job writes is one round trip.
-        args = [self.max_age, max_queued, job_id, *pairs]
-        script = self.scripts.create_queued
-        pipe.eval(script.script, 3, *job_keys, keys.PENDING, *args)
+        script_in(self.redis, pipe, self.scripts.create, job_keys, [self.max_age, *pairs])
+        pipe.lpush(keys.PENDING, job_id)
         metrics.count(pipe, "jobs_created")
-        if not pipe.execute()[-2]:
+        queued = pipe.execute()[-2]
+        # The cap is checked by the push itself (the queue is in a slot of its own, so no
+        # script can check and push with the job's writes): one round trip, not two.
+        if 0 < max_queued < queued and self._withdraw(job_id):
             raise QueueFull()
         return job_id
+
+    def _withdraw(self, job_id: str) -> bool:
+        """Take a job just queued off the queue and delete it, unless a worker has it already
+        (it then runs: the queue was draining)."""
+        if not self.redis.lrem(keys.PENDING, 1, job_id):
+            return False
+        self.redis.delete(keys.job(job_id))
+        self.redis.delete(keys.text(job_id))
+        metrics.count(self.redis, "jobs_created", -1)
+        return True
 
     def exists(self, job_id: str) -> bool:
         return is_job_id(job_id) and bool(self.redis.exists(keys.job(job_id)))

@@ -86,19 +86,6 @@ redis.call('SET', KEYS[2], '', 'EX', ARGV[1])
 return 1
 """
 
-# KEYS: job, text, the pending queue. ARGV: max age, the queue's cap (0: none), the job id, then
-# field/value pairs of the job hash. CREATE and the job's id queued, unless the queue holds the
-# cap already (0: nothing written). One Redis only: on a cluster the queue's slot is elsewhere.
-CREATE_QUEUED = """
-local cap = tonumber(ARGV[2])
-if cap > 0 and redis.call('LLEN', KEYS[3]) >= cap then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], '', 'EX', ARGV[1])
-redis.call('LPUSH', KEYS[3], ARGV[3])
-return 1
-"""
-
 # KEYS: job, viewers. ARGV: change. The viewer count after it; the counter expires with the job
 # (a counter of its own lifetime outlived short retentions by a day).
 VIEWERS = """
@@ -182,7 +169,6 @@ class Scripts:
 
     def __init__(self, redis: Client) -> None:
         self.create = redis.register_script(CREATE)
-        self.create_queued = redis.register_script(CREATE_QUEUED)
         self.publish = redis.register_script(PUBLISH)
         self.finish = redis.register_script(FINISH)
         self.claim = redis.register_script(CLAIM)

@@ -111,8 +111,8 @@ def submit_job(body: Any = None) -> Submission:
     The rate is counted first, so that a caller over it is refused before any work; a request
     refused after that (a 4xx: a bad body, an unknown parent, the concurrency limit, a full
     queue's 503 too) gets its count back. A refused request leaves no trace: the queue's cap is
-    checked by the script that stores the job (one round trip with the turn's writes, which a
-    full queue takes back).
+    checked by the push that queues the job (one round trip with the turn's writes), and a
+    full queue takes the job and the turn back.
     """
     throttle = state().throttle
     caller, rpm, concurrency = _caller()
