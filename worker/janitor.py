@@ -56,14 +56,22 @@ def sweep_orphans(
     return unrun - suspects
 
 
-def sweep(store: JobStore) -> int:
-    """One pass over dead workers; returns how many jobs were recovered.
+def sweep(store: JobStore, sweeper: str) -> int:
+    """One pass over dead workers other than ``sweeper`` (the worker running the sweep);
+    returns how many jobs were recovered.
+
+    The sweeper is alive whatever its heartbeat says: on a Redis Cluster the heartbeat lives on
+    one node, and a failover of that node can outlast the heartbeat's TTL. Taking itself for
+    dead, a worker would end every job it is streaming with ``worker_lost``.
 
     Safe to run from every worker at once: each job is handled by an atomic script that first
     removes it from the dead worker's list, so only one janitor acts on it.
     """
     recovered = 0
     for worker_id in queue.dead_workers(store.redis):
+        if worker_id == sweeper:
+            logger.warning("worker %s: its own heartbeat had lapsed (Redis unreachable?)", sweeper)
+            continue
         claims = queue.claimed_jobs(store.redis, worker_id)
         outcomes = recover_claims(
             store, worker_id, claims, LOST_MESSAGE, f"worker {worker_id} died"

@@ -137,7 +137,7 @@ class Worker:
             self.ctx.slots.renew()
 
     def _sweep(self) -> None:
-        janitor.sweep(self.store)
+        janitor.sweep(self.store, self.worker_id)
         self._suspects = janitor.sweep_orphans(
             self.store, self.worker_id, set(self.running), self._suspects
         )
