@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import requests
 
@@ -148,3 +152,46 @@ def create_job(base: str, body: dict) -> dict:
 def status_url(response: requests.Response) -> str:
     """The tokened status URL of the job behind a streamed ``/v1/chat/completions`` answer."""
     return response.headers["X-Relay-Events-Url"].replace("/events?", "?", 1)
+
+
+TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+
+
+class Monitor:
+    """Every command one Redis runs, as (client address, [arguments]), from ``MONITOR``."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlparse(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+        self.sock.sendall(b"MONITOR\r\n")
+        self.file = self.sock.makefile("rb")
+        assert self.file.readline() == b"+OK\r\n"
+        self.commands: list[tuple[str, list[bytes]]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        self.sock.settimeout(None)
+        for line in self.file:
+            # +1700000000.123456 [0 127.0.0.1:5000] "EVALSHA" "..." ...
+            head, _, rest = line.partition(b"] ")
+            client = head.rpartition(b" ")[2].decode()
+            args = [unescape(m) for m in TOKEN.findall(rest)]
+            if args:
+                self.commands.append((client, args))
+
+    def stop(self) -> list[tuple[str, list[bytes]]]:
+        self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end of the stream
+        self.thread.join(5)
+        self.file.close()  # the socket is only released once its file is closed too
+        self.sock.close()
+        return list(self.commands)
+
+
+def unescape(token: bytes) -> bytes:
+    return re.sub(
+        rb"\\(x[0-9a-f]{2}|.)",
+        lambda m: bytes([int(m[1][1:], 16)]) if m[1].startswith(b"x")
+        else {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}.get(m[1], m[1]),
+        token,
+    )  # fmt: skip

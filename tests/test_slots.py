@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import signal
-import socket
-import threading
 from collections import defaultdict
-from urllib.parse import urlparse
 
 import pytest
 import requests
@@ -24,7 +20,7 @@ from redis.crc import key_slot
 from relay.core import apikeys, conversations, scripts
 from relay.web import limits
 from tests.conftest import Stack, wait_for
-from tests.helpers import chat_body, read_stream
+from tests.helpers import Monitor, chat_body, read_stream
 from worker import slots
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -32,7 +28,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 # Commands whose arguments after the name are all keys, or whose first two are.
 ALL_KEYS = {"DEL", "UNLINK", "EXISTS", "MGET", "TOUCH", "WATCH", "SINTER", "SUNION", "SDIFF"}
 TWO_KEYS = {"BLMOVE", "LMOVE", "RPOPLPUSH", "BRPOPLPUSH", "SMOVE", "RENAME", "COPY"}
-TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"')
 
 
 def registered_scripts() -> dict[str, str]:
@@ -46,46 +41,6 @@ def registered_scripts() -> dict[str, str]:
     }
     sources |= {"slots._RENEW": slots._RENEW}
     return {hashlib.sha1(source.encode()).hexdigest(): name for name, source in sources.items()}
-
-
-class Monitor:
-    """Every command one Redis runs, as (client address, [arguments]), from ``MONITOR``."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlparse(url)
-        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
-        self.sock.sendall(b"MONITOR\r\n")
-        self.file = self.sock.makefile("rb")
-        assert self.file.readline() == b"+OK\r\n"
-        self.commands: list[tuple[str, list[bytes]]] = []
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        self.sock.settimeout(None)
-        for line in self.file:
-            # +1700000000.123456 [0 127.0.0.1:5000] "EVALSHA" "..." ...
-            head, _, rest = line.partition(b"] ")
-            client = head.rpartition(b" ")[2].decode()
-            args = [unescape(m) for m in TOKEN.findall(rest)]
-            if args:
-                self.commands.append((client, args))
-
-    def stop(self) -> list[tuple[str, list[bytes]]]:
-        self.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end of the stream
-        self.thread.join(5)
-        self.file.close()  # the socket is only released once its file is closed too
-        self.sock.close()
-        return list(self.commands)
-
-
-def unescape(token: bytes) -> bytes:
-    return re.sub(
-        rb"\\(x[0-9a-f]{2}|.)",
-        lambda m: bytes([int(m[1][1:], 16)]) if m[1].startswith(b"x")
-        else {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}.get(m[1], m[1]),
-        token,
-    )  # fmt: skip
 
 
 def groups(commands: list[tuple[str, list[bytes]]]) -> list[tuple[str, list[bytes]]]:

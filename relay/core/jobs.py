@@ -63,6 +63,7 @@ class JobStore:
         job_id: str | None = None,
         limited_as: str = "",
         max_queued: int = 0,
+        viewers: int = 0,
         pipe: Any = None,
     ) -> str:
         """Store a job and queue it, atomically, so a queued id always has a job behind it.
@@ -70,7 +71,8 @@ class JobStore:
         ``grant``: the fields that say who may watch and cancel it (:mod:`relay.web.access`);
         without them nobody may, by token. ``limited_as``: the caller whose concurrency slot
         the job holds until it ends. ``max_queued``: raise :class:`QueueFull`, the job taken
-        back, if the queue held that many jobs already (0: no cap). ``pipe``:
+        back, if the queue held that many jobs already (0: no cap). ``viewers``: streams
+        subscribed to the job already, counted from the start (a creator's own). ``pipe``:
         a pipeline holding the caller's own writes (the job's conversation turn), sent first
         in the same round trip.
         """
@@ -89,12 +91,14 @@ class JobStore:
         if limited_as:
             fields["limited_as"] = limited_as
         pairs = [item for pair in fields.items() for item in pair]
-        job_keys: list[str] = [keys.job(job_id), keys.text(job_id)]
+        job_keys: list[str] = [keys.job(job_id), keys.text(job_id), keys.viewers(job_id)]
         # The job first, then its id on the queue, so that a queued id always has a job behind
         # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
         # is stored (at once) before the id is queued.
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        script_in(self.redis, pipe, self.scripts.create, job_keys, [self.max_age, *pairs])
+        args = [self.max_age, viewers, *pairs]
+        script_in(self.redis, pipe, self.scripts.create, job_keys, args)
+        metrics.count(pipe, "viewers", viewers)
         pipe.lpush(keys.PENDING, job_id)
         metrics.count(pipe, "jobs_created")
         queued = pipe.execute()[-2]
@@ -111,6 +115,7 @@ class JobStore:
             return False
         self.redis.delete(keys.job(job_id))
         self.redis.delete(keys.text(job_id))
+        self.redis.delete(keys.viewers(job_id))
         metrics.count(self.redis, "jobs_created", -1)
         return True
 

@@ -76,13 +76,15 @@ return 1
 """
 )
 
-# KEYS: job, text. ARGV: max age, then field/value pairs of the job hash. Written by a script
-# rather than HSET because Redis keeps a large HSET value (over 32 kB) in the buffer it was read
-# into, up to twice its size; a value made inside a script is allocated at its exact size.
+# KEYS: job, text, viewers. ARGV: max age, viewers already watching (a creator's own stream,
+# subscribed first), then field/value pairs of the job hash. Written by a script rather than
+# HSET because Redis keeps a large HSET value (over 32 kB) in the buffer it was read into, up to
+# twice its size; a value made inside a script is allocated at its exact size.
 CREATE = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], '', 'EX', ARGV[1])
+if ARGV[2] ~= '0' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[1]) end
 return 1
 """
 

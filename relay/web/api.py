@@ -21,7 +21,7 @@ from relay.web.auth import require_api_key
 from relay.web.sse import format_event
 from relay.web.state import settings, state
 from relay.web.streaming import follow
-from relay.web.streams import STREAM_HEADERS, attach, event_stream
+from relay.web.streams import STREAM_HEADERS, attach, event_stream, open_stream
 from relay.web.submission import Submission, cancel_and_keep_reply, json_body, submit_job
 
 logger = logging.getLogger(__name__)
@@ -218,10 +218,11 @@ def get_model(model_id: str):
 
 @api.post("/v1/chat/completions")
 def chat_completions():
-    submission = submit_job()
+    submission = submit_job(watch=lambda job_id, req: open_stream(job_id) if req.get("stream")
+                            else None)  # fmt: skip
     headers = link_headers(submission)
-    if submission.request.get("stream"):
-        return event_stream(submission.job_id, 0, headers, owner=True)
+    if submission.opened is not None:
+        return event_stream(submission.job_id, 0, headers, owner=True, opened=submission.opened)
     return _completion(submission.job_id, headers)
 
 

@@ -34,7 +34,7 @@ from relay.web.auth import require_api_key
 from relay.web.fanout import LiveEvent
 from relay.web.sse import format_comment
 from relay.web.state import state
-from relay.web.streams import stream_response
+from relay.web.streams import open_stream, stream_response
 from relay.web.submission import json_body, submit_job
 
 backend_api = Blueprint("backend_api", __name__, url_prefix="/backend-api")
@@ -69,7 +69,7 @@ def conversation() -> Response:
     conversation_id = body.get("conversation_id")
     if conversation_id is not None:
         job["parentMessageId"] = _parent_in(conversation_id, body.get("parent_message_id"))
-    submission = submit_job(job)
+    submission = submit_job(job, watch=lambda job_id, _: open_stream(job_id))
     turn = submission.turn
     return stream_response(
         submission.job_id,
@@ -82,6 +82,7 @@ def conversation() -> Response:
             "X-Accel-Buffering": "no",
         },  # fmt: skip
         owner=True,  # the client aborting its request cancels the job, as with chat streams
+        opened=submission.opened,
     )
 
 

@@ -29,7 +29,7 @@ from relay.web.api import link_headers
 from relay.web.auth import keys_required, require_api_key
 from relay.web.fanout import LiveEvent
 from relay.web.state import settings, state
-from relay.web.streams import stream_response
+from relay.web.streams import open_stream, stream_response
 from relay.web.submission import json_body, submit_job
 
 chatgpt_web = Blueprint("chatgpt_web", __name__, url_prefix="/api")
@@ -128,7 +128,7 @@ def chat_process() -> Response:
     job["stream"] = True
     if options.get("parentMessageId"):
         job["parentMessageId"] = options["parentMessageId"]
-    submission = submit_job(job)
+    submission = submit_job(job, watch=lambda job_id, _: open_stream(job_id))
     return stream_response(
         submission.job_id,
         0,
@@ -136,6 +136,7 @@ def chat_process() -> Response:
         mimetype="application/octet-stream",
         headers=link_headers(submission),
         owner=True,  # the front end's Stop button aborts the request: that cancels the job
+        opened=submission.opened,
     )
 
 

@@ -25,7 +25,7 @@ REWOUND = (
 
 
 def follow(
-    store: JobStore, hub: Hub, viewer: Viewer, after: int, *, idle: float
+    store: JobStore, hub: Hub, viewer: Viewer, after: int, *, idle: float, fresh: bool = False
 ) -> Iterator[LiveEvent | None]:
     """Every event after id ``after``, in order and once, ending with ``[DONE]``; ``None`` after
     each ``idle`` seconds without one. ``viewer`` must already be attached (subscribed). A
@@ -34,6 +34,8 @@ def follow(
     Subscribing before reading the log closes the gap between backlog and live; the price is
     that an event may arrive both ways, so live events at or before the last id sent are
     dropped, and a live event that skips ids sends the viewer back to the log to fill the gap.
+    A ``fresh`` viewer was subscribed before its job was stored: its backlog is empty, so the
+    log is read only if a gap shows.
 
     A viewer allowed the fast path (:meth:`Viewer.allow_direct`) hands its socket to the
     dispatcher whenever it has caught up, and takes it back when woken; this requires a
@@ -83,7 +85,7 @@ def follow(
             yield from ending("log_rewound", REWOUND)
 
     try:
-        for backlog in patiently(from_log):
+        for backlog in () if fresh else patiently(from_log):
             yield backlog
             if backlog.done:
                 return

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 from flask import g, request
@@ -29,7 +30,14 @@ from relay.web.limits import Throttle
 from relay.web.state import settings, state
 from relay.web.validation import Limits, validate_chat_request
 
+if TYPE_CHECKING:
+    from relay.web.streams import Opened
+
 logger = logging.getLogger(__name__)
+
+# Given the new job's id and its validated request, a creator's stream subscribed before the
+# job is stored (relay.web.streams.open_stream), or None for a creator that will not stream.
+Watch = Callable[[str, dict[str, Any]], "Opened | None"]
 
 
 def _body_bytes() -> bytes:
@@ -74,6 +82,7 @@ class Submission(NamedTuple):
     request: dict[str, Any]
     turn: Turn
     access: Access
+    opened: Opened | None = None  # the creator's stream, when ``watch`` opened one
 
 
 def _caller() -> tuple[str, int, int]:
@@ -105,8 +114,9 @@ def _queue_full() -> Unavailable:
     )
 
 
-def submit_job(body: Any = None) -> Submission:
+def submit_job(body: Any = None, watch: Watch | None = None) -> Submission:
     """Check limits, validate the body, rebuild its conversation, then store and queue the job.
+    ``watch`` opens the creator's stream once the job's id is known, before it is stored.
 
     The rate is counted first, so that a caller over it is refused before any work; a request
     refused after that (a 4xx: a bad body, an unknown parent, the concurrency limit, a full
@@ -118,7 +128,7 @@ def submit_job(body: Any = None) -> Submission:
     caller, rpm, concurrency = _caller()
     counted = _admit(throttle, caller, rpm)
     try:
-        return _submit(throttle, caller, concurrency, body)
+        return _submit(throttle, caller, concurrency, body, watch)
     except RelayError as refused:
         if 400 <= refused.status < 500 or refused.code == "queue_full":
             with contextlib.suppress(RedisError):  # the refusal is the answer either way
@@ -126,7 +136,9 @@ def submit_job(body: Any = None) -> Submission:
         raise
 
 
-def _submit(throttle: Throttle, caller: str, concurrency: int, body: Any) -> Submission:
+def _submit(
+    throttle: Throttle, caller: str, concurrency: int, body: Any, watch: Watch | None
+) -> Submission:
     if body is None:
         body = json_body()
     relay = state()
@@ -162,24 +174,29 @@ def _submit(throttle: Throttle, caller: str, concurrency: int, body: Any) -> Sub
             code="concurrency_limit_exceeded",
         )
     grant = Access.new(owner=owner)
+    opened = None
     try:
+        opened = watch(job_id, draft.request) if watch is not None else None
         # The turn's writes and the job's go in one round trip where they can.
         pipe = relay.redis.pipeline(transaction=False)
         turn = relay.conversations.save(draft, pipe)
         try:
             relay.store.create(draft.request, turn, grant=grant.fields(), job_id=job_id,
                                limited_as=caller if concurrency > 0 else "",
-                               max_queued=config.max_queued_jobs, pipe=pipe)  # fmt: skip
+                               max_queued=config.max_queued_jobs, viewers=int(bool(opened)),
+                               pipe=pipe)  # fmt: skip
         except QueueFull:
             with contextlib.suppress(RedisError):  # the ids were never handed out
                 relay.conversations.forget(draft, turn)
             raise _queue_full() from None
     except BaseException:
         throttle.release(caller, job_id)
+        if opened is not None:
+            opened.abandon()
         raise
     logs.bind_job(job_id)
     logger.info("job %s queued (model %s)", job_id, draft.request.get("model"))
-    return Submission(job_id, draft.request, turn, grant)
+    return Submission(job_id, draft.request, turn, grant, opened)
 
 
 def cancel_and_keep_reply(job_id: str) -> bool:
