@@ -245,6 +245,9 @@ class Worker:
                     continue
                 # Registered before the greenlet runs, so the orphan sweep never takes it.
                 self.running[job_id] = self.pool.spawn(self._run_job, job_id)
+                # Let the job send its claim before the next BLMOVE goes out: the job's first
+                # token waits for the claim's reply, not for the claim loop.
+                gevent.sleep(0)
         finally:
             self.teardown(helpers, grace)
 
