@@ -18,11 +18,12 @@ from relay.web import access, guessing
 from relay.web.access import Access
 from relay.web.aggregate import aggregate
 from relay.web.auth import require_api_key
+from relay.web.cancelling import cancel_and_keep_reply
 from relay.web.sse import format_event
 from relay.web.state import settings, state
 from relay.web.streaming import follow
 from relay.web.streams import STREAM_HEADERS, attach, event_stream, open_stream
-from relay.web.submission import Submission, cancel_and_keep_reply, json_body, submit_job
+from relay.web.submission import Submission, json_body, submit_job
 
 logger = logging.getLogger(__name__)
 api = Blueprint("relay", __name__)

@@ -12,10 +12,10 @@ from redis.exceptions import RedisError
 
 from relay.core.errors import RateLimited, Unavailable
 from relay.core.settings import Settings
+from relay.web.cancelling import cancel_and_keep_reply
 from relay.web.fanout import LiveEvent, SubscribeTimeout, Viewer
 from relay.web.state import settings, state
 from relay.web.streaming import follow, retry_field, sse_bytes
-from relay.web.submission import cancel_and_keep_reply
 
 logger = logging.getLogger(__name__)
 

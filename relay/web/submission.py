@@ -1,5 +1,5 @@
 """Taking a request in: the body, the caller's limits, its conversation, then the job stored
-and queued; and cancelling one, keeping its text as a reply a follow-up can name."""
+and queued."""
 
 from __future__ import annotations
 
@@ -197,15 +197,3 @@ def _submit(
     logs.bind_job(job_id)
     logger.info("job %s queued (model %s)", job_id, draft.request.get("model"))
     return Submission(job_id, draft.request, turn, grant, opened)
-
-
-def cancel_and_keep_reply(job_id: str) -> bool:
-    """Cancel a job and keep its text so far as a reply that can be a parent; whether this call
-    ended it (False: it had already ended)."""
-    relay = state()
-    ended, _ = relay.store.cancel(job_id)
-    turn = relay.store.turn(job_id)
-    if ended and turn is not None:
-        status = relay.store.status(job_id) or {}
-        relay.conversations.save_reply(turn, status.get("text") or "")
-    return ended
