@@ -28,7 +28,7 @@ from . import janitor
 from .publisher import Publisher
 from .runner import JobCancelled, JobContext, run_job
 from .slots import UpstreamSlots
-from .upstream import Upstream
+from .upstream import Session, Upstream
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ return 1
 
 
 def _session(pool_size: int) -> requests.Session:
-    """One HTTP session whose connection pool fits every concurrent stream."""
-    session = requests.Session()
+    """One HTTP session whose connection pools fit every concurrent stream."""
+    session = Session(max_idle=pool_size)
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

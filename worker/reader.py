@@ -24,9 +24,12 @@ from gevent.event import AsyncResult
 
 from relay.core.chunks import DONE, dumps, malformed
 
+from . import http1
 from .chunked import ChunkedDecoder, ChunkedError
 from .sse_decoder import SSEDecoder, SSEProtocolError
 from .upstream import UpstreamError, error_from_json
+
+Response = requests.Response | http1.Answer
 
 _READ_SIZE = 64 * 1024
 # Reads one event-loop callback may make before letting the loop run: an upstream that floods
@@ -101,7 +104,8 @@ def _read_errors() -> Iterator[None]:
 
 
 class _ChunkedBody:
-    """A chunked, unencoded body read straight from http.client's buffered socket reader.
+    """A chunked, unencoded body read straight from http.client's buffered socket reader (or
+    from an :class:`http1.Answer`, which has the same ``read1``).
 
     http.client's own chunk reading takes a ``readline``, a read and a CRLF read per chunk, each
     through urllib3's layers (:mod:`worker.chunked`).
@@ -122,32 +126,39 @@ class _ChunkedBody:
         return b""
 
 
-def _chunked_body(response: requests.Response) -> _ChunkedBody | None:
+def _chunked_body(response: Response) -> _ChunkedBody | None:
     """The body as :class:`_ChunkedBody` if it is chunked and not content-encoded, else None."""
+    identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
+    if isinstance(response, http1.Answer):
+        return _ChunkedBody(response) if response.chunked and identity else None
     inner = getattr(response.raw, "_fp", None)  # http.client's response, headers already read
     fp: Any = getattr(inner, "fp", None)
     if (
         not getattr(inner, "chunked", False)
         or getattr(inner, "chunk_left", 0) is not None  # it has started on the body
         or not hasattr(fp, "read1")
-        or response.headers.get("Content-Encoding", "identity").lower() != "identity"
+        or not identity
     ):
         return None
     return _ChunkedBody(fp)
 
 
-def body_reader(response: requests.Response) -> Callable[[], bytes]:
+def body_reader(response: Response) -> Callable[[], bytes]:
     """A function giving the body's next bytes as they arrive, and b"" at its end.
 
     A chunked body (what every streaming upstream sends) is read by :class:`_ChunkedBody`;
-    anything else through urllib3. A body cut off before its last chunk raises
+    anything else as it comes. A body cut off before its last chunk raises
     ``ConnectionResetError``.
     """
     body = _chunked_body(response)
-    return body.read if body is not None else partial(response.raw.read1, _READ_SIZE)
+    if body is not None:
+        return body.read
+    if isinstance(response, http1.Answer):
+        return response.read_body
+    return partial(response.raw.read1, _READ_SIZE)
 
 
-def iter_chunks(response: requests.Response) -> Iterator[Chunk]:
+def iter_chunks(response: Response) -> Iterator[Chunk]:
     """Each ``data`` payload with its parsed JSON, up to ``[DONE]`` (not included).
 
     Raises :class:`UpstreamError` for an error object, malformed data, a read timeout, or a
@@ -166,7 +177,7 @@ def iter_chunks(response: requests.Response) -> Iterator[Chunk]:
 
 
 def follow_chunks(
-    response: requests.Response, on_chunk: Callable[[str, dict[str, Any]], None], timeout: float
+    response: Response, on_chunk: Callable[[str, dict[str, Any]], None], timeout: float
 ) -> bool:
     """Call ``on_chunk`` for each chunk up to ``[DONE]``, from the event loop; return at the end,
     saying whether the connection may carry another request (:func:`keep_alive`).
@@ -178,11 +189,16 @@ def follow_chunks(
     pulled through :func:`iter_chunks` instead.
     """
     body = _chunked_body(response)
-    sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+    if isinstance(response, http1.Answer):
+        sock = response.sock
+    else:
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
     if body is None or not isinstance(sock, socket.socket):
         for data, chunk in iter_chunks(response):
             on_chunk(data, chunk)
         return False
+    # What came with an http1 answer's head is read first, a bounded share at a time.
+    recv = response.read1 if isinstance(response, http1.Answer) else sock.recv
     parser = ChunkParser()
     ended: AsyncResult = AsyncResult()
     loop = gevent.get_hub().loop
@@ -200,7 +216,7 @@ def follow_chunks(
                 if ended.ready():
                     return
                 try:
-                    raw = sock.recv(_READ_SIZE)
+                    raw = recv(_READ_SIZE)
                 except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     return
                 if not raw:
@@ -219,7 +235,8 @@ def follow_chunks(
 
     with _read_errors():
         # What http.client buffered past the headers, or the first bytes (waited for here, as
-        # the pull path does): after this, the buffer is empty and the socket is all there is.
+        # the pull path does): after this, the buffer is empty and the socket is all there is
+        # (an http1.Answer's ``recv`` reads what is left of its own buffer before the socket).
         handle(body.read())
         if ended.ready():
             ended.get()
@@ -256,9 +273,12 @@ def _ended_cleanly(body: _ChunkedBody, sock: socket.socket) -> bool:
     return framing.complete and not framing.extra
 
 
-def keep_alive(response: requests.Response) -> None:
+def keep_alive(response: Response) -> None:
     """Give the connection of a body that ended cleanly back to the session's pool, for the
     next job to the same upstream (a new connection costs a TCP handshake, and TLS's)."""
+    if isinstance(response, http1.Answer):
+        response.release()
+        return
     inner = response.raw._fp  # http.client's response: closing it leaves the socket open
     if inner is not None:
         inner.close()

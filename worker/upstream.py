@@ -18,6 +18,8 @@ import urllib3
 from relay.core.chunks import dumps
 from relay.core.routes import Upstream
 
+from . import http1
+
 _ERROR_BODY_LIMIT = 64 * 1024  # an error body is a message, not a payload: read no more
 # Besides 5xx: a timeout, a conflict and "too many requests" may pass on a second try.
 RETRYABLE_STATUSES = (408, 409, 429)
@@ -76,7 +78,7 @@ def error_from_json(payload: Any, fallback: str) -> tuple[str, str, str | None]:
     return fallback, "upstream_error", None
 
 
-def _retry_after(response: requests.Response) -> float | None:
+def _retry_after(response: requests.Response | http1.Answer) -> float | None:
     """The ``Retry-After`` seconds, if a finite, non-negative number (``nan`` is not one)."""
     try:
         seconds = float(response.headers.get("Retry-After", ""))
@@ -85,57 +87,49 @@ def _retry_after(response: requests.Response) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def _read_error_body(response: requests.Response) -> Any:
+def _read_error_body(response: requests.Response | http1.Answer) -> Any:
     try:
-        raw = response.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
+        if isinstance(response, http1.Answer):
+            raw = response.read_all(_ERROR_BODY_LIMIT)
+        else:
+            raw = response.raw.read(_ERROR_BODY_LIMIT, decode_content=True)
         return orjson.loads(raw)
     except Exception:  # noqa: BLE001 - any unreadable body gets the generic message
         return None
 
 
-class Streamed:
-    """An answer read through urllib3 itself, with what the reader uses of a
-    ``requests.Response``: ``raw``, ``status_code``, ``headers``, ``close()``."""
+class Session(requests.Session):
+    """The worker's HTTP client: plain-HTTP upstreams through :mod:`worker.http1`'s pool
+    (``plain``), anything else (HTTPS, a proxy from the environment) through ``requests``."""
 
-    __slots__ = ("raw", "status_code", "headers")
-
-    def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
-        self.raw = raw
-        self.status_code = raw.status
-        self.headers = raw.headers
+    def __init__(self, max_idle: int = 64) -> None:
+        super().__init__()
+        self.plain = http1.Pool(max_idle)
 
     def close(self) -> None:
-        self.raw.close()
-        self.raw.release_conn()
+        self.plain.close()
+        super().close()
 
 
 @functools.lru_cache(maxsize=64)
 def _direct(url: str) -> bool:
     """Whether a request to ``url`` may skip requests' layers: plain HTTP, with no proxy from
-    the environment (requests honours those; urllib3 alone does not). HTTPS keeps requests'
-    certificate handling; its handshake dwarfs the difference anyway."""
+    the environment (requests honours those; :mod:`worker.http1` does not). HTTPS keeps
+    requests' certificate handling; its handshake dwarfs the difference anyway."""
     return url.startswith("http://") and not requests.utils.get_environ_proxies(url)
 
 
-def _post(session: requests.Session, upstream: Upstream, data: str, headers: dict) -> Any:
-    """The POST, through the session's own connection pool; requests' per-request work
-    (merging settings, hooks, cookies, its adapter) cost ~0.4 ms of the first token's path."""
+def _post(
+    session: requests.Session, upstream: Upstream, data: str, headers: dict
+) -> requests.Response | http1.Answer:
+    """The POST: through :mod:`worker.http1` where it may (see :class:`Session`)."""
     url = upstream.chat_url
-    if not _direct(url):
+    plain = getattr(session, "plain", None)
+    if plain is None or not _direct(url):
         return session.post(url, data=data, headers=headers, stream=True,
                             timeout=(upstream.connect_timeout, upstream.read_timeout))  # fmt: skip
-    pool = session.get_adapter(url).poolmanager.connection_from_url(url)  # type: ignore[attr-defined]
-    raw = pool.urlopen(
-        "POST",
-        urllib3.util.parse_url(url).request_uri,
-        body=data.encode(),
-        headers=headers,
-        retries=False,
-        preload_content=False,
-        decode_content=False,
-        timeout=urllib3.Timeout(connect=upstream.connect_timeout, read=upstream.read_timeout),
-    )
-    return Streamed(raw)
+    return plain.post(url, data.encode(), headers, connect_timeout=upstream.connect_timeout,
+                      read_timeout=upstream.read_timeout)  # fmt: skip
 
 
 def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> Any:
@@ -159,12 +153,18 @@ def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> An
             code="upstream_unreachable",
             retryable=True,
         ) from None
-    except (requests.Timeout, urllib3.exceptions.TimeoutError):
+    except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
         raise UpstreamError(
             f"The upstream did not answer within {upstream.read_timeout:g}s.",
             code="upstream_timeout",
             retryable=True,
         ) from None
+    except http1.MalformedAnswer as exc:
+        raise UpstreamError(
+            f"The upstream's answer is not HTTP: {exc}.", code="upstream_malformed"
+        ) from None
+    except ValueError as exc:  # a header from the routes file or a key that HTTP cannot carry
+        raise UpstreamError(f"The request to the upstream is invalid: {exc}.") from None
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         name = "ConnectionError" if not isinstance(exc, requests.RequestException) else None
         raise UpstreamError(

@@ -3,7 +3,6 @@ chooses: the stream shapes real servers produce, and the broken ones."""
 
 from __future__ import annotations
 
-import functools
 import socket
 import threading
 import time
@@ -14,8 +13,8 @@ import gevent
 import pytest
 import requests
 
-from worker.reader import body_reader, follow_chunks, iter_chunks
-from worker.upstream import Upstream, UpstreamError, open_stream, sanitize
+from worker.reader import _ChunkedBody, body_reader, follow_chunks, iter_chunks
+from worker.upstream import Session, Upstream, UpstreamError, open_stream, sanitize
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -96,6 +95,22 @@ def answer(
     Script.keep_alive = False
 
 
+CLIENTS = {"http1": Session, "requests": requests.Session}
+new_session = Session
+
+
+@pytest.fixture(autouse=True, params=list(CLIENTS))
+def client(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Which client talks to the upstream: worker.http1 (plain HTTP, the worker's own) or
+    requests (HTTPS, or a proxy from the environment); every outcome must be the same."""
+    global new_session
+    new_session = CLIENTS[request.param]
+    try:
+        yield request.param
+    finally:
+        new_session = Session
+
+
 @pytest.fixture(params=["pull", "push"])
 def mode(request: pytest.FixtureRequest) -> str:
     """How the body is read: iter_chunks (the job's greenlet waits) or follow_chunks (the
@@ -105,7 +120,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 def relay(server: str, read_timeout: float = 5.0, mode: str = "pull") -> list[dict]:
     upstream = Upstream(base_url=server, read_timeout=read_timeout)
-    with requests.Session() as session:
+    with new_session() as session:
         response = open_stream(session, upstream, {"model": "m", "messages": []})
         try:
             if mode == "pull":
@@ -141,10 +156,11 @@ def test_a_chunked_body_is_read_past_http_client(server):
     to http.client's chunk reading would cost a fifth of the worker's time per chunk."""
     for framing, fast in (("chunked", True), ("close", False)):
         answer([b"data: " + CHUNK + b"\n\n"], framing=framing)
-        with requests.Session() as session:
+        with new_session() as session:
             response = open_stream(session, Upstream(base_url=server), {})
             try:
-                assert not isinstance(body_reader(response), functools.partial) == fast
+                reader = getattr(body_reader(response), "__self__", None)
+                assert isinstance(reader, _ChunkedBody) == fast
             finally:
                 response.close()
 
@@ -168,9 +184,12 @@ def test_broken_chunked_framing_is_an_upstream_error(server, pieces, code, mode)
 def test_multi_line_data_is_relayed_as_one_compact_line(server):
     answer([b'data: {"choices":\ndata: []}\n\ndata: [DONE]\n\n'])
     upstream = Upstream(base_url=server)
-    with requests.Session() as session:
+    with new_session() as session:
         response = open_stream(session, upstream, {})
-        (data, _), *_ = list(iter_chunks(response))
+        try:
+            (data, _), *_ = list(iter_chunks(response))
+        finally:
+            response.close()
     assert data == '{"choices":[]}'
 
 
@@ -240,7 +259,7 @@ def test_an_exception_from_the_callback_ends_the_stream_with_it(server):
         if len(seen) == 2:  # the second arrives later: in the event loop's callback
             raise Lost
 
-    with requests.Session() as session:
+    with new_session() as session:
         response = open_stream(session, Upstream(base_url=server), {})
         try:
             with pytest.raises(Lost):
@@ -337,7 +356,7 @@ def test_an_upstream_that_floods_does_not_keep_the_event_loop_from_others(
         time.sleep(0.0001)  # each chunk costs CPU, as relaying it does
 
     ticker = gevent.spawn(tick)
-    with requests.Session() as session:
+    with new_session() as session:
         response = open_stream(session, Upstream(base_url=server), {})
         try:
             started = time.perf_counter()
