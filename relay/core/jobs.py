@@ -65,6 +65,7 @@ class JobStore:
         max_queued: int = 0,
         viewers: int = 0,
         pipe: Any = None,
+        before: Callable[[], None] | None = None,
     ) -> str:
         """Store a job and queue it, atomically, so a queued id always has a job behind it.
 
@@ -74,7 +75,8 @@ class JobStore:
         back, if the queue held that many jobs already (0: no cap). ``viewers``: streams
         subscribed to the job already, counted from the start (a creator's own). ``pipe``:
         a pipeline holding the caller's own writes (the job's conversation turn), sent first
-        in the same round trip.
+        in the same round trip. ``before``: called once the writes are ready, just before the
+        job is stored (what must happen before it exists: a creator's subscription).
         """
         job_id = job_id or new_job_id()
         fields: dict[str | bytes, str | int] = {
@@ -96,8 +98,9 @@ class JobStore:
         # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
         # is stored (at once) before the id is queued.
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        args = [self.max_age, viewers, *pairs]
-        script_in(self.redis, pipe, self.scripts.create, job_keys, args)
+        if before is not None:
+            before()
+        script_in(self.redis, pipe, self.scripts.create, job_keys, [self.max_age, viewers, *pairs])
         metrics.count(pipe, "viewers", viewers)
         pipe.lpush(keys.PENDING, job_id)
         metrics.count(pipe, "jobs_created")

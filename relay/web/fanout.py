@@ -209,8 +209,9 @@ class Hub:
         """Subscription connections this process holds (one per node with its viewers)."""
         return sum(1 for link in self._links.values() if link.pubsub is not None)
 
-    def attach(self, job_id: str, *, closable: bool = True) -> Viewer:
-        """Register a viewer and return once its channel's subscription is confirmed.
+    def attach(self, job_id: str, *, closable: bool = True, wait: bool = True) -> Viewer:
+        """Register a viewer and return once its channel's subscription is confirmed (or at
+        once, without ``wait``: then :meth:`confirm` it before relying on it).
 
         Confirmation matters: only events published after it are sure to arrive live, so the
         caller must read the replay log *after* this returns (DESIGN.md, invariant 2).
@@ -224,15 +225,21 @@ class Hub:
         viewers = self._viewers.get(channel)
         if viewers is None:
             self._viewers[channel] = {viewer}
-            ready = self._ready[channel] = Event()
+            self._ready[channel] = Event()
             self._route(channel).add(channel)
         else:
             viewers.add(viewer)
-            ready = self._ready[channel]
-        if not ready.wait(self._subscribe_timeout):
-            self.detach(viewer)
-            raise SubscribeTimeout(f"could not subscribe to job {job_id}")
+        if wait:
+            self.confirm(viewer)
         return viewer
+
+    def confirm(self, viewer: Viewer) -> None:
+        """Return once the viewer's channel is subscribed; else detach it and raise
+        :class:`SubscribeTimeout`."""
+        ready = self._ready.get(viewer.channel)
+        if ready is None or not ready.wait(self._subscribe_timeout):
+            self.detach(viewer)
+            raise SubscribeTimeout(f"could not subscribe to job {viewer.job_id}")
 
     def detach(self, viewer: Viewer) -> None:
         """Forget a viewer (idempotent); the last one of a job unsubscribes its channel."""

@@ -49,6 +49,14 @@ class Opened:
         self.viewer = viewer
         self.release_slots = release_slots
 
+    def confirm(self) -> None:
+        """Wait for the subscription (503 if Redis does not confirm it): call it before the
+        job is stored."""
+        try:
+            state().hub.confirm(self.viewer)
+        except SubscribeTimeout:
+            raise Unavailable("The relay could not subscribe to the job; try again.") from None
+
     def abandon(self) -> None:
         """The job was not stored after all: unsubscribe and give the stream's slots back."""
         state().hub.detach(self.viewer)
@@ -56,15 +64,12 @@ class Opened:
 
 
 def open_stream(job_id: str) -> Opened:
-    """Subscribe a creator's stream to the job it is about to store (429 past the stream
-    caps, 503 if Redis does not confirm)."""
+    """Start subscribing a creator's stream to the job it is about to store (429 past the
+    stream caps); :meth:`Opened.confirm` waits for the subscription, so that the round trip
+    runs while the job's writes are prepared."""
     relay = state()
     release_slots = _take_stream_slots(relay.open_streams, relay.settings)
-    try:
-        return Opened(attach(job_id), release_slots)
-    except BaseException:
-        release_slots()
-        raise
+    return Opened(relay.hub.attach(job_id, wait=False), release_slots)
 
 
 def stream_response(

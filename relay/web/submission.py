@@ -184,7 +184,7 @@ def _submit(
             relay.store.create(draft.request, turn, grant=grant.fields(), job_id=job_id,
                                limited_as=caller if concurrency > 0 else "",
                                max_queued=config.max_queued_jobs, viewers=int(bool(opened)),
-                               pipe=pipe)  # fmt: skip
+                               pipe=pipe, before=opened.confirm if opened else None)  # fmt: skip
         except QueueFull:
             with contextlib.suppress(RedisError):  # the ids were never handed out
                 relay.conversations.forget(draft, turn)
