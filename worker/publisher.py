@@ -159,6 +159,14 @@ class Publisher:
         # Waits for a batch on the wire; raises its RedisError, as a direct call would.
         return last.sent.get()
 
+    def sent(self, job_id: str, attempt: int) -> None:
+        """Wait until what the job has queued so far is on the wire and answered (whatever
+        the answer; :meth:`flush` reports it)."""
+        key = (job_id, attempt)
+        batch = self._lane(job_id).queued.get(key) or self._outcome.get(key)
+        if batch is not None:
+            batch.sent.wait()
+
     def _lane(self, job_id: str) -> _Lane:
         return self._lanes[hash(job_id) % len(self._lanes)]
 

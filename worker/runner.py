@@ -21,11 +21,13 @@ from relay.core.conversations import Conversations, Turn, reply_cost
 from relay.core.jobs import JobStore
 from relay.core.routes import Routes, Target, Upstream
 
-from . import moderation
+from . import http1, moderation
 from .publisher import Publisher
 from .reader import follow_chunks, keep_alive
 from .slots import UpstreamSlots
 from .upstream import UpstreamError, open_stream, sanitize
+
+Response = requests.Response | http1.Answer
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +74,16 @@ def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def _open_with_retries(
-    ctx: JobContext, job_id: str, body: dict, upstream: Upstream
-) -> requests.Response:
+    ctx: JobContext, job_id: str, body: dict, upstream: Upstream, tally: metrics.Tally
+) -> Response:
     """Retry what may pass (refused, 429, 5xx), only before anything was published."""
     attempt = 0
     while True:
-        _off_the_path(metrics.upstream_request, ctx.store.redis, upstream.name)
+        metrics.upstream_request(tally, upstream.name)
         try:
             return open_stream(ctx.session, upstream, body)
         except UpstreamError as exc:
-            metrics.upstream_failure(ctx.store.redis, upstream.name, exc.status, exc.code)
+            metrics.upstream_failure(tally, upstream.name, exc.status, exc.code)
             if not exc.retryable or attempt >= ctx.max_retries:
                 raise
             backoff = RETRY_FIRST_DELAY * 2**attempt
@@ -111,26 +113,20 @@ def _is_usage_only(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and bool(chunk.get("usage"))
 
 
-def _observe_first_chunk(redis: Any, seconds: float, upstream: str, sent_at: float) -> None:
-    """Record enqueue-to-first-chunk, and the upstream's own time to it, off the chunk's path
-    (it may run in an event-loop callback, which must not wait for Redis); a lost sample is
-    better than a stalled stream."""
-    upstream_seconds = time.time() - sent_at
-
-    def observe() -> None:
-        with contextlib.suppress(RedisError):
-            metrics.observe_first_chunk(redis, seconds)
-            metrics.upstream_first_token(redis, upstream, upstream_seconds)
-
-    gevent.spawn(observe)
-
-
-def _off_the_path(count: Any, *args: Any) -> None:
-    """A metric written by its own greenlet: the first token does not wait for Redis."""
+def _after_first_chunk(
+    ctx: JobContext, job_id: str, attempt: int, tally: metrics.Tally, upstream: str
+) -> None:
+    """What waits for the first chunk to be on its way (it may run in an event-loop callback,
+    which must not wait for Redis): the job's counters so far, and which upstream serves it.
+    A lost sample is better than a stalled stream."""
 
     def write() -> None:
+        ctx.publisher.sent(job_id, attempt)
         with contextlib.suppress(RedisError):
-            count(*args)
+            tally.flush(ctx.store.redis)
+        if ctx.routes is not None and ctx.routes.from_file:
+            with contextlib.suppress(RedisError):
+                ctx.store.served_by(job_id, upstream)
 
     gevent.spawn(write)
 
@@ -154,19 +150,17 @@ def _falls_back(error: UpstreamError) -> bool:
 
 
 def _follow(
-    ctx: JobContext, response: requests.Response, relay: Any, upstream: Upstream, relayed: Any
+    response: Response, relay: Any, upstream: Upstream, relayed: Any, tally: metrics.Tally
 ) -> None:
     try:  # publishing only queues, so chunks are handled from the event loop
         if follow_chunks(response, relay, upstream.read_timeout):
             keep_alive(response)  # the next job to this upstream skips the handshake
     except UpstreamError as exc:
-        with contextlib.suppress(RedisError):
-            metrics.upstream_failure(ctx.store.redis, upstream.name, exc.status, exc.code)
+        metrics.upstream_failure(tally, upstream.name, exc.status, exc.code)
         raise
     finally:
         response.close()
-        with contextlib.suppress(RedisError):  # never mask the job's own outcome
-            metrics.count(ctx.store.redis, "deltas", sum(1 for part in relayed.parts if part))
+        metrics.count(tally, "deltas", sum(1 for part in relayed.parts if part))
 
 
 @contextlib.contextmanager
@@ -196,7 +190,13 @@ class _Relayed:
 
 
 def _stream(
-    ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None, created_at: float
+    ctx: JobContext,
+    job_id: str,
+    attempt: int,
+    body: dict,
+    turn: Turn | None,
+    created_at: float,
+    tally: metrics.Tally,
 ) -> None:
     """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job.
 
@@ -204,7 +204,6 @@ def _stream(
     chunk was published (refused, timed out, 429, 5xx, after its retries), to the next. Once
     a chunk is out, the job stays where it is: viewers see one clean stream.
     """
-    store = ctx.store
     body, wants_usage = _upstream_request(ctx, body)
     targets = _targets(ctx, body.get("model") or "")
     relayed = _Relayed(parts=[])
@@ -229,7 +228,10 @@ def _stream(
             raise JobLost(job_id)
         relayed.published += 1
         if relayed.published == 1:
-            _observe_first_chunk(store.redis, time.time() - created_at, serving, sent_at)
+            now = time.time()
+            metrics.observe_first_chunk(tally, now - created_at)
+            metrics.upstream_first_token(tally, serving, now - sent_at)
+            _after_first_chunk(ctx, job_id, attempt, tally, serving)
 
     for index, target in enumerate(targets):
         serving = target.upstream.name
@@ -237,19 +239,17 @@ def _stream(
         try:
             with _slot(ctx, job_id, target.upstream, wait=not more) as taken:
                 if not taken:  # at its cap, and the route has another upstream
-                    metrics.upstream_fallback(store.redis, serving)
+                    metrics.upstream_fallback(tally, serving)
                     continue
                 sent_at = time.time()
                 sent = {**body, "model": target.model} if target.model else body
-                response = _open_with_retries(ctx, job_id, sent, target.upstream)
-                if ctx.routes is not None and ctx.routes.from_file:
-                    _off_the_path(store.served_by, job_id, serving)
-                _follow(ctx, response, relay, target.upstream, relayed)
+                response = _open_with_retries(ctx, job_id, sent, target.upstream, tally)
+                _follow(response, relay, target.upstream, relayed, tally)
             break
         except UpstreamError as exc:
             if relayed.published or not more or not _falls_back(exc):
                 raise
-            metrics.upstream_fallback(store.redis, serving)
+            metrics.upstream_fallback(tally, serving)
             logger.warning(
                 "job %s: upstream %s failed before the first chunk (%s); trying %s",
                 job_id, serving, exc.code, targets[index + 1].upstream.name,
@@ -344,7 +344,12 @@ def _secrets(ctx: JobContext) -> list[str]:
 
 
 def handle_job_failure(
-    ctx: JobContext, job_id: str, attempt: int, error: UpstreamError, model: str = ""
+    ctx: JobContext,
+    job_id: str,
+    attempt: int,
+    error: UpstreamError,
+    model: str = "",
+    tally: metrics.Tally | None = None,
 ) -> None:
     """End a failed job for every viewer.
 
@@ -353,7 +358,7 @@ def handle_job_failure(
        a failure can never add a second ``[DONE]``.
     2. Log it with the job id.
     """
-    metrics.upstream_error(ctx.store.redis, error.code)
+    metrics.upstream_error(tally if tally is not None else ctx.store.redis, error.code)
     with contextlib.suppress(Exception):  # the text so far goes before the error, if it can
         ctx.publisher.flush(job_id, attempt)
     # Viewers see this: never the relay's own upstream key, should the upstream echo it.
@@ -375,21 +380,25 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     stopping worker then re-queues or fails the job itself (``Worker._release_claims``), or,
     if it dies first, a janitor does once its heartbeat is gone.
     """
+    tally = metrics.Tally()  # the job's counters: written after its first chunk and at its end
     try:
-        _run(ctx, job_id)
+        _run(ctx, job_id, tally)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         logger.warning("job %s: lost Redis mid-run (%s); left for the janitor", job_id, exc)
         return
     except Exception:
         logger.exception("job %s: could not be run; left for the janitor", job_id)
         return
+    finally:
+        with contextlib.suppress(RedisError):
+            tally.flush(ctx.store.redis)
     try:
         queue.acknowledge(ctx.store.redis, ctx.worker_id, job_id)
     except Exception:
         logger.exception("job %s: could not acknowledge", job_id)
 
 
-def _run(ctx: JobContext, job_id: str) -> None:
+def _run(ctx: JobContext, job_id: str, tally: metrics.Tally) -> None:
     store = ctx.store
     attempt, body, turn, created_at = store.claim_and_load(job_id, ctx.worker_id)
     if not attempt:
@@ -401,10 +410,10 @@ def _run(ctx: JobContext, job_id: str) -> None:
     try:
         if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn):
             return
-        _stream(ctx, job_id, attempt, body, turn, created_at)
+        _stream(ctx, job_id, attempt, body, turn, created_at, tally)
         logger.info("job %s completed", job_id)
     except UpstreamError as exc:
-        handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""))
+        handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""), tally)
     except JobLost:
         logger.info("job %s ended elsewhere; stopped relaying", job_id)
     except JobCancelled:
@@ -420,7 +429,7 @@ def _run(ctx: JobContext, job_id: str) -> None:
         error = UpstreamError(
             "The relay worker had an internal error.", type="server_error", code="internal_error"
         )
-        handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""))
+        handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""), tally)
     finally:
         with contextlib.suppress(Exception):  # the publisher forgets the job
             ctx.publisher.flush(job_id, attempt)

@@ -9,6 +9,7 @@ import time
 import pytest
 import requests
 
+from tests.conftest import wait_for
 from tests.helpers import chat_body, create_job, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -59,13 +60,21 @@ def test_credentials_an_upstream_echoes_never_reach_viewers(relay):
     assert received.done and "Incorrect API key provided" in received.errors[0]["message"]
     for seen in (json.dumps(received.chunks), status):
         assert UPSTREAM_KEY not in seen and "0123456789abcdef" not in seen
-    metrics = requests.get(f"{base}/metrics", timeout=5).text
-    assert 'code="upstream_http_401"' in metrics
+    # A job's counters are written once it has ended: after [DONE].
+    wait_for(lambda: 'code="upstream_http_401"' in metrics_text(base), 5, "the job's counters")
 
 
 def test_metric_labels_from_upstream_codes_come_from_a_bounded_set(relay):
     _, base = relay
     job = create_job(base, chat_body("x", fail="error_after", fail_after=1))
     assert read_stream(job["events_url"])[0].errors[0]["code"] == "simulated"
-    metrics = requests.get(f"{base}/metrics", timeout=5).text
-    assert 'code="simulated"' not in metrics and 'code="upstream_other"' in metrics
+    metrics = wait_for(
+        lambda: 'code="upstream_other"' in (text := metrics_text(base)) and text,
+        5,
+        "the job's counters",
+    )
+    assert 'code="simulated"' not in metrics
+
+
+def metrics_text(base: str) -> str:
+    return requests.get(f"{base}/metrics", timeout=5).text

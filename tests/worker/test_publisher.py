@@ -198,3 +198,13 @@ def test_jobs_are_spread_over_lanes_that_send_at_once(store: JobStore) -> None:
     assert len(held.calls) == 4  # each lane's batch is on the wire together
     held.release.set()
     assert all(pub.flush(*job) == 1 for job in jobs)
+
+
+def test_sent_waits_for_what_was_queued_without_taking_its_outcome(store: JobStore) -> None:
+    pub, job = Publisher(store), running_job(store)
+    publish(pub, job, delta("Hi"))
+    assert logged(store, job[0]) == []  # only queued
+    pub.sent(*job)
+    assert [c["choices"][0]["delta"]["content"] for c in logged(store, job[0])] == ["Hi"]
+    pub.sent(*job)  # nothing queued since: returns at once
+    assert pub.flush(*job) == 1  # the outcome is still there for the job's end

@@ -6,6 +6,7 @@ upstream's streams across workers, and /v1/models.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,14 +113,20 @@ upstreams = ["first", "second"]
     assert received.ids == list(range(1, len(received.ids) + 1))  # one clean stream
     assert received.text == reply_text({"simulator": {"tokens": 8}})
     assert requests.get(job["status_url"], timeout=5).json()["upstream"] == "second"
-    metrics = requests.get(f"{base}/metrics", timeout=5).text
-    assert 'relay_upstream_fallbacks_total{upstream="first"} 1.0' in metrics
-    assert 'relay_upstream_requests_total{upstream="second"} 1.0' in metrics
     klass = {"refused": "unreachable", "status_429": "http_429", "status_500": "http_5xx"}
-    assert (
-        f'relay_upstream_failures_total{{class="{klass[failure]}",upstream="first"}}' in (metrics)
-        or f'relay_upstream_failures_total{{upstream="first",class="{klass[failure]}"}}' in metrics
-    )
+
+    def counted() -> bool:
+        """The job's counters, written after its first chunk (off the first token's path)."""
+        metrics = requests.get(f"{base}/metrics", timeout=5).text
+        return (
+            'relay_upstream_fallbacks_total{upstream="first"} 1.0' in metrics
+            and 'relay_upstream_requests_total{upstream="second"} 1.0' in metrics
+            and re.search(rf'relay_upstream_failures_total{{(class="{klass[failure]}",'
+                          rf'upstream="first"|upstream="first",class="{klass[failure]}")}}',
+                          metrics) is not None
+        )  # fmt: skip
+
+    wait_for(counted, 5, "the fallback, the second upstream's request and the first's failure")
 
 
 def test_a_failure_after_the_first_chunk_stays_where_it_is(stack: Stack, two, tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fakeredis
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.core import keys, metrics
 from relay.dev.simulator import reply_pieces
 from tests.conftest import wait_for
 from tests.helpers import chat_body, create_job, read_stream
@@ -38,7 +40,8 @@ def test_metrics_count_a_jobs_lifecycle(stack):
     wait_for(lambda: scrape(base)["relay_jobs_running"] == 1, 10, "the job to run")
     received, _ = read_stream(job["events_url"])
     assert received.done
-    done = scrape(base)
+    # The worker writes a job's counters after its first chunk and once it has ended.
+    done = wait_for(lambda: (m := scrape(base))["relay_deltas_relayed_total"] and m, 5, "counts")
     assert done["relay_jobs_finished_total{outcome=completed}"] == 1
     assert done["relay_jobs_running"] == 0 and done["relay_workers"] == 1
     assert done["relay_deltas_relayed_total"] == len(reply_pieces(body))
@@ -55,7 +58,11 @@ def test_metrics_count_a_jobs_lifecycle(stack):
         assert scrape(base)["relay_viewers"] == 1
         requests.post(slow["cancel_url"], timeout=5).raise_for_status()
     wait_for(lambda: scrape(base)["relay_viewers"] == 0, 5, "the viewer to be counted out")
-    after = scrape(base)
+    after = wait_for(
+        lambda: (m := scrape(base))["relay_upstream_errors_total{code=upstream_http_500}"] and m,
+        5,
+        "the failed job's counters",
+    )
     assert after["relay_jobs_created_total"] == 3
     assert after["relay_jobs_finished_total{outcome=failed}"] == 1
     assert after["relay_jobs_finished_total{outcome=cancelled}"] == 1
@@ -70,3 +77,19 @@ def test_metrics_can_require_a_key(stack):
         f"{base}/metrics", headers={"Authorization": "Bearer scrape-secret-1"}, timeout=5
     )
     assert allowed.status_code == 200 and "relay_jobs_created_total" in allowed.text
+
+
+def test_a_tally_writes_what_it_counted_in_one_round_trip_then_starts_afresh():
+    redis = fakeredis.FakeRedis()
+    tally = metrics.Tally()
+    metrics.count(tally, "deltas", 3)
+    metrics.count(tally, "deltas", 4)
+    metrics.observe_first_chunk(tally, 0.03)
+    metrics.observe_first_chunk(tally, 0.04)
+    assert redis.hgetall(keys.METRICS) == {}  # nothing written until the flush
+    tally.flush(redis)
+    written = {k.decode(): v.decode() for k, v in redis.hgetall(keys.METRICS).items()}
+    assert written["deltas"] == "7" and written["first_chunk_bucket:0.05"] == "2"
+    assert abs(float(written["first_chunk_sum"]) - 0.07) < 1e-9
+    tally.flush(redis)  # nothing new: nothing added twice
+    assert redis.hget(keys.METRICS, "deltas") == b"7"
