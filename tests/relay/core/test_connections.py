@@ -1,12 +1,18 @@
-"""relay.redis_raw against a real redis-server: batches, error replies as values, lost links."""
+"""relay.core.connections against a real redis-server: raw batches, error replies as values,
+lost links, and the pool's check of a connection before use."""
 
 from __future__ import annotations
 
+import select
+
 import pytest
+from redis import Redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.retry import Retry
 
-from relay.core.connections import RawConnection, connect
+from relay.core.connections import Pool, RawConnection, connect
 from relay.core.jobs import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -54,3 +60,27 @@ def test_publish_many_through_it(redis_url: str) -> None:
         assert [store.status(j)["text"] for j in jobs] == ["xx"] * 3
     finally:
         conn.close()
+
+
+def one_connection_no_retries(redis_url: str) -> Redis:
+    """A client of one pooled connection that never retries: what the pool's check catches
+    is all that keeps a command from failing."""
+    return Redis(connection_pool=Pool.from_url(redis_url, max_connections=1, timeout=5,
+                                               retry=Retry(NoBackoff(), 0)))  # fmt: skip
+
+
+def test_a_pooled_connection_the_server_closed_is_made_anew_before_use(redis_url: str) -> None:
+    client = one_connection_no_retries(redis_url)
+    assert client.client_setname("pooled") and client.ping()
+    connect(redis_url).client_kill_filter(_type="normal", skipme=True)  # every other client
+    assert client.ping()  # no ConnectionError: the check found it closed and reconnected
+    assert client.client_getname() == b"pooled" or client.client_getname() is None
+
+
+def test_a_pooled_connection_with_a_reply_nobody_read_is_made_anew(redis_url: str) -> None:
+    client = one_connection_no_retries(redis_url)
+    conn = client.connection_pool.get_connection()
+    conn.send_command("ECHO", "stale")  # its reply is never read
+    assert select.select([conn._sock], [], [], 5)[0], "the reply arrived"
+    client.connection_pool.release(conn)
+    assert client.echo("fresh") == b"fresh"
