@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from relay.core import metrics, queue
 from relay.core.chunks import completion_id, dumps, final_chunk
 from relay.core.conversations import Conversations, Turn, reply_cost
-from relay.core.jobs import JobStore
+from relay.core.jobs import Ender, JobStore
 from relay.core.routes import Routes, Target, Upstream
 
 from . import http1, moderation
@@ -196,7 +196,7 @@ def _stream(
     body: dict,
     turn: Turn | None,
     created_at: float,
-    tally: metrics.Tally,
+    ender: Ender,
 ) -> None:
     """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job.
 
@@ -204,6 +204,7 @@ def _stream(
     chunk was published (refused, timed out, 429, 5xx, after its retries), to the next. Once
     a chunk is out, the job stays where it is: viewers see one clean stream.
     """
+    tally = ender.tally
     body, wants_usage = _upstream_request(ctx, body)
     targets = _targets(ctx, body.get("model") or "")
     relayed = _Relayed(parts=[])
@@ -262,7 +263,7 @@ def _stream(
             "The upstream closed the stream before it finished.", code="upstream_incomplete"
         )
     text = "".join(relayed.parts)
-    _complete(ctx, job_id, attempt, turn, text, relayed.finish_reason, relayed.usage)
+    _complete(ctx, job_id, attempt, turn, text, relayed.finish_reason, relayed.usage, ender)
 
 
 def _complete(
@@ -273,6 +274,7 @@ def _complete(
     text: str,
     finish_reason: str,
     usage: dict | None,
+    ender: Ender,
 ) -> None:
     """End the job as ``completed``, in this order:
 
@@ -290,7 +292,7 @@ def _complete(
             # On a cluster the conversation may live on a node that is failing over: the reply
             # still reaches its viewers, it just cannot be followed up.
             logger.warning("job %s: reply not saved in its conversation (%s)", job_id, exc)
-    if not ctx.store.complete(job_id, attempt, finish_reason, usage):
+    if not ctx.store.complete(job_id, attempt, finish_reason, usage, ender):
         raise JobLost(job_id)
 
 
@@ -306,7 +308,7 @@ def _counted_off_the_loop(text: str) -> int:
 
 
 def _refused_by_moderation(
-    ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None
+    ctx: JobContext, job_id: str, attempt: int, body: dict, turn: Turn | None, ender: Ender
 ) -> bool:
     """Check the new input; if flagged, end the job with a refusal (``content_filter``).
 
@@ -333,7 +335,7 @@ def _refused_by_moderation(
     )
     if not ctx.publisher.publish(job_id, attempt, [chunk], moderation.REFUSAL):
         raise JobLost(job_id)
-    _complete(ctx, job_id, attempt, turn, moderation.REFUSAL, "content_filter", None)
+    _complete(ctx, job_id, attempt, turn, moderation.REFUSAL, "content_filter", None, ender)
     return True
 
 
@@ -349,7 +351,7 @@ def handle_job_failure(
     attempt: int,
     error: UpstreamError,
     model: str = "",
-    tally: metrics.Tally | None = None,
+    ender: Ender | None = None,
 ) -> None:
     """End a failed job for every viewer.
 
@@ -358,12 +360,13 @@ def handle_job_failure(
        a failure can never add a second ``[DONE]``.
     2. Log it with the job id.
     """
-    metrics.upstream_error(tally if tally is not None else ctx.store.redis, error.code)
+    metrics.upstream_error(ctx.store.redis if ender is None else ender.tally, error.code)
     with contextlib.suppress(Exception):  # the text so far goes before the error, if it can
         ctx.publisher.flush(job_id, attempt)
     # Viewers see this: never the relay's own upstream key, should the upstream echo it.
     message = sanitize(error.message, *_secrets(ctx))
-    ended = ctx.store.fail(job_id, attempt, message, type=error.type, code=error.code, model=model)
+    ended = ctx.store.fail(job_id, attempt, message, type=error.type, code=error.code,
+                           model=model, ender=ender)  # fmt: skip
     logger.warning(
         "job %s failed (%s): %s%s",
         job_id,
@@ -385,22 +388,28 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         _run(ctx, job_id, tally)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         logger.warning("job %s: lost Redis mid-run (%s); left for the janitor", job_id, exc)
+        with contextlib.suppress(RedisError):
+            tally.flush(ctx.store.redis)
         return
     except Exception:
         logger.exception("job %s: could not be run; left for the janitor", job_id)
-        return
-    finally:
         with contextlib.suppress(RedisError):
             tally.flush(ctx.store.redis)
+        return
+    # The acknowledgement and the job's last counters in one round trip (on a cluster, a
+    # pipeline sends each to its own node).
+    pipe = ctx.store.redis.pipeline(transaction=False)
+    queue.acknowledge(pipe, ctx.worker_id, job_id)
+    tally.write(pipe)
     try:
-        queue.acknowledge(ctx.store.redis, ctx.worker_id, job_id)
+        pipe.execute()
     except Exception:
         logger.exception("job %s: could not acknowledge", job_id)
 
 
 def _run(ctx: JobContext, job_id: str, tally: metrics.Tally) -> None:
-    store = ctx.store
-    attempt, body, turn, created_at = store.claim_and_load(job_id, ctx.worker_id)
+    attempt, body, turn, created_at, limited_as = ctx.store.claim_and_load(job_id, ctx.worker_id)
+    ender = Ender(limited_as, tally)
     if not attempt:
         logger.info("job %s is no longer queued; skipping", job_id)
         return
@@ -408,12 +417,12 @@ def _run(ctx: JobContext, job_id: str, tally: metrics.Tally) -> None:
         body["model"] = ctx.default_model
     logger.info("job %s started (attempt %d)", job_id, attempt)
     try:
-        if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn):
+        if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn, ender):
             return
-        _stream(ctx, job_id, attempt, body, turn, created_at, tally)
+        _stream(ctx, job_id, attempt, body, turn, created_at, ender)
         logger.info("job %s completed", job_id)
     except UpstreamError as exc:
-        handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""), tally)
+        handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""), ender)
     except JobLost:
         logger.info("job %s ended elsewhere; stopped relaying", job_id)
     except JobCancelled:
@@ -429,7 +438,7 @@ def _run(ctx: JobContext, job_id: str, tally: metrics.Tally) -> None:
         error = UpstreamError(
             "The relay worker had an internal error.", type="server_error", code="internal_error"
         )
-        handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""), tally)
+        handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""), ender)
     finally:
         with contextlib.suppress(Exception):  # the publisher forgets the job
             ctx.publisher.flush(job_id, attempt)

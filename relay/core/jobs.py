@@ -9,7 +9,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import NoScriptError, RedisError
 
@@ -22,6 +22,24 @@ from relay.core.status import TERMINAL, JobStatus, Recovery
 
 _JOB_ID = re.compile(r"job_[A-Za-z0-9_-]{24}")
 LOG_PAGE = 500  # replay-log entries read per round trip: a resuming viewer's memory is bounded
+
+
+class Claim(NamedTuple):
+    """A claimed job: what the worker runs and ends it with (attempt 0: not claimed)."""
+
+    attempt: int
+    request: dict[str, Any]
+    turn: Turn | None
+    created_at: float
+    limited_as: str  # the caller whose concurrency slot the job holds ("" for none)
+
+
+class Ender(NamedTuple):
+    """What the worker ending a job knows already: whose slot it holds, and where its counters
+    go (a :class:`metrics.Tally`)."""
+
+    limited_as: str
+    tally: Any
 
 
 class QueueFull(Exception):
@@ -207,23 +225,22 @@ class JobStore:
 
     def claim(self, job_id: str, worker_id: str) -> int:
         """Mark a job running for this worker; the attempt number fences later writes (0: skip)."""
-        return self.claim_and_load(job_id, worker_id)[0]
+        return self.claim_and_load(job_id, worker_id).attempt
 
-    def claim_and_load(
-        self, job_id: str, worker_id: str
-    ) -> tuple[int, dict[str, Any], Turn | None, float]:
-        """:meth:`claim`, with what the worker runs the job with: its upstream request,
-        conversation turn and creation time, in the same round trip (attempt 0: skip)."""
+    def claim_and_load(self, job_id: str, worker_id: str) -> Claim:
+        """:meth:`claim`, with what the worker runs and ends the job with, in the same round
+        trip (attempt 0: skip)."""
         reply = self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()])
         attempt = int(reply[0])
         if not attempt:
-            return 0, {}, None, 0.0
-        raw, turn, created = (reply + [None, None, None])[1:4]
-        return (
+            return Claim(0, {}, None, 0.0, "")
+        raw, turn, created, limited_as = (reply + [None] * 4)[1:5]
+        return Claim(
             attempt,
             loads(raw) if raw else {},
             Turn.from_json(turn) if turn else None,
             float(created or 0),
+            as_text(limited_as),
         )
 
     def served_by(self, job_id: str, upstream: str) -> None:
@@ -267,14 +284,17 @@ class JobStore:
         status: JobStatus,
         events: list[str],
         fields: dict[str, str] | None = None,
+        ender: Ender | None = None,
     ) -> bool:
         """End the job once: write its last events, its status and start its retention clock.
 
         Its concurrency slot is freed first: the caller's slots live in another slot of a
         cluster, so the two cannot be one step; freed before, an ended job never holds one (a
         crash between lets the caller run one job too many for a moment, never one too few).
+        ``ender``: what the job's worker knows already (its slot's caller, its tally), so that
+        nothing is read or counted on the way to its ``[DONE]``.
         """
-        self._release_slot(job_id)
+        self._release_slot(job_id, None if ender is None else ender.limited_as)
         pairs: list[str] = ["finished_at", _now()]
         for name, value in (fields or {}).items():
             pairs += [name, value]
@@ -282,25 +302,32 @@ class JobStore:
         ended = bool(self.scripts.finish(keys=keys.end_keys(job_id), args=args + events + pairs))
         if ended:
             with contextlib.suppress(RedisError):  # a counter never holds up a job's end
-                metrics.job_finished(self.redis, status)
+                metrics.job_finished(self.redis if ender is None else ender.tally, status)
         return ended
 
-    def _release_slot(self, job_id: str) -> None:
-        """Free the concurrency slot the job holds, if it holds one (idempotent). The caller's
-        keys may live on another cluster node than the job's; if that one is unreachable, the
-        slot lapses with its lease instead."""
-        caller = as_text(self.redis.hget(keys.job(job_id), "limited_as"))
+    def _release_slot(self, job_id: str, caller: str | None = None) -> None:
+        """Free the concurrency slot the job holds, if it holds one (idempotent); ``caller``:
+        whose slot it is, if known ("" for none), else it is read. The caller's keys may live
+        on another cluster node than the job's; if that one is unreachable, the slot lapses
+        with its lease instead."""
+        if caller is None:
+            caller = as_text(self.redis.hget(keys.job(job_id), "limited_as"))
         if caller:
             with contextlib.suppress(RedisError):
                 self.redis.zrem(keys.active(caller), job_id)
 
     def complete(
-        self, job_id: str, attempt: int, finish_reason: str | None, usage: dict | None
+        self,
+        job_id: str,
+        attempt: int,
+        finish_reason: str | None,
+        usage: dict | None,
+        ender: Ender | None = None,
     ) -> bool:
         fields = {"finish_reason": finish_reason or ""}
         if usage is not None:
             fields["usage"] = dumps(usage)
-        return self.finish(job_id, attempt, JobStatus.COMPLETED, [DONE], fields)
+        return self.finish(job_id, attempt, JobStatus.COMPLETED, [DONE], fields, ender)
 
     def fail(
         self,
@@ -311,11 +338,13 @@ class JobStore:
         type: str = "server_error",
         code: str | None = None,
         model: str = "",
+        ender: Ender | None = None,
     ) -> bool:
         """End the job with an error event in OpenAI's shape, then ``[DONE]``."""
         chunk = error_chunk(job_id, message, type=type, code=code, model=model)
         error = dumps(loads(chunk)["error"])
-        return self.finish(job_id, attempt, JobStatus.FAILED, [chunk, DONE], {"error": error})
+        fields = {"error": error}
+        return self.finish(job_id, attempt, JobStatus.FAILED, [chunk, DONE], fields, ender)
 
     def recover(self, job_id: str, worker_id: str, message: str) -> Recovery:
         """Handle a job claimed by a dead or stopping worker: ``RECOVER`` decides on the job,

@@ -48,18 +48,21 @@ class Tally:
     def hincrbyfloat(self, key: str, field: str, amount: float) -> None:
         self._floats[key, field] += amount
 
-    def flush(self, redis: Client) -> None:
-        """Write what was counted since the last flush (nothing is kept if Redis fails)."""
+    def write(self, pipe: Any) -> None:
+        """Queue what was counted since the last write in ``pipe``, and start afresh."""
         ints, floats = self._ints, self._floats
         self._ints, self._floats = Counter(), defaultdict(float)
-        if not (ints or floats):
-            return
-        pipe = redis.pipeline(transaction=False)
         for (key, field), amount in ints.items():
             pipe.hincrby(key, field, amount)
         for (key, field), value in floats.items():
             pipe.hincrbyfloat(key, field, value)
-        pipe.execute()
+
+    def flush(self, redis: Client) -> None:
+        """Write what was counted since the last flush (nothing is kept if Redis fails)."""
+        if self._ints or self._floats:
+            pipe = redis.pipeline(transaction=False)
+            self.write(pipe)
+            pipe.execute()
 
 
 def count(redis: Any, name: str, amount: int = 1) -> None:

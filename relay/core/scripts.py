@@ -98,14 +98,15 @@ return n
 """
 
 # KEYS: job. ARGV: worker id, now. Returns {the new attempt number, then the job's request,
-# conversation turn and created_at} (what the worker runs it with, in the same round trip), or
-# {0} if the job is gone or no longer queued (expired, or already ended).
+# conversation turn, created_at and the caller whose concurrency slot it holds} (what the worker
+# runs and ends it with, in the same round trip), or {0} if the job is gone or no longer queued
+# (expired, or already ended).
 CLAIM = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return {0} end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
-local job = redis.call('HMGET', KEYS[1], 'request', 'conversation', 'created_at')
-return {attempt, job[1], job[2], job[3]}
+local job = redis.call('HMGET', KEYS[1], 'request', 'conversation', 'created_at', 'limited_as')
+return {attempt, job[1], job[2], job[3], job[4]}
 """
 
 # Recovering a job claimed by a dead or stopping worker takes two steps, each in one slot:

@@ -3,8 +3,8 @@
 import fakeredis
 import pytest
 
-from relay.core import keys, queue
-from relay.core.jobs import JobStore, is_job_id
+from relay.core import keys, metrics, queue
+from relay.core.jobs import Ender, JobStore, is_job_id
 from relay.core.status import Recovery
 from tests.helpers import publish
 
@@ -107,3 +107,17 @@ def test_recover_fails_a_started_job_exactly_once(store):
     assert data[-1] == "[DONE]" and data.count("[DONE]") == 1
     assert "worker lost" in data[-2]
     assert store.status(job_id)["status"] == "failed"
+
+
+def test_the_claim_names_the_slot_the_worker_frees_at_the_end_without_reading_it(store):
+    job_id = store.create(REQUEST, limited_as="key:k1")
+    store.redis.zadd(keys.active("key:k1"), {job_id: 1})  # the slot the web tier took for it
+    claim = store.claim_and_load(job_id, "w1")
+    assert claim.limited_as == "key:k1" and claim.request == REQUEST
+    tally = metrics.Tally()
+    store.redis.hdel(keys.job(job_id), "limited_as")  # the worker does not read it again
+    assert store.complete(job_id, claim.attempt, "stop", None, Ender(claim.limited_as, tally))
+    assert store.redis.zcard(keys.active("key:k1")) == 0
+    assert store.redis.hget(keys.METRICS, "jobs_finished:completed") is None  # in the tally
+    tally.flush(store.redis)
+    assert store.redis.hget(keys.METRICS, "jobs_finished:completed") == b"1"
