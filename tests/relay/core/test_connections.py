@@ -9,10 +9,10 @@ import pytest
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.retry import Retry
 
-from relay.core.connections import Pool, RawConnection, connect
+from relay.core.connections import Pool, RawConnection, _Packer, connect
 from relay.core.jobs import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -84,3 +84,23 @@ def test_a_pooled_connection_with_a_reply_nobody_read_is_made_anew(redis_url: st
     assert select.select([conn._sock], [], [], 5)[0], "the reply arrived"
     client.connection_pool.release(conn)
     assert client.echo("fresh") == b"fresh"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("SET", "k", "v"), ("HSET", "h", "f", 1.5, "g", 0.1 + 0.2, "n", -12345678901234567890),
+     ("SET", "é", b"\xff\x00"), ("CLIENT SETNAME", "two words"), ("SET", "k", memoryview(b"v"))],
+    ids=["text", "numbers", "bytes", "two-word-name", "memoryview"],
+)  # fmt: skip
+def test_the_pools_commands_are_packed_as_redis_py_packs_them(redis_url: str, args) -> None:
+    ours = connect(redis_url).connection_pool.make_connection()
+    theirs = Redis.from_url(redis_url).connection_pool.make_connection()
+    assert isinstance(ours._command_packer, _Packer)  # hiredis in one call, not redis-py's
+    assert b"".join(ours.pack_command(*args)) == b"".join(
+        bytes(part) for part in theirs.pack_command(*args)
+    )
+
+
+def test_what_redis_py_refuses_to_pack_is_still_refused(redis_url: str) -> None:
+    with pytest.raises(DataError):
+        connect(redis_url).set("k", None)  # type: ignore[arg-type]
