@@ -241,6 +241,7 @@ def follow_chunks(
         if ended.ready():
             ended.get()
             return _ended_cleanly(body, sock)
+        gevent.sleep(0)  # what the first chunk queued (its publish) goes out before the set-up
         sock.settimeout(0.0)
         watcher = loop.io(sock.fileno(), 1)  # 1: readable
         ticker = loop.timer(timeout / 4, timeout / 4)
