@@ -219,8 +219,8 @@ def get_model(model_id: str):
 
 @api.post("/v1/chat/completions")
 def chat_completions():
-    submission = submit_job(watch=lambda job_id, req: open_stream(job_id) if req.get("stream")
-                            else None)  # fmt: skip
+    submission = submit_job(watch=lambda job_id, req: open_stream(job_id)
+                            if req.get("stream") is True else None)  # fmt: skip
     headers = link_headers(submission)
     if submission.opened is not None:
         return event_stream(submission.job_id, 0, headers, owner=True, opened=submission.opened)

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Given the new job's id and its validated request, a creator's stream subscribed before the
-# job is stored (relay.web.streams.open_stream), or None for a creator that will not stream.
+# Given the new job's id and its request (a JSON object, not yet checked: a request refused
+# later takes the stream back), a creator's stream subscribed before the job is stored
+# (relay.web.streams.open_stream), or None for a creator that will not stream.
 Watch = Callable[[str, dict[str, Any]], "Opened | None"]
 
 
@@ -141,6 +142,21 @@ def _submit(
 ) -> Submission:
     if body is None:
         body = json_body()
+    job_id = new_job_id()
+    # The creator's subscription starts now: its round trip runs while the request is checked
+    # and its conversation rebuilt, and is confirmed before the job is stored. A request
+    # refused meanwhile takes it back.
+    opened = watch(job_id, body) if watch is not None and isinstance(body, dict) else None
+    try:
+        return _store(throttle, caller, concurrency, body, job_id, opened)
+    except BaseException:
+        if opened is not None:
+            opened.abandon()
+        raise
+
+
+def _store(throttle: Throttle, caller: str, concurrency: int, body: Any, job_id: str,
+           opened: Opened | None) -> Submission:  # fmt: skip
     relay = state()
     config = relay.settings
     limits = Limits(
@@ -165,7 +181,6 @@ def _submit(
     except NotFound:
         guessing.failed()  # a message id is a secret: an unknown one may be a guess
         raise
-    job_id = new_job_id()
     if not throttle.acquire(caller, job_id, concurrency, config.job_max_age_seconds):
         raise RateLimited(
             f"Too many jobs at once: at most {concurrency} may be queued or running. Please "
@@ -174,9 +189,7 @@ def _submit(
             code="concurrency_limit_exceeded",
         )
     grant = Access.new(owner=owner)
-    opened = None
     try:
-        opened = watch(job_id, draft.request) if watch is not None else None
         # The turn's writes and the job's go in one round trip where they can.
         pipe = relay.redis.pipeline(transaction=False)
         turn = relay.conversations.save(draft, pipe)
@@ -191,8 +204,6 @@ def _submit(
             raise _queue_full() from None
     except BaseException:
         throttle.release(caller, job_id)
-        if opened is not None:
-            opened.abandon()
         raise
     logs.bind_job(job_id)
     logger.info("job %s queued (model %s)", job_id, draft.request.get("model"))

@@ -93,12 +93,16 @@ def test_a_creators_stream_is_subscribed_before_its_job_is_stored(stack: Stack):
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-def test_a_creator_refused_by_a_full_queue_leaves_no_subscription_or_stream_slot(stack: Stack):
+def test_a_refused_creator_leaves_no_subscription_or_stream_slot(stack: Stack):
     base = stack.start_web(env={"RELAY_MAX_QUEUED_JOBS": "1", "RELAY_MAX_STREAMS_PER_CLIENT": "1"})
     filling = requests.post(f"{base}/v1/jobs", json=chat_body("fills the queue"), timeout=5)
     assert filling.status_code == 202
     refused, _ = post_stream(base, stream_body("refused"))
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
+    assert requests.get(f"{base}/healthz", timeout=5).json()["viewers"] == 0
+    # Subscribed before its body was checked, an invalid request takes its stream back too.
+    invalid, _ = post_stream(base, {**stream_body("invalid"), "temperature": "hot"})
+    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "temperature"
     assert requests.get(f"{base}/healthz", timeout=5).json()["viewers"] == 0
     stack.start_worker()  # the queue drains; the client's one stream slot is free
     response, data = post_stream(base, stream_body("accepted"))
