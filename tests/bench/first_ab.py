@@ -1,0 +1,150 @@
+"""The first chunk, before and after a change, measured side by side:
+``python -m tests.bench.first_ab --base REV [--jobs 600] [--rounds 1]``.
+
+This machine's speed drifts by more than a change is worth between two runs minutes apart
+(RESULTS.md, "First chunk"), so comparing one run of the old code with a later run of the new
+one says little. Here both run at once: two complete stacks (each its own Redis, upstream,
+gunicorn process and worker), one from the working tree and one from a checkout of ``REV`` (a
+git worktree made for the run and removed after it), and the jobs alternate between them:
+a job on one stack, the same request sent to its upstream directly, then the same on the
+other. Each job is read to ``[DONE]``, as chat clients do, and timed to its first chunk.
+
+Prints, per stack, p50 and p90 of POST to first chunk, of the upstream's own time (the floor)
+and of the difference (the overhead), and the CPU each part of the stack used per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import tests.conftest as conftest  # noqa: E402
+from tests.bench.run import (  # noqa: E402
+    DATA,
+    FIRST_INTERVAL,
+    Bench,
+    children,
+    cpu_seconds,
+    request_bytes,
+    sim_body,
+)
+
+WARMUP = 50  # jobs per stack before the measured ones: pools and subscriptions open
+
+
+def first_chunk(url: str, body: bytes) -> float:
+    """Seconds from sending the POST to the first ``data:`` line; the stream is read to the
+    end (a client that hangs up would cancel the job and close its upstream connection)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(request_bytes(url, "POST", body))
+        buf = b""
+        while not DATA.search(buf):
+            more = sock.recv(65536)
+            if not more:
+                raise ConnectionError(f"{url} closed before its first chunk")
+            buf += more
+        took = time.monotonic() - started
+        while b"data: [DONE]" not in buf:
+            more = sock.recv(65536)
+            if not more:
+                break
+            buf = buf[-16:] + more
+    return took
+
+
+def start(tree: Path) -> tuple[Bench, str]:
+    """A stack whose processes run the code in ``tree``: its Bench and its relay's base URL."""
+    conftest.ROOT, conftest.GUNICORN_CONF = tree, tree / "deploy" / "gunicorn.conf.py"
+    bench = Bench(False, Path(tempfile.mkdtemp(prefix=f"first-ab-{tree.name}-")))
+    bench.stack.start_worker(concurrency=1024, env={"RELAY_WORKER_CONCURRENCY": "1024"})
+    return bench, bench.relay(1)[0]
+
+
+def parts(bench: Bench) -> dict[str, int]:
+    """The pid of each part of a stack."""
+    pids: dict[str, int] = {}
+    for proc in bench.procs + bench.stack.procs:
+        if proc.name.startswith("gunicorn"):
+            pids["web"] = children(proc.popen.pid)[0]
+        elif proc.name.startswith("test-worker"):
+            pids["worker"] = proc.popen.pid
+        elif proc.name in ("redis", "simulator"):
+            pids["redis" if proc.name == "redis" else "upstream"] = proc.popen.pid
+    return pids
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+def measure(trees: list[Path], jobs: int) -> None:
+    stacks = []
+    try:
+        for tree in trees:
+            stacks.append((tree, *start(tree)))
+        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+        relay: dict[Path, list[float]] = {tree: [] for tree in trees}
+        floor: dict[Path, list[float]] = {tree: [] for tree in trees}
+        cpu_before: dict[Path, dict[str, float]] = {}
+        for n in range(WARMUP + jobs):
+            if n == WARMUP:
+                cpu_before = {t: {k: cpu_seconds(p) for k, p in parts(b).items()}
+                              for t, b, _ in stacks}  # fmt: skip
+            for tree, bench, base in stacks:
+                took = first_chunk(f"{base}/v1/chat/completions", body)
+                direct = first_chunk(f"{bench.sim}/chat/completions", body)
+                if n >= WARMUP:
+                    relay[tree].append(took)
+                    floor[tree].append(direct)
+        for tree, bench, _ in stacks:
+            cpu = {k: (cpu_seconds(p) - cpu_before[tree][k]) / jobs * 1e3
+                   for k, p in parts(bench).items()}  # fmt: skip
+            r, f = relay[tree], floor[tree]
+            print(
+                f"{tree}: POST to first chunk p50 {quantile(r, 0.5) * 1e3:.2f} ms, "
+                f"p90 {quantile(r, 0.9) * 1e3:.2f} ms | upstream alone p50 "
+                f"{quantile(f, 0.5) * 1e3:.2f} ms | overhead p50 "
+                f"{(quantile(r, 0.5) - quantile(f, 0.5)) * 1e3:.2f} ms, p90 "
+                f"{(quantile(r, 0.9) - quantile(f, 0.9)) * 1e3:.2f} ms | CPU ms per job: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())),
+                flush=True,
+            )
+    finally:
+        for _, bench, _ in stacks:
+            bench.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="the git revision to compare against")
+    parser.add_argument("--jobs", type=int, default=600, help="measured jobs per stack and round")
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args(argv)
+    checkout = Path(tempfile.mkdtemp(prefix="first-ab-base-")) / "base"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(checkout),
+                    args.base], check=True)  # fmt: skip
+    try:
+        for round_ in range(1, args.rounds + 1):
+            print(f"round {round_}: {args.base} (base) and the working tree", flush=True)
+            measure([checkout, ROOT], args.jobs)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
+                       check=False)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
