@@ -46,8 +46,8 @@ def first_chunk(url: str, body: bytes) -> float:
     """Seconds from sending the POST to the first ``data:`` line; the stream is read to the
     end (a client that hangs up would cancel the job and close its upstream connection)."""
     parts = urlsplit(url)
+    started = time.monotonic()  # the connection's handshake counts, as in run.py's first_chunk
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        started = time.monotonic()
         sock.sendall(request_bytes(url, "POST", body))
         buf = b""
         while not DATA.search(buf):
