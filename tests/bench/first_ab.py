@@ -90,7 +90,7 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[int(q * (len(ordered) - 1))]
 
 
-def measure(trees: list[Path], jobs: int) -> None:
+def measure(trees: list[Path], jobs: int, warmup: int = WARMUP) -> None:
     stacks = []
     try:
         for tree in trees:
@@ -99,14 +99,14 @@ def measure(trees: list[Path], jobs: int) -> None:
         relay: dict[Path, list[float]] = {tree: [] for tree in trees}
         floor: dict[Path, list[float]] = {tree: [] for tree in trees}
         cpu_before: dict[Path, dict[str, float]] = {}
-        for n in range(WARMUP + jobs):
-            if n == WARMUP:
+        for n in range(warmup + jobs):
+            if n == warmup:
                 cpu_before = {t: {k: cpu_seconds(p) for k, p in parts(b).items()}
                               for t, b, _ in stacks}  # fmt: skip
             for tree, bench, base in stacks:
                 took = first_chunk(f"{base}/v1/chat/completions", body)
                 direct = first_chunk(f"{bench.sim}/chat/completions", body)
-                if n >= WARMUP:
+                if n >= warmup:
                     relay[tree].append(took)
                     floor[tree].append(direct)
         for tree, bench, _ in stacks:
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the git revision to compare against")
     parser.add_argument("--jobs", type=int, default=600, help="measured jobs per stack and round")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured jobs first")
     args = parser.parse_args(argv)
     checkout = Path(tempfile.mkdtemp(prefix="first-ab-base-")) / "base"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(checkout),
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_}: {args.base} (base) and the working tree", flush=True)
-            measure([checkout, ROOT], args.jobs)
+            measure([checkout, ROOT], args.jobs, args.warmup)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
                        check=False)  # fmt: skip

@@ -40,3 +40,19 @@ def test_the_benchmark_suite_runs_at_tiny_loads(tmp_path):
             assert not row["extra"].get("errors"), row
     workers = [r for r in rows if r["scenario"] == "worker capacity"]
     assert all(r["extra"]["done"] == 5 for r in workers), workers
+
+
+@pytest.mark.timeout(120)
+def test_the_side_by_side_first_chunk_benchmark_runs(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.bench.first_ab", "--base", "HEAD", "--jobs", "5",
+         "--warmup", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if "overhead p50" in line]
+    assert len(lines) == 2 and "/base:" in lines[0], run.stdout
+    assert "worker" in lines[1] and "web" in lines[1]  # the CPU each part used
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                               text=True).stdout  # fmt: skip
+    assert "first-ab-base" not in worktrees  # the checkout is removed after the run
