@@ -17,50 +17,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import tests.conftest as conftest  # noqa: E402
 from tests.bench.run import (  # noqa: E402
-    DATA,
     FIRST_INTERVAL,
     Bench,
     children,
     cpu_seconds,
-    request_bytes,
     sim_body,
+    time_to_first_chunk,
 )
 
 WARMUP = 50  # jobs per stack before the measured ones: pools and subscriptions open
 
 
 def first_chunk(url: str, body: bytes) -> float:
-    """Seconds from sending the POST to the first ``data:`` line; the stream is read to the
-    end (a client that hangs up would cancel the job and close its upstream connection)."""
-    parts = urlsplit(url)
-    started = time.monotonic()  # the connection's handshake counts, as in run.py's first_chunk
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(request_bytes(url, "POST", body))
-        buf = b""
-        while not DATA.search(buf):
-            more = sock.recv(65536)
-            if not more:
-                raise ConnectionError(f"{url} closed before its first chunk")
-            buf += more
-        took = time.monotonic() - started
-        while b"data: [DONE]" not in buf:
-            more = sock.recv(65536)
-            if not more:
-                break
-            buf = buf[-16:] + more
+    took = time_to_first_chunk(url, body)
+    if took is None:
+        raise ConnectionError(f"{url} closed before its first chunk")
     return took
 
 
