@@ -350,8 +350,8 @@ def handle_job_failure(
     job_id: str,
     attempt: int,
     error: UpstreamError,
-    model: str = "",
-    ender: Ender | None = None,
+    model: str,
+    ender: Ender,
 ) -> None:
     """End a failed job for every viewer.
 
@@ -360,7 +360,7 @@ def handle_job_failure(
        a failure can never add a second ``[DONE]``.
     2. Log it with the job id.
     """
-    metrics.upstream_error(ctx.store.redis if ender is None else ender.tally, error.code)
+    metrics.upstream_error(ender.tally, error.code)
     with contextlib.suppress(Exception):  # the text so far goes before the error, if it can
         ctx.publisher.flush(job_id, attempt)
     # Viewers see this: never the relay's own upstream key, should the upstream echo it.
@@ -386,13 +386,11 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     tally = metrics.Tally()  # the job's counters: written after its first chunk and at its end
     try:
         _run(ctx, job_id, tally)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        logger.warning("job %s: lost Redis mid-run (%s); left for the janitor", job_id, exc)
-        with contextlib.suppress(RedisError):
-            tally.flush(ctx.store.redis)
-        return
-    except Exception:
-        logger.exception("job %s: could not be run; left for the janitor", job_id)
+    except Exception as exc:
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+            logger.warning("job %s: lost Redis mid-run (%s); left for the janitor", job_id, exc)
+        else:
+            logger.exception("job %s: could not be run; left for the janitor", job_id)
         with contextlib.suppress(RedisError):
             tally.flush(ctx.store.redis)
         return
