@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Any
 from urllib.parse import urlsplit
 
 from requests.structures import CaseInsensitiveDict
+
+from relay.core.connections import readable
 
 from .chunked import ChunkedDecoder
 
@@ -183,7 +184,7 @@ class Pool:
         idle = self._idle.get(key)
         while idle:
             sock = idle.pop()
-            if _open_and_quiet(sock):
+            if not readable(sock):
                 return sock, True
             sock.close()
         sock = socket.create_connection(key, timeout=connect_timeout)
@@ -247,16 +248,3 @@ def _parse_head(head: bytes) -> tuple[int, CaseInsensitiveDict, bool]:
     connection = headers.get("Connection", "").lower()
     keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
     return int(code), headers, keep
-
-
-def _open_and_quiet(sock: Any) -> bool:
-    """Whether an idle connection is still open with nothing unread on it (a closed one reads
-    b""; one with bytes on it is out of step with its requests)."""
-    try:
-        sock.settimeout(0.0)
-        sock.recv(1, socket.MSG_PEEK)
-    except (BlockingIOError, InterruptedError):
-        return True  # nothing to read: open and quiet
-    except OSError:
-        return False
-    return False  # closed (b"") or holding bytes nobody asked for

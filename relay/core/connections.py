@@ -72,7 +72,7 @@ class Pool(BlockingConnectionPool):
             super().ensure_connection(connection)
             return
         raw = getattr(sock, "_sock", sock)  # gevent's socket wraps the real one
-        if _readable(raw) or getattr(connection._parser, "_next_response", False) is not False:
+        if readable(raw) or getattr(connection._parser, "_next_response", False) is not False:
             connection.disconnect()
             connection.connect()
 
@@ -98,8 +98,10 @@ class _Packer:
             return self._redis_py.pack(*args)
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Whether a socket has bytes waiting or was closed by its peer (without reading them).
+def readable(sock: socket.socket) -> bool:
+    """Whether a socket has bytes waiting or was closed by its peer (without reading them): an
+    idle connection that is not fit for another request (a pooled Redis connection here, a
+    kept upstream connection in ``worker.http1``).
 
     Python waits for a socket with a timeout before its ``recv``, flags or not: the peek is made
     with none (gevent's own sockets underneath have none already)."""
