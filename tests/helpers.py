@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from relay.core import keys
+from relay.core import keys, queue
 from worker.sse_decoder import SSEDecoder
 
 
@@ -99,6 +99,11 @@ def pipelined(redis: Any) -> Callable[[list[tuple[Any, ...]]], list[Any]]:
         return pipe.execute(raise_on_error=False)
 
     return execute
+
+
+def queued(redis: Any, key: str = keys.PENDING) -> list[str]:
+    """The ids of the jobs on a queue list (the pending list, or a worker's claimed list)."""
+    return [queue.read_entry(raw).job_id for raw in redis.lrange(key, 0, -1)]
 
 
 def publish(store: Any, job_id: str, attempt: int, events: list[str], text: str = "") -> int:

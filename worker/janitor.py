@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from relay.core import queue
 from relay.core.jobs import JobStore
+from relay.core.queue import Entry
 from relay.core.status import Recovery
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ LOST_MESSAGE = "The worker running this job stopped; the reply is incomplete. Pl
 
 
 def recover_claims(
-    store: JobStore, worker_id: str, job_ids: Iterable[str], message: str, why: str
+    store: JobStore, worker_id: str, entries: Iterable[Entry], message: str, why: str
 ) -> Counter[Recovery]:
     """Recover each of a worker's claimed jobs: unstarted ones go back to the queue, started
     ones end with a ``worker_lost`` error and ``[DONE]``. How many of each; ``why`` is logged.
@@ -30,8 +31,8 @@ def recover_claims(
     worker's claimed list, so only one caller acts on it.
     """
     outcomes: Counter[Recovery] = Counter()
-    for job_id in job_ids:
-        outcome = store.recover(job_id, worker_id, message)
+    for job_id, entry in ((e.job_id, e.raw) for e in entries):
+        outcome = store.recover(job_id, worker_id, message, entry)
         outcomes[outcome] += 1
         if outcome is Recovery.REQUEUED:
             logger.warning("job %s re-queued: %s before it started", job_id, why)
@@ -41,8 +42,8 @@ def recover_claims(
 
 
 def sweep_orphans(
-    store: JobStore, worker_id: str, running: set[str], suspects: set[str]
-) -> set[str]:
+    store: JobStore, worker_id: str, running: set[str], suspects: set[Entry]
+) -> set[Entry]:
     """Recover this worker's own claims that no greenlet runs any more; the new suspects.
 
     A job whose greenlet could not write its end (Redis was unreachable) stays on the claimed
@@ -50,7 +51,7 @@ def sweep_orphans(
     unrun is only a suspect at first: it may have been claimed a moment ago and not yet handed
     to its greenlet; still unrun at the next sweep, it is recovered.
     """
-    unrun = {j for j in queue.claimed_jobs(store.redis, worker_id) if j not in running}
+    unrun = {e for e in queue.claimed_entries(store.redis, worker_id) if e.job_id not in running}
     why = "its run ended without writing its outcome"
     recover_claims(store, worker_id, unrun & suspects, LOST_MESSAGE, why)
     return unrun - suspects
@@ -72,11 +73,11 @@ def sweep(store: JobStore, sweeper: str) -> int:
         if worker_id == sweeper:
             logger.warning("worker %s: its own heartbeat had lapsed (Redis unreachable?)", sweeper)
             continue
-        claims = queue.claimed_jobs(store.redis, worker_id)
+        claims = queue.claimed_entries(store.redis, worker_id)
         outcomes = recover_claims(
             store, worker_id, claims, LOST_MESSAGE, f"worker {worker_id} died"
         )
         recovered += outcomes[Recovery.REQUEUED] + outcomes[Recovery.FAILED]
-        if not queue.claimed_jobs(store.redis, worker_id):
+        if not queue.claimed_count(store.redis, worker_id):
             queue.unregister_worker(store.redis, worker_id)
     return recovered

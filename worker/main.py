@@ -42,14 +42,6 @@ SHUTDOWN_MESSAGE = (
     "The worker shut down before the reply finished; the reply is incomplete. Please retry."
 )
 
-# KEYS: this worker's claimed list, the pending list. ARGV: job id. Puts a job claimed but never
-# run back at the head of the queue (where BLMOVE takes from); 0 if it was no longer claimed.
-_UNCLAIM = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return 1
-"""
-
 
 def _session(pool_size: int) -> requests.Session:
     """One HTTP session whose connection pools fit every concurrent stream."""
@@ -105,8 +97,7 @@ class Worker:
         )
         self.pool = Pool(self.concurrency)
         self.running: dict[str, gevent.Greenlet] = {}
-        self._suspects: set[str] = set()
-        self._unclaim = self.redis.register_script(_UNCLAIM)
+        self._suspects: set[queue.Entry] = set()
         # Set on SIGTERM: claim no more jobs. The helpers (heartbeat, janitor, cancel orders)
         # keep going until ``halted``: running jobs still need them during the grace.
         self.stopping = Event()
@@ -142,12 +133,12 @@ class Worker:
             self.store, self.worker_id, set(self.running), self._suspects
         )
 
-    def _run_job(self, job_id: str) -> None:
+    def _run_job(self, entry: queue.Entry) -> None:
         try:
-            with logs.job_context(job_id):
-                run_job(self.ctx, job_id)
+            with logs.job_context(entry.job_id):
+                run_job(self.ctx, entry.job_id, entry)
         finally:
-            self.running.pop(job_id, None)
+            self.running.pop(entry.job_id, None)
 
     def _obey(self, order: bytes) -> None:
         command, _, job_id = order.decode().partition(" ")
@@ -174,12 +165,14 @@ class Worker:
             finally:
                 pubsub.close()
 
-    def _hand_back(self, job_id: str) -> None:
+    def _hand_back(self, entry: queue.Entry) -> None:
         """Return a job claimed once the stop was asked for (a ``BLMOVE`` issued just before
         it) to the head of the queue, unstarted: this worker takes no new jobs."""
+        job_id = entry.job_id
         try:
-            returned = self._unclaim(
-                keys=[keys.claimed(self.worker_id), keys.PENDING], args=[job_id]
+            # Back at the head of the queue (where BLMOVE takes from), if still claimed.
+            returned = self.store.scripts.release_claim(
+                keys=[keys.claimed(self.worker_id), keys.PENDING], args=[entry.raw, "1"]
             )
         except RedisError as exc:
             # Still on the claimed list: the release at the end of teardown re-queues it.
@@ -230,23 +223,23 @@ class Worker:
                 if self.pool.full():
                     continue
                 try:
-                    job_id = queue.claim_next(self.redis, self.worker_id, timeout=POLL_SECONDS)
+                    entry = queue.claim_next(self.redis, self.worker_id, timeout=POLL_SECONDS)
                     backoff.reset()
                 except RedisError as exc:
                     delay = backoff.next()
                     logger.warning("claim failed (%s); retrying in %.1fs", exc, delay)
                     self.stopping.wait(delay)
                     continue
-                if job_id is None:
+                if entry is None:
                     continue
                 if self.stopping.is_set():
                     # Claimed by a BLMOVE that was waiting when the stop came: not ours to run.
-                    self._hand_back(job_id)
+                    self._hand_back(entry)
                     continue
                 # Registered before the greenlet runs, so the orphan sweep never takes it.
-                self.running[job_id] = self.pool.spawn(self._run_job, job_id)
-                # Let the job send its claim before the next BLMOVE goes out: the job's first
-                # token waits for the claim's reply, not for the claim loop.
+                self.running[entry.job_id] = self.pool.spawn(self._run_job, entry)
+                # Let the job send its claim (and its upstream request) before the next BLMOVE
+                # goes out: the first token waits for those, not for the claim loop.
                 gevent.sleep(0)
         finally:
             self.teardown(helpers, grace)
@@ -304,12 +297,12 @@ class Worker:
         """
         requeued = failed = 0
         try:
-            claims = queue.claimed_jobs(self.redis, self.worker_id)
+            claims = queue.claimed_entries(self.redis, self.worker_id)
             outcomes = janitor.recover_claims(
                 self.store, self.worker_id, claims, SHUTDOWN_MESSAGE, "the worker stopped"
             )
             requeued, failed = outcomes[Recovery.REQUEUED], outcomes[Recovery.FAILED]
-            if queue.claimed_jobs(self.redis, self.worker_id):
+            if queue.claimed_count(self.redis, self.worker_id):
                 # Never delete a claimed list that still holds jobs: a janitor recovers them.
                 queue.drop_heartbeat(self.redis, self.worker_id)
             else:

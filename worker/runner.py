@@ -16,9 +16,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.core import metrics, queue
-from relay.core.chunks import completion_id, dumps, final_chunk
+from relay.core.chunks import completion_id, dumps, final_chunk, loads
 from relay.core.conversations import Conversations, Turn, reply_cost
-from relay.core.jobs import Ender, JobStore
+from relay.core.jobs import Claim, Ender, JobStore
 from relay.core.routes import Routes, Target, Upstream
 
 from . import http1, moderation
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_FIRST_DELAY = 0.5  # seconds before the first retry of an upstream that refused
 RETRY_MAX_DELAY = 10.0  # no wait longer than this, whatever the upstream's Retry-After says
+# A queue entry older than this (on the queuing host's clock) waits for its claim before its
+# request goes upstream: the longer a job has queued, the likelier it was cancelled meanwhile.
+HEAD_START_SECONDS = 1.0
 
 
 class JobLost(Exception):
@@ -74,13 +77,22 @@ def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
 
 
 def _open_with_retries(
-    ctx: JobContext, job_id: str, body: dict, upstream: Upstream, tally: metrics.Tally
+    ctx: JobContext,
+    job_id: str,
+    body: dict,
+    upstream: Upstream,
+    tally: metrics.Tally,
+    head_start: HeadStart | None = None,
 ) -> Response:
-    """Retry what may pass (refused, 429, 5xx), only before anything was published."""
+    """Retry what may pass (refused, 429, 5xx), only before anything was published. The first
+    try may have been made already (``head_start``)."""
     attempt = 0
     while True:
         metrics.upstream_request(tally, upstream.name)
         try:
+            if head_start is not None:
+                started, head_start = head_start, None
+                return started.result()
             return open_stream(ctx.session, upstream, body)
         except UpstreamError as exc:
             metrics.upstream_failure(tally, upstream.name, exc.status, exc.code)
@@ -180,6 +192,82 @@ def _slot(ctx: JobContext, job_id: str, upstream: Upstream, wait: bool) -> Itera
 
 
 @dataclass
+class HeadStart:
+    """A job's first upstream request, sent before its claim was answered."""
+
+    target: Target
+    sent_at: float
+    response: Response | None = None
+    error: UpstreamError | None = None
+
+    def result(self) -> Response:
+        """The open response, or the request's failure (raised)."""
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
+
+
+def _head_start_target(ctx: JobContext, entry: queue.Entry | None) -> tuple[dict, Target] | None:
+    """The request to send upstream before the claim's answer, and where: only for a fresh
+    entry that carries its request, to an upstream without a cap (taking a slot is a round trip
+    of its own), and without moderation (which must pass first)."""
+    if entry is None or not entry.request or ctx.moderation:
+        return None
+    if not 0 <= time.time() - entry.queued_at < HEAD_START_SECONDS:
+        return None
+    body = loads(entry.request)
+    if not isinstance(body, dict):
+        return None
+    if not body.get("model") and ctx.default_model:
+        body["model"] = ctx.default_model
+    try:
+        target = _targets(ctx, body.get("model") or "")[0]
+    except UpstreamError:
+        return None  # the job fails as usual, once claimed
+    if target.upstream.max_streams > 0:
+        return None
+    body, _ = _upstream_request(ctx, body)
+    return ({**body, "model": target.model} if target.model else body), target
+
+
+def _claim(
+    ctx: JobContext, job_id: str, entry: queue.Entry | None
+) -> tuple[Claim, HeadStart | None]:
+    """Claim the job; for a fresh entry that carries its request, with its first upstream
+    request sent while the claim is on its way (a round trip off the first token's path).
+
+    The claim goes out first and its reply is read once the upstream has answered, so nothing
+    is published before the job is ours. A job that turns out not to be queued any more
+    (cancelled, expired, taken) has its upstream request closed unread.
+    """
+    early = _head_start_target(ctx, entry)
+    if early is None:
+        return ctx.store.claim_and_load(job_id, ctx.worker_id), None
+    sent, target = early
+    sent_claim = ctx.store.claim_sent(job_id, ctx.worker_id)
+    head_start = HeadStart(target, time.time())
+    try:
+        try:
+            head_start.response = open_stream(ctx.session, target.upstream, sent)
+        except UpstreamError as exc:
+            head_start.error = exc
+        claim = sent_claim.answer()
+    except BaseException:
+        sent_claim.drop()
+        head_start.close()
+        raise
+    if not claim.attempt:
+        head_start.close()
+        return claim, None
+    return claim, head_start
+
+
+@dataclass
 class _Relayed:
     """What a job's stream has relayed so far."""
 
@@ -197,6 +285,7 @@ def _stream(
     turn: Turn | None,
     created_at: float,
     ender: Ender,
+    head_start: HeadStart | None = None,
 ) -> None:
     """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job.
 
@@ -242,9 +331,10 @@ def _stream(
                 if not taken:  # at its cap, and the route has another upstream
                     metrics.upstream_fallback(tally, serving)
                     continue
-                sent_at = time.time()
+                started, head_start = (head_start, None) if index == 0 else (None, head_start)
+                sent_at = started.sent_at if started is not None else time.time()
                 sent = {**body, "model": target.model} if target.model else body
-                response = _open_with_retries(ctx, job_id, sent, target.upstream, tally)
+                response = _open_with_retries(ctx, job_id, sent, target.upstream, tally, started)
                 _follow(response, relay, target.upstream, relayed, tally)
             break
         except UpstreamError as exc:
@@ -376,8 +466,8 @@ def handle_job_failure(
     )
 
 
-def run_job(ctx: JobContext, job_id: str) -> None:
-    """Run a claimed job to its end, then acknowledge it.
+def run_job(ctx: JobContext, job_id: str, entry: queue.Entry | None = None) -> None:
+    """Run a claimed job (taken off the queue as ``entry``) to its end, then acknowledge it.
 
     If the greenlet is killed (shutdown past its grace) the claim is kept on purpose: the
     stopping worker then re-queues or fails the job itself (``Worker._release_claims``), or,
@@ -385,7 +475,7 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     """
     tally = metrics.Tally()  # the job's counters: written after its first chunk and at its end
     try:
-        _run(ctx, job_id, tally)
+        _run(ctx, job_id, tally, entry)
     except Exception as exc:
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
             logger.warning("job %s: lost Redis mid-run (%s); left for the janitor", job_id, exc)
@@ -397,7 +487,7 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     # The acknowledgement and the job's last counters in one round trip (on a cluster, a
     # pipeline sends each to its own node).
     pipe = ctx.store.redis.pipeline(transaction=False)
-    queue.acknowledge(pipe, ctx.worker_id, job_id)
+    queue.acknowledge(pipe, ctx.worker_id, entry.raw if entry is not None else job_id)
     tally.write(pipe)
     try:
         pipe.execute()
@@ -405,8 +495,13 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         logger.exception("job %s: could not acknowledge", job_id)
 
 
-def _run(ctx: JobContext, job_id: str, tally: metrics.Tally) -> None:
-    attempt, body, turn, created_at, limited_as = ctx.store.claim_and_load(job_id, ctx.worker_id)
+def _run(ctx: JobContext, job_id: str, tally: metrics.Tally, entry: queue.Entry | None) -> None:
+    try:
+        claim, head_start = _claim(ctx, job_id, entry)
+    except JobCancelled:  # its order came as the first upstream request was on its way
+        logger.info("job %s cancelled; upstream connection closed", job_id)
+        return
+    attempt, body, turn, created_at, limited_as = claim
     ender = Ender(limited_as, tally)
     if not attempt:
         logger.info("job %s is no longer queued; skipping", job_id)
@@ -417,7 +512,7 @@ def _run(ctx: JobContext, job_id: str, tally: metrics.Tally) -> None:
     try:
         if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn, ender):
             return
-        _stream(ctx, job_id, attempt, body, turn, created_at, ender)
+        _stream(ctx, job_id, attempt, body, turn, created_at, ender, head_start)
         logger.info("job %s completed", job_id)
     except UpstreamError as exc:
         handle_job_failure(ctx, job_id, attempt, exc, body.get("model", ""), ender)
@@ -438,5 +533,7 @@ def _run(ctx: JobContext, job_id: str, tally: metrics.Tally) -> None:
         )
         handle_job_failure(ctx, job_id, attempt, error, body.get("model", ""), ender)
     finally:
+        if head_start is not None:
+            head_start.close()  # unread if the job ended before its stream was followed
         with contextlib.suppress(Exception):  # the publisher forgets the job
             ctx.publisher.flush(job_id, attempt)

@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import NoScriptError, RedisError
 
-from relay.core import keys, metrics
+from relay.core import keys, metrics, queue
 from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
-from relay.core.connections import Client, as_text, script_in
+from relay.core.connections import Client, Router, as_text, script_in
 from relay.core.conversations import Turn
 from relay.core.scripts import Scripts
 from relay.core.status import TERMINAL, JobStatus, Recovery
@@ -32,6 +32,60 @@ class Claim(NamedTuple):
     turn: Turn | None
     created_at: float
     limited_as: str  # the caller whose concurrency slot the job holds ("" for none)
+
+
+def _claimed(reply: list[Any]) -> Claim:
+    """The ``CLAIM`` script's reply as a :class:`Claim`."""
+    attempt = int(reply[0])
+    if not attempt:
+        return Claim(0, {}, None, 0.0, "")
+    raw, turn, created, limited_as = (reply + [None] * 4)[1:5]
+    return Claim(
+        attempt,
+        loads(raw) if raw else {},
+        Turn.from_json(turn) if turn else None,
+        float(created or 0),
+        as_text(limited_as),
+    )
+
+
+class SentClaim:
+    """A ``CLAIM`` sent on a connection of the job's node, whose reply is read when wanted."""
+
+    def __init__(self, store: JobStore, client: Any, job_id: str, worker_id: str) -> None:
+        self._store, self._job_id, self._worker_id = store, job_id, worker_id
+        self._pool = client.connection_pool
+        self._conn: Any = self._pool.get_connection()
+        try:
+            self._conn.send_command("EVALSHA", store.scripts.claim.sha, 1, keys.job(job_id),
+                                    worker_id, _now())  # fmt: skip
+        except BaseException:
+            self.drop()
+            raise
+
+    def answer(self) -> Claim:
+        """The claim's outcome (raises what reading it raised)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("the claim's answer was read or dropped already")
+        try:
+            reply = conn.read_response()
+        except NoScriptError:  # Redis lost its scripts since they were loaded: run it anew
+            self._pool.release(conn)
+            return self._store.claim_and_load(self._job_id, self._worker_id)
+        except BaseException:
+            conn.disconnect()
+            self._pool.release(conn)
+            raise
+        self._pool.release(conn)
+        return _claimed(reply)
+
+    def drop(self) -> None:
+        """Never read the reply (the connection goes, with it); nothing once read."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self._pool.release(conn)
 
 
 class Ender(NamedTuple):
@@ -97,11 +151,12 @@ class JobStore:
         job is stored (what must happen before it exists: a creator's subscription).
         """
         job_id = job_id or new_job_id()
+        stored, now = dumps(request), time.time()
         fields: dict[str | bytes, str | int] = {
-            "request": dumps(request),
+            "request": stored,
             "model": str(request.get("model") or ""),
             "status": JobStatus.QUEUED,
-            "created_at": _now(),
+            "created_at": f"{now:.3f}",
             "seq": 0,
             "attempt": 0,
         }
@@ -120,19 +175,20 @@ class JobStore:
             before()
         script_in(self.redis, pipe, self.scripts.create, job_keys, [self.max_age, viewers, *pairs])
         metrics.count(pipe, "viewers", viewers)
-        pipe.lpush(keys.PENDING, job_id)
+        entry = queue.entry(job_id, stored, now)
+        pipe.lpush(keys.PENDING, entry)
         metrics.count(pipe, "jobs_created")
         queued = pipe.execute()[-2]
         # The cap is checked by the push itself (the queue is in a slot of its own, so no
         # script can check and push with the job's writes): one round trip, not two.
-        if 0 < max_queued < queued and self._withdraw(job_id):
+        if 0 < max_queued < queued and self._withdraw(job_id, entry):
             raise QueueFull()
         return job_id
 
-    def _withdraw(self, job_id: str) -> bool:
+    def _withdraw(self, job_id: str, entry: str) -> bool:
         """Take a job just queued off the queue and delete it, unless a worker has it already
         (it then runs: the queue was draining)."""
-        if not self.redis.lrem(keys.PENDING, 1, job_id):
+        if not self.redis.lrem(keys.PENDING, 1, entry):
             return False
         self.redis.delete(keys.job(job_id))
         self.redis.delete(keys.text(job_id))
@@ -230,18 +286,14 @@ class JobStore:
     def claim_and_load(self, job_id: str, worker_id: str) -> Claim:
         """:meth:`claim`, with what the worker runs and ends the job with, in the same round
         trip (attempt 0: skip)."""
-        reply = self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()])
-        attempt = int(reply[0])
-        if not attempt:
-            return Claim(0, {}, None, 0.0, "")
-        raw, turn, created, limited_as = (reply + [None] * 4)[1:5]
-        return Claim(
-            attempt,
-            loads(raw) if raw else {},
-            Turn.from_json(turn) if turn else None,
-            float(created or 0),
-            as_text(limited_as),
-        )
+        return _claimed(self.scripts.claim(keys=[keys.job(job_id)], args=[worker_id, _now()]))
+
+    def claim_sent(self, job_id: str, worker_id: str) -> SentClaim:
+        """:meth:`claim_and_load` in two halves: the claim is sent now, its reply read later
+        (:meth:`SentClaim.answer`); the caller works meanwhile, without a greenlet of its own."""
+        key = keys.job(job_id)
+        router = Router(self.redis)
+        return SentClaim(self, router.node_client(router.node(key)), job_id, worker_id)
 
     def served_by(self, job_id: str, upstream: str) -> None:
         """Record which upstream serves the job (its status says so)."""
@@ -346,10 +398,17 @@ class JobStore:
         fields = {"error": error}
         return self.finish(job_id, attempt, JobStatus.FAILED, [chunk, DONE], fields, ender)
 
-    def recover(self, job_id: str, worker_id: str, message: str) -> Recovery:
+    def recover(
+        self, job_id: str, worker_id: str, message: str, entry: str | None = None
+    ) -> Recovery:
         """Handle a job claimed by a dead or stopping worker: ``RECOVER`` decides on the job,
-        then ``RELEASE_CLAIM`` takes it off the worker's list (two slots: see
-        :mod:`relay.core.scripts`)."""
+        then ``RELEASE_CLAIM`` takes its queue ``entry`` off the worker's list (found there if
+        not given; two slots: see :mod:`relay.core.scripts`). A re-queued entry is the same
+        string, with the time it was first queued."""
+        if entry is None:
+            found = [e.raw for e in queue.claimed_entries(self.redis, worker_id)
+                     if e.job_id == job_id]  # fmt: skip
+            entry = found[0] if found else job_id
         model = as_text(self.redis.hget(keys.job(job_id), "model"))
         chunk = error_chunk(job_id, message, type="server_error", code="worker_lost", model=model)
         error = dumps(loads(chunk)["error"])
@@ -361,7 +420,7 @@ class JobStore:
         )
         requeue = "1" if outcome is Recovery.REQUEUED else "0"
         released = self.scripts.release_claim(
-            keys=[keys.claimed(worker_id), keys.PENDING], args=[job_id, requeue]
+            keys=[keys.claimed(worker_id), keys.PENDING], args=[entry, requeue]
         )
         if not released:
             return Recovery.TAKEN  # another recovery took the claim (and re-queued it, if due)

@@ -147,7 +147,7 @@ class RelayCollector(Collector):
             "relay_jobs_queued", "Jobs waiting for a worker.", value=queue.pending_count(self.redis)
         )
         workers = queue.live_workers(self.redis)
-        running = sum(len(queue.claimed_jobs(self.redis, w)) for w in workers)
+        running = sum(queue.claimed_count(self.redis, w) for w in workers)
         yield GaugeMetricFamily(
             "relay_jobs_running", "Jobs claimed by live workers.", value=running
         )

@@ -6,27 +6,74 @@ proves it is alive with a heartbeat key that expires after the lease; a janitor 
 claimed jobs of a worker whose heartbeat lapsed to :meth:`relay.jobs.JobStore.recover`.
 (Jobs are pushed to the pending list by :meth:`relay.jobs.JobStore.create`, in the same
 transaction that stores them.)
+
+An entry is a job's id, and for a small request also the time it was queued and the request
+itself: a worker that takes a fresh entry sends the request upstream while the job's claim is
+on its way (``worker.runner``), instead of after the claim's round trip. The entry moves as
+it is, so the claimed lists hold the same strings: removing one takes the whole entry
+(:attr:`Entry.raw`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from relay.core import keys
 from relay.core.connections import Client, as_text
 
-
-def claim_next(redis: Client, worker_id: str, timeout: int) -> str | None:
-    """Wait up to ``timeout`` seconds for a pending job and claim it; its id, or None."""
-    job_id = redis.blmove(keys.PENDING, keys.claimed(worker_id), timeout, "RIGHT", "LEFT")
-    return as_text(job_id) or None
+INLINE_MAX = 8192  # bytes of request an entry carries; a larger request is read with the claim
 
 
-def acknowledge(redis: Client, worker_id: str, job_id: str) -> None:
-    """The job has ended (or was not ours to run): drop it from the worker's claimed list."""
-    redis.lrem(keys.claimed(worker_id), 1, job_id)
+class Entry(NamedTuple):
+    """A queue entry: as stored (what ``LREM`` matches) and what it says."""
+
+    raw: str
+    job_id: str
+    queued_at: float = 0.0  # seconds since the epoch, on the queuing host's clock (0: not said)
+    request: str = ""  # the job's request as stored with the job (JSON), or "" if not carried
+
+
+def entry(job_id: str, request: str, queued_at: float) -> str:
+    """The entry that queues a job (job ids hold no space)."""
+    if len(request) > INLINE_MAX:
+        return job_id
+    return f"{job_id} {queued_at:.3f} {request}"
+
+
+def read_entry(raw: bytes | str) -> Entry:
+    text = as_text(raw)
+    job_id, _, rest = text.partition(" ")
+    if not rest:
+        return Entry(text, job_id)
+    queued_at, _, request = rest.partition(" ")
+    try:
+        return Entry(text, job_id, float(queued_at), request)
+    except ValueError:
+        return Entry(text, job_id)
+
+
+def claim_next(redis: Client, worker_id: str, timeout: int) -> Entry | None:
+    """Wait up to ``timeout`` seconds for a pending job and claim it; its entry, or None."""
+    raw = redis.blmove(keys.PENDING, keys.claimed(worker_id), timeout, "RIGHT", "LEFT")
+    return read_entry(raw) if raw else None
+
+
+def acknowledge(redis: Client, worker_id: str, raw: str) -> None:
+    """The job has ended (or was not ours to run): drop its entry from the worker's claimed
+    list."""
+    redis.lrem(keys.claimed(worker_id), 1, raw)
+
+
+def claimed_entries(redis: Client, worker_id: str) -> list[Entry]:
+    return [read_entry(raw) for raw in redis.lrange(keys.claimed(worker_id), 0, -1)]
 
 
 def claimed_jobs(redis: Client, worker_id: str) -> list[str]:
-    return [as_text(j) for j in redis.lrange(keys.claimed(worker_id), 0, -1)]
+    return [e.job_id for e in claimed_entries(redis, worker_id)]
+
+
+def claimed_count(redis: Client, worker_id: str) -> int:
+    return int(redis.llen(keys.claimed(worker_id)))
 
 
 def pending_count(redis: Client) -> int:

@@ -142,8 +142,9 @@ return 3
 """
 )
 
-# RELEASE_CLAIM. KEYS: the worker's claimed list, the pending list. ARGV: job id, "1" to put it
-# back on the queue. Returns 1 if this call took the claim, 0 if another recovery had.
+# RELEASE_CLAIM. KEYS: the worker's claimed list, the pending list. ARGV: the job's queue entry
+# (relay.core.queue), "1" to put it back on the queue. Returns 1 if this call took the claim, 0
+# if another recovery had.
 RELEASE_CLAIM = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 if ARGV[2] == '1' then redis.call('RPUSH', KEYS[2], ARGV[1]) end

@@ -19,7 +19,8 @@ def store():
 def streaming_job(store: JobStore, worker_id: str) -> str:
     """A job claimed by ``worker_id`` and half streamed, its worker's heartbeat lapsed."""
     job_id = store.create(REQUEST)
-    assert queue.claim_next(store.redis, worker_id, timeout=1) == job_id
+    claimed = queue.claim_next(store.redis, worker_id, timeout=1)
+    assert claimed is not None and claimed.job_id == job_id
     attempt = store.claim(job_id, worker_id)
     publish(store, job_id, attempt, ['{"a":1}'], "Hel")
     queue.register_worker(store.redis, worker_id, ttl_ms=60_000)

@@ -3,16 +3,23 @@ job's end, and the event loop kept free while a long reply is counted."""
 
 from __future__ import annotations
 
+import json
 import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
 
 import gevent
 import pytest
 import requests
 
+from relay.core import keys, queue, routes
 from relay.core.connections import connect
 from relay.core.conversations import Conversations, reply_cost
-from relay.core.jobs import JobStore
-from tests.helpers import stored_message
+from relay.core.jobs import Claim, JobStore, SentClaim
+from relay.core.settings import Settings
+from tests.conftest import simulator_process, wait_for
+from tests.helpers import chat_body, stored_message
 from worker import runner
 from worker.publisher import Publisher
 from worker.runner import JobContext, run_job
@@ -72,3 +79,145 @@ def test_a_long_reply_is_counted_without_holding_up_the_workers_other_jobs():
     during = [started, *(t for t in ticks if t >= started), started + took]
     longest = max(b - a for a, b in zip(during, during[1:], strict=False))
     assert took > 0.02 and longest < took / 2, f"the loop stood still {longest:.3f}s of {took:.3f}s"
+
+
+# -- the head start: a fresh queue entry's request goes upstream while its claim is on its way --
+
+
+@pytest.fixture
+def own_simulator(log_dir: Path) -> Iterator[str]:
+    """A simulator of this test's own (its stream counts are this test's alone)."""
+    with simulator_process(log_dir, "sim-head-start", "--interval", "0.05") as (base, _):
+        yield base
+
+
+def worker_context(
+    redis_url: str, session: requests.Session, upstream: str, **options
+) -> JobContext:
+    redis = connect(redis_url)
+    store = JobStore(redis, retention=60, max_age=600)
+    return JobContext(store=store, session=session, upstream=Upstream(base_url=upstream),
+                      worker_id="w-head", conversations=Conversations(redis, ttl=600),
+                      publisher=Publisher(store), **options)  # fmt: skip
+
+
+def sim_requests(base: str) -> int:
+    return len(requests.get(f"{base}/_sim/requests", timeout=5).json())
+
+
+def test_a_fresh_entry_goes_upstream_before_its_claim_is_answered(own_simulator, redis_url):
+    """The claim's round trip is off the first token's path: when the worker reads the claim's
+    answer, the upstream has its request already. The job then runs as any other, and its
+    entry (the request included) leaves the claimed list at its end."""
+    with requests.Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        job_id = ctx.store.create({**chat_body("hi", reply="all good")})
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        assert entry is not None and entry.job_id == job_id and entry.request
+        seen_at_answer: list[int] = []
+        answer = SentClaim.answer
+
+        def answering(self: SentClaim) -> Claim:
+            seen_at_answer.append(sim_requests(own_simulator))
+            return answer(self)
+
+        claim_and_load = ctx.store.claim_and_load
+        ctx.store.claim_and_load = None  # type: ignore[assignment,method-assign]
+        try:
+            SentClaim.answer = answering  # type: ignore[method-assign]
+            run_job(ctx, job_id, entry)
+        finally:
+            SentClaim.answer = answer  # type: ignore[method-assign]
+            ctx.store.claim_and_load = claim_and_load  # type: ignore[method-assign]
+        assert seen_at_answer == [1]
+        status = ctx.store.status(job_id)
+        assert status["status"] == "completed" and status["text"] == "all good"
+        assert status["attempts"] == 1
+        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
+
+
+def test_a_job_cancelled_while_queued_has_its_head_start_closed(own_simulator, redis_url):
+    """The request went upstream before the claim said the job was no longer queued: nothing
+    of it is published, the upstream's stream is closed (not left running, not pooled), and
+    the entry is acknowledged."""
+    with requests.Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        job_id = ctx.store.create(chat_body("hi", tokens=400))  # 20 s at 0.05 s a token
+        assert ctx.store.cancel(job_id)[0]
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        assert entry is not None and entry.job_id == job_id
+        events_before = ctx.store.status(job_id)["events"]
+        run_job(ctx, job_id, entry)
+        assert sim_requests(own_simulator) == 1
+        status = ctx.store.status(job_id)
+        assert status["status"] == "cancelled" and status["events"] == events_before
+        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
+        stats = f"{own_simulator}/_sim/stats"
+        wait_for(lambda: requests.get(stats, timeout=5).json()["active_streams"] == 0, 5,
+                 "the upstream's stream to be closed")  # fmt: skip
+
+
+def test_the_claim_is_read_again_when_redis_lost_its_scripts(own_simulator, redis_url):
+    with requests.Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        job_id = ctx.store.create(chat_body("hi", reply="still fine"))
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        ctx.store.redis.script_flush()  # as after a restart of Redis: EVALSHA says NOSCRIPT
+        run_job(ctx, job_id, entry)
+        status = ctx.store.status(job_id)
+        assert status["status"] == "completed" and status["text"] == "still fine"
+        assert status["attempts"] == 1
+
+
+def context_for(**options) -> JobContext:
+    """A context for deciding on a head start (nothing in it is called)."""
+    return JobContext(store=None, session=None, upstream=Upstream(base_url="http://up/v1"),  # type: ignore[arg-type]
+                      worker_id="w", conversations=None, publisher=None, **options)  # type: ignore[arg-type]  # fmt: skip
+
+
+def fresh(request: dict | str, age: float = 0.0) -> queue.Entry:
+    text = request if isinstance(request, str) else json.dumps(request)
+    return queue.read_entry(queue.entry("job_" + "a" * 24, text, time.time() - age))
+
+
+def test_only_a_fresh_entry_with_its_request_gets_a_head_start():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    sent, target = runner._head_start_target(context_for(), fresh(body))
+    assert target.upstream.base_url == "http://up/v1"
+    # What the claimed path would send: usage asked for, the client's own options kept.
+    assert sent == {**body, "stream_options": {"include_usage": True}}
+    assert runner._head_start_target(context_for(), fresh(body, age=5)) is None
+    assert runner._head_start_target(context_for(), fresh(body, age=-5)) is None  # clock skew
+    assert runner._head_start_target(context_for(), queue.read_entry("job_" + "a" * 24)) is None
+    assert runner._head_start_target(context_for(), None) is None
+    assert runner._head_start_target(context_for(), fresh("[1, 2]")) is None
+    # Moderation must pass before anything goes upstream.
+    assert runner._head_start_target(context_for(moderation=True), fresh(body)) is None
+    # A request too big to ride along is read with the claim.
+    big = {**body, "messages": [{"role": "user", "content": "x" * queue.INLINE_MAX}]}
+    assert runner._head_start_target(context_for(), fresh(big)) is None
+
+
+CAPPED = """
+[upstreams.free]
+base_url = "http://free/v1"
+[upstreams.local]
+base_url = "http://local/v1"
+max_streams = 4
+[[routes]]
+model = "big"
+upstreams = ["free"]
+[[routes]]
+model = "small"
+upstreams = ["local", "free"]
+"""
+
+
+def test_a_capped_upstream_gets_no_head_start():
+    """Taking one of a capped upstream's slots is a round trip of its own, after the claim."""
+    ctx = context_for(routes=routes.parse(tomllib.loads(CAPPED), Settings(), {}))
+    body = {"model": "big", "messages": [{"role": "user", "content": "hi"}]}
+    _, target = runner._head_start_target(ctx, fresh(body))
+    assert target.upstream.name == "free"
+    assert runner._head_start_target(ctx, fresh({**body, "model": "small"})) is None
+    assert runner._head_start_target(ctx, fresh({**body, "model": "unknown"})) is None

@@ -18,7 +18,7 @@ import requests
 from relay.core import keys
 from relay.dev.simulator import reply_text
 from tests.conftest import Proc, Stack, start_process, wait_for
-from tests.helpers import Received, chat_body, create_job, read_stream
+from tests.helpers import Received, chat_body, create_job, queued, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -127,8 +127,8 @@ def test_after_sigterm_new_jobs_stay_queued_and_another_worker_runs_them(stack):
         wait_for(lambda: "waiting up to" in stopping.output(), 10, "the claim loop to end")
         status = status_of(later)
         assert status["status"] == "queued" and status["attempts"] == 0
-        assert redis.lrange(keys.PENDING, 0, -1) == [later["id"].encode()]
-        assert redis.lrange(keys.claimed(stopping_id), 0, -1) == [busy["id"].encode()]
+        assert queued(redis) == [later["id"]]
+        assert queued(redis, keys.claimed(stopping_id)) == [busy["id"]]
 
         # Started while the first worker is still in its grace: the first worker's heartbeat
         # goes on, so the newcomer's janitor does not take its running job for a dead one's.
@@ -197,7 +197,7 @@ def test_a_job_unstarted_at_the_end_of_the_grace_is_handed_back_and_run_by_anoth
         assert time.monotonic() - stopped_at < grace + 3
         status = status_of(job)
         assert status["status"] == "queued" and status["events"] == 0
-        assert redis.lrange(keys.PENDING, 0, -1) == [job["id"].encode()]
+        assert queued(redis) == [job["id"]]
         assert not viewer.done(), "the viewer waits for the job to run again"
         stack.start_worker(env=slow)
         received = viewer.result(timeout=30)

@@ -4,9 +4,9 @@ import fakeredis
 import pytest
 
 from relay.core import keys, metrics, queue
-from relay.core.jobs import Ender, JobStore, is_job_id
+from relay.core.jobs import Ender, JobStore, QueueFull, is_job_id
 from relay.core.status import Recovery
-from tests.helpers import publish
+from tests.helpers import publish, queued
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -29,7 +29,7 @@ def test_job_ids_are_unguessable_and_well_formed(store):
 
 def test_create_stores_and_queues_atomically(store):
     job_id = store.create(REQUEST)
-    assert store.redis.lrange(keys.PENDING, 0, -1) == [job_id.encode()]
+    assert queued(store.redis) == [job_id]
     status = store.status(job_id)
     assert status["status"] == "queued" and status["text"] == "" and status["events"] == 0
     assert store.claim_and_load(job_id, "w1")[1] == REQUEST
@@ -86,11 +86,12 @@ def test_failure_writes_an_openai_error_chunk_then_done(store):
 def test_recover_requeues_a_job_that_published_nothing(store):
     job_id = store.create(REQUEST)
     claimed = queue.claim_next(store.redis, "dead", timeout=1)
-    assert claimed == job_id
+    assert claimed is not None and claimed.job_id == job_id
     attempt = store.claim(job_id, "dead")
     assert store.recover(job_id, "dead", "lost") is Recovery.REQUEUED
     assert store.recover(job_id, "dead", "lost") is Recovery.TAKEN  # a second janitor: nothing
-    assert store.redis.lrange(keys.PENDING, 0, -1) == [job_id.encode()]
+    # Back on the queue as the same entry: its request and the time it was first queued.
+    assert store.redis.lrange(keys.PENDING, 0, -1) == [claimed.raw.encode()]
     assert store.status(job_id)["status"] == "queued"
     assert publish(store, job_id, attempt, ["{}"], "") == 0  # the old worker is fenced off
     assert store.claim(job_id, "w2") == attempt + 2
@@ -121,3 +122,20 @@ def test_the_claim_names_the_slot_the_worker_frees_at_the_end_without_reading_it
     assert store.redis.hget(keys.METRICS, "jobs_finished:completed") is None  # in the tally
     tally.flush(store.redis)
     assert store.redis.hget(keys.METRICS, "jobs_finished:completed") == b"1"
+
+
+def test_a_queue_entry_carries_a_small_request_and_the_time_it_was_queued():
+    job_id = "job_" + "b" * 24
+    raw = queue.entry(job_id, '{"model":"m"}', 1700000000.25)
+    assert queue.read_entry(raw) == queue.Entry(raw, job_id, 1700000000.25, '{"model":"m"}')
+    big = '{"x":"' + "y" * queue.INLINE_MAX + '"}'
+    assert queue.entry(job_id, big, 1.0) == job_id  # read with the claim instead
+    assert queue.read_entry(job_id) == queue.Entry(job_id, job_id)
+    assert queue.read_entry(f"{job_id} soon {{}}") == queue.Entry(f"{job_id} soon {{}}", job_id)
+
+
+def test_a_job_past_the_queues_cap_is_taken_back_whole(store):
+    store.create(REQUEST)
+    with pytest.raises(QueueFull):
+        store.create(REQUEST, max_queued=1)
+    assert len(queued(store.redis)) == 1 and len(store.redis.keys(keys.job("*"))) == 1
