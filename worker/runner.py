@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_FIRST_DELAY = 0.5  # seconds before the first retry of an upstream that refused
 RETRY_MAX_DELAY = 10.0  # no wait longer than this, whatever the upstream's Retry-After says
-# A queue entry older than this (on the queuing host's clock) waits for its claim before its
-# request goes upstream: the longer a job has queued, the likelier it was cancelled meanwhile.
+# A queue entry older than this (by the queuing host's clock against the worker's) waits for its
+# claim before its request goes upstream: the longer a job has queued, the likelier it was
+# cancelled meanwhile.
 HEAD_START_SECONDS = 1.0
 
 
@@ -218,8 +219,8 @@ def _head_start_target(ctx: JobContext, entry: queue.Entry | None) -> tuple[dict
     of its own), and without moderation (which must pass first)."""
     if entry is None or not entry.request or ctx.moderation:
         return None
-    if not 0 <= time.time() - entry.queued_at < HEAD_START_SECONDS:
-        return None
+    if abs(time.time() - entry.queued_at) >= HEAD_START_SECONDS:
+        return None  # (a host's clock may be a little ahead: the entry's time is rounded up, too)
     body = loads(entry.request)
     if not isinstance(body, dict):
         return None

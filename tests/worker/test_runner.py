@@ -187,7 +187,8 @@ def test_only_a_fresh_entry_with_its_request_gets_a_head_start():
     # What the claimed path would send: usage asked for, the client's own options kept.
     assert sent == {**body, "stream_options": {"include_usage": True}}
     assert runner._head_start_target(context_for(), fresh(body, age=5)) is None
-    assert runner._head_start_target(context_for(), fresh(body, age=-5)) is None  # clock skew
+    assert runner._head_start_target(context_for(), fresh(body, age=-5)) is None  # a skewed clock
+    assert runner._head_start_target(context_for(), fresh(body, age=-0.01)) is not None
     assert runner._head_start_target(context_for(), queue.read_entry("job_" + "a" * 24)) is None
     assert runner._head_start_target(context_for(), None) is None
     assert runner._head_start_target(context_for(), fresh("[1, 2]")) is None
