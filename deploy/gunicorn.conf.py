@@ -34,6 +34,11 @@ accesslog = os.environ.get("RELAY_ACCESS_LOG", "-")
 access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms "%(a)s"'
 errorlog = "-"
 loglevel = os.environ.get("RELAY_LOG_LEVEL", "info")
+# No control socket (gunicorn 25.1+; the relay does not use gunicornc): its default path,
+# ~/.gunicorn/gunicorn.ctl, is shared by every gunicorn of a user, so two relays (or test stacks)
+# on one host take it from each other, and it adds a thread to the master that is stopped and
+# started again around every fork of a worker.
+control_socket_disable = True
 
 
 def on_starting(server):
