@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from relay.core import keys, metrics, queue
 from relay.core.chunks import CANCELLED, DONE, completion_id, dumps, error_chunk, final_chunk, loads
@@ -70,7 +70,10 @@ class SentClaim:
             raise RuntimeError("the claim's answer was read or dropped already")
         try:
             reply = conn.read_response()
-        except NoScriptError:  # Redis lost its scripts since they were loaded: run it anew
+        except ResponseError:
+            # The claim did not run: Redis lost its scripts since they were loaded (NOSCRIPT),
+            # or the job's slot moved to another node (MOVED). The client's own path loads the
+            # script, or follows the slot.
             self._pool.release(conn)
             return self._store.claim_and_load(self._job_id, self._worker_id)
         except BaseException:

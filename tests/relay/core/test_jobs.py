@@ -2,9 +2,10 @@
 
 import fakeredis
 import pytest
+from redis.exceptions import MovedError, NoScriptError
 
 from relay.core import keys, metrics, queue
-from relay.core.jobs import Ender, JobStore, QueueFull, is_job_id
+from relay.core.jobs import Ender, JobStore, QueueFull, SentClaim, is_job_id
 from relay.core.status import Recovery
 from tests.helpers import publish, queued
 
@@ -139,3 +140,36 @@ def test_a_job_past_the_queues_cap_is_taken_back_whole(store):
     with pytest.raises(QueueFull):
         store.create(REQUEST, max_queued=1)
     assert len(queued(store.redis)) == 1 and len(store.redis.keys(keys.job("*"))) == 1
+
+
+class _Refusing:
+    """A pool whose one connection answers the claim with ``error`` (as a node whose slot
+    moved does)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.connection_pool = self
+        self.error, self.released, self.sent = error, 0, []
+
+    def get_connection(self):
+        return self
+
+    def send_command(self, *args):
+        self.sent.append(args)
+
+    def read_response(self):
+        raise self.error
+
+    def release(self, _conn):
+        self.released += 1
+
+
+def test_a_claim_refused_before_it_ran_is_made_again_by_the_client(store):
+    """MOVED (a cluster's slot has another owner now) and NOSCRIPT mean the claim did not run:
+    the client's own path, which follows the slot and loads the script, makes it."""
+    for error in (MovedError("3999 127.0.0.1:6381"), NoScriptError("NOSCRIPT")):
+        job_id = store.create(REQUEST)
+        node = _Refusing(error)
+        claim = SentClaim(store, node, job_id, "w1").answer()
+        assert node.sent[0][0] == "EVALSHA" and node.released == 1
+        assert claim.attempt == 1 and claim.request == REQUEST
+        assert store.status(job_id)["status"] == "running"
