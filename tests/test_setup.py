@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -25,6 +26,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 NOISE = re.compile(
     r'"level":"(WARNING|ERROR|CRITICAL)"|\[(WARNING|ERROR|CRITICAL)\]|Warning|Traceback'
 )
+
+
+# Runs a command with Ctrl-C's default action, whatever this process inherited: a shell that
+# runs the suite in the background starts it with SIGINT ignored, and bash cannot trap a signal
+# that was ignored when it started (a default disposition survives exec; a handler would not).
+INTERRUPTIBLE = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execvp(sys.argv[1], sys.argv[1:])",
+]
+
+
+def _session_state(sid: int) -> str:
+    """The processes of a session and the signal state of its leader, for a failure message."""
+    ps = subprocess.run(["ps", "-o", "pid,ppid,pgid,stat,wchan:24,args", "-s", str(sid)],
+                        capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+    try:
+        with open(f"/proc/{sid}/status") as status:
+            signals = [line for line in status if line.startswith(("Sig", "Shd"))]
+    except OSError as exc:
+        signals = [str(exc)]
+    return ps + "".join(signals)
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to clone the project")
@@ -41,7 +65,7 @@ def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
         "RELAY_API_KEYS": "sk-relay-setup-test",
     }
     proc = subprocess.Popen(
-        ["bash", "deploy/run.sh", "--simulator"],  # the local model's build stays out of CI
+        [*INTERRUPTIBLE, "bash", "deploy/run.sh", "--simulator"],  # no local model build in CI
         cwd=clone,
         env=env,
         stdout=subprocess.PIPE,
@@ -75,7 +99,11 @@ def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
         # Ctrl-C (SIGINT to the terminal's whole process group) stops everything the script
         # started, Redis last.
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(60) == 130
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the stack did not stop on SIGINT:\n{_session_state(proc.pid)}")
+        assert code == 130
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
         for name in ("web.log", "worker.log"):
