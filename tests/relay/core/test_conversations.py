@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 import pytest
 
@@ -224,3 +226,13 @@ def test_one_request_adds_a_bounded_number_of_records(conversations):
         conversations.prepare({"model": "m", "messages": many})
     assert info.value.code == "too_many_messages"
     assert conversations.redis.dbsize() == 0
+
+
+def test_a_turn_is_stored_as_json_with_its_field_names_and_read_back_whole():
+    turn = Turn("conv", "reply", "parent", 3, 2, system="sys", new_head=1, new_tail=2)
+    stored = turn.to_json()
+    assert json.loads(stored) == {
+        "conversation_id": "conv", "message_id": "reply", "parent_message_id": "parent",
+        "reply_number": 3, "parent_number": 2, "system": "sys", "new_head": 1, "new_tail": 2,
+    }  # fmt: skip
+    assert Turn.from_json(stored) == turn
