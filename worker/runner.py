@@ -122,6 +122,17 @@ def _upstream_request(ctx: JobContext, body: dict) -> tuple[dict, bool]:
     return body, wants_usage
 
 
+def _default_model(ctx: JobContext, body: dict) -> None:
+    """A request that names no model asks for the relay's default."""
+    if not body.get("model") and ctx.default_model:
+        body["model"] = ctx.default_model
+
+
+def _sent_to(target: Target, body: dict) -> dict:
+    """The body as the target's upstream gets it: under the route's name for the model."""
+    return {**body, "model": target.model} if target.model else body
+
+
 def _is_usage_only(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and bool(chunk.get("usage"))
 
@@ -224,8 +235,7 @@ def _head_start_target(ctx: JobContext, entry: queue.Entry | None) -> tuple[dict
     body = loads(entry.request)
     if not isinstance(body, dict):
         return None
-    if not body.get("model") and ctx.default_model:
-        body["model"] = ctx.default_model
+    _default_model(ctx, body)
     try:
         target = _targets(ctx, body.get("model") or "")[0]
     except UpstreamError:
@@ -233,7 +243,7 @@ def _head_start_target(ctx: JobContext, entry: queue.Entry | None) -> tuple[dict
     if target.upstream.max_streams > 0:
         return None
     body, _ = _upstream_request(ctx, body)
-    return ({**body, "model": target.model} if target.model else body), target
+    return _sent_to(target, body), target
 
 
 def _claim(
@@ -334,7 +344,7 @@ def _stream(
                     continue
                 started, head_start = (head_start, None) if index == 0 else (None, head_start)
                 sent_at = started.sent_at if started is not None else time.time()
-                sent = {**body, "model": target.model} if target.model else body
+                sent = _sent_to(target, body)
                 response = _open_with_retries(ctx, job_id, sent, target.upstream, tally, started)
                 _follow(response, relay, target.upstream, relayed, tally)
             break
@@ -507,8 +517,7 @@ def _run(ctx: JobContext, job_id: str, tally: metrics.Tally, entry: queue.Entry 
     if not attempt:
         logger.info("job %s is no longer queued; skipping", job_id)
         return
-    if not body.get("model") and ctx.default_model:
-        body["model"] = ctx.default_model
+    _default_model(ctx, body)
     logger.info("job %s started (attempt %d)", job_id, attempt)
     try:
         if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn, ender):

@@ -68,10 +68,6 @@ def claimed_entries(redis: Client, worker_id: str) -> list[Entry]:
     return [read_entry(raw) for raw in redis.lrange(keys.claimed(worker_id), 0, -1)]
 
 
-def claimed_jobs(redis: Client, worker_id: str) -> list[str]:
-    return [e.job_id for e in claimed_entries(redis, worker_id)]
-
-
 def claimed_count(redis: Client, worker_id: str) -> int:
     return int(redis.llen(keys.claimed(worker_id)))
 

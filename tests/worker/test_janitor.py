@@ -5,7 +5,7 @@ import pytest
 
 from relay.core import keys, queue
 from relay.core.jobs import JobStore
-from tests.helpers import publish
+from tests.helpers import publish, queued
 from worker import janitor
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -35,7 +35,7 @@ def test_a_worker_whose_own_heartbeat_lapsed_does_not_end_its_own_jobs(store):
     job_id = streaming_job(store, "alive")
     assert janitor.sweep(store, sweeper="alive") == 0
     assert store.status(job_id)["status"] == "running"
-    assert queue.claimed_jobs(store.redis, "alive") == [job_id]
+    assert queued(store.redis, keys.claimed("alive")) == [job_id]
 
 
 def test_another_workers_lapsed_heartbeat_ends_its_started_jobs(store):
@@ -43,5 +43,5 @@ def test_another_workers_lapsed_heartbeat_ends_its_started_jobs(store):
     assert janitor.sweep(store, sweeper="alive") == 1
     status = store.status(job_id)
     assert status["status"] == "failed" and status["error"]["code"] == "worker_lost"
-    assert queue.claimed_jobs(store.redis, "dead") == []
+    assert queued(store.redis, keys.claimed("dead")) == []
     assert queue.dead_workers(store.redis) == []  # unregistered once its claims were gone
