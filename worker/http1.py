@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from requests.structures import CaseInsensitiveDict
@@ -150,8 +151,10 @@ class Pool:
         self._idle.clear()
 
     def post(self, url: str, body: bytes, headers: dict[str, str], *,
-             connect_timeout: float, read_timeout: float) -> Answer:  # fmt: skip
-        """POST ``body`` to ``url`` (``http://`` only) and read the answer's head.
+             connect_timeout: float, read_timeout: float,
+             then: Callable[[], None] | None = None) -> Answer:  # fmt: skip
+        """POST ``body`` to ``url`` (``http://`` only) and read the answer's head; ``then`` is
+        called once the request is written, before its answer is awaited (not if it never is).
 
         Raises ``OSError`` (``TimeoutError`` for a timeout, ``ConnectionRefusedError``...) if
         the upstream cannot be reached or does not answer, :class:`MalformedAnswer` if what it
@@ -170,6 +173,9 @@ class Pool:
                     sock.sendall(request)
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     raise ClosedBeforeAnswer("the upstream closed the connection") from exc
+                if then is not None:
+                    written, then = then, None
+                    written()
                 return self._answer(sock, key)
             except ClosedBeforeAnswer:
                 sock.close()

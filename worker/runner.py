@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from relay.core import metrics, queue
 from relay.core.chunks import completion_id, dumps, final_chunk, loads
 from relay.core.conversations import Conversations, Turn, reply_cost
-from relay.core.jobs import Claim, Ender, JobStore
+from relay.core.jobs import Claim, Ender, JobStore, SentClaim
 from relay.core.routes import Routes, Target, Upstream
 
 from . import http1, moderation
@@ -250,26 +250,34 @@ def _claim(
     ctx: JobContext, job_id: str, entry: queue.Entry | None
 ) -> tuple[Claim, HeadStart | None]:
     """Claim the job; for a fresh entry that carries its request, with its first upstream
-    request sent while the claim is on its way (a round trip off the first token's path).
+    request sent before the claim (a round trip off the first token's path).
 
-    The claim goes out first and its reply is read once the upstream has answered, so nothing
-    is published before the job is ours. A job that turns out not to be queued any more
-    (cancelled, expired, taken) has its upstream request closed unread.
+    The claim goes out as soon as the upstream request is written, and its reply is read once
+    the upstream has answered, so nothing is published before the job is ours. A job that
+    turns out not to be queued any more (cancelled, expired, taken) has its upstream request
+    closed unread.
     """
     early = _head_start_target(ctx, entry)
     if early is None:
         return ctx.store.claim_and_load(job_id, ctx.worker_id), None
     sent, target = early
-    sent_claim = ctx.store.claim_sent(job_id, ctx.worker_id)
+    claims: list[SentClaim] = []
+
+    def send_claim() -> None:
+        claims.append(ctx.store.claim_sent(job_id, ctx.worker_id))
+
     head_start = HeadStart(target, time.time())
     try:
         try:
-            head_start.response = open_stream(ctx.session, target.upstream, sent)
+            head_start.response = open_stream(ctx.session, target.upstream, sent, send_claim)
         except UpstreamError as exc:
             head_start.error = exc
-        claim = sent_claim.answer()
+        if not claims:  # the request never went out
+            send_claim()
+        claim = claims[0].answer()
     except BaseException:
-        sent_claim.drop()
+        for unread in claims:
+            unread.drop()
         head_start.close()
         raise
     if not claim.attempt:

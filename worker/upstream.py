@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -120,21 +121,29 @@ def _direct(url: str) -> bool:
 
 
 def _post(
-    session: requests.Session, upstream: Upstream, data: str, headers: dict
-) -> requests.Response | http1.Answer:
-    """The POST: through :mod:`worker.http1` where it may (see :class:`Session`)."""
+    session: requests.Session, upstream: Upstream, data: str, headers: dict,
+    then: Callable[[], None] | None = None,
+) -> requests.Response | http1.Answer:  # fmt: skip
+    """The POST: through :mod:`worker.http1` where it may (see :class:`Session`). ``then`` runs
+    once the request is written there; through ``requests``, just before it is sent."""
     url = upstream.chat_url
     plain = getattr(session, "plain", None)
     if plain is None or not _direct(url):
+        if then is not None:
+            then()
         return session.post(url, data=data, headers=headers, stream=True,
                             timeout=(upstream.connect_timeout, upstream.read_timeout))  # fmt: skip
     return plain.post(url, data.encode(), headers, connect_timeout=upstream.connect_timeout,
-                      read_timeout=upstream.read_timeout)  # fmt: skip
+                      read_timeout=upstream.read_timeout, then=then)  # fmt: skip
 
 
-def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> Any:
+def open_stream(
+    session: requests.Session, upstream: Upstream, body: dict,
+    then: Callable[[], None] | None = None,
+) -> Any:  # fmt: skip
     """POST the request with ``stream: true``; the open response (a ``requests.Response`` or a
-    :class:`Streamed`), or :class:`UpstreamError`."""
+    :class:`Streamed`), or :class:`UpstreamError`. ``then``: work to do while the upstream
+    answers (see :func:`_post`)."""
     # identity: the reader strips chunked framing itself and takes no compressed body (a
     # compressed stream would also hold back text until a block is full).
     headers = {
@@ -146,7 +155,7 @@ def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> An
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
     try:
-        response = _post(session, upstream, dumps({**body, "stream": True}), headers)
+        response = _post(session, upstream, dumps({**body, "stream": True}), headers, then)
     except urllib3.exceptions.NewConnectionError:  # a ConnectTimeoutError subclass: first
         raise UpstreamError(
             "Could not reach the upstream: ConnectionError.",

@@ -4,6 +4,7 @@ job's end, and the event loop kept free while a long reply is counted."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 import tomllib
 from collections.abc import Iterator
@@ -18,12 +19,12 @@ from relay.core.connections import connect
 from relay.core.conversations import Conversations, reply_cost
 from relay.core.jobs import Claim, JobStore, SentClaim
 from relay.core.settings import Settings
-from tests.conftest import simulator_process, wait_for
+from tests.conftest import free_port, simulator_process, wait_for
 from tests.helpers import chat_body, stored_message
-from worker import runner
+from worker import http1, runner
 from worker.publisher import Publisher
 from worker.runner import JobContext, run_job
-from worker.upstream import Upstream
+from worker.upstream import Session, Upstream
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -133,6 +134,68 @@ def test_a_fresh_entry_goes_upstream_before_its_claim_is_answered(own_simulator,
         status = ctx.store.status(job_id)
         assert status["status"] == "completed" and status["text"] == "all good"
         assert status["attempts"] == 1
+        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
+
+
+def test_the_claim_goes_out_once_the_upstream_request_is_written(own_simulator, redis_url):
+    """The upstream gets its request first, the claim right after it is written (before its
+    answer is awaited): the claim's own send is off the first token's path too."""
+    with Session() as session:  # the relay's own: plain HTTP through worker.http1
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        job_id = ctx.store.create(chat_body("hi", reply="in order"))
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        order: list[str] = []
+        claim_sent = ctx.store.claim_sent
+        checkout, awaited = http1.Pool._checkout, http1.Pool._answer
+
+        class Recorded:
+            """The upstream connection, saying when the request is written on it."""
+
+            def __init__(self, sock: socket.socket) -> None:
+                self._sock = sock
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self._sock, name)
+
+            def sendall(self, data: bytes) -> None:
+                self._sock.sendall(data)
+                order.append("request written")
+
+        def sending_claim(*args: object) -> SentClaim:
+            order.append("claim sent")
+            return claim_sent(*args)  # type: ignore[arg-type]
+
+        def checking_out(self: http1.Pool, *args: object) -> tuple[object, bool]:
+            sock, reused = checkout(self, *args)  # type: ignore[arg-type]
+            return Recorded(sock), reused
+
+        def awaiting(self: http1.Pool, sock: object, key: object) -> http1.Answer:
+            order.append("answer awaited")
+            return awaited(self, sock._sock, key)  # type: ignore[attr-defined,arg-type]
+
+        ctx.store.claim_sent = sending_claim  # type: ignore[method-assign]
+        try:
+            http1.Pool._checkout, http1.Pool._answer = checking_out, awaiting  # type: ignore[method-assign,assignment]
+            run_job(ctx, job_id, entry)
+        finally:
+            http1.Pool._checkout, http1.Pool._answer = checkout, awaited  # type: ignore[method-assign]
+        assert order == ["request written", "claim sent", "answer awaited"]
+        assert ctx.store.status(job_id)["text"] == "in order"
+
+
+def test_an_unreachable_upstream_still_has_its_job_claimed_and_failed(redis_url):
+    """No request was written, so the claim is sent on its own: the job is claimed once and
+    ends with the upstream's failure, its entry acknowledged."""
+    with requests.Session() as session:
+        ctx = worker_context(redis_url, session, f"http://127.0.0.1:{free_port()}/v1",
+                             max_retries=0)  # fmt: skip
+        job_id = ctx.store.create(chat_body("hi"))
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        assert entry is not None and entry.request
+        run_job(ctx, job_id, entry)
+        status = ctx.store.status(job_id)
+        assert status["status"] == "failed" and status["attempts"] == 1
+        assert status["error"]["code"] == "upstream_unreachable"
         assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
 
 
