@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+import re
 
 from flask import Blueprint, Response, g, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -47,25 +47,39 @@ def _last_event_id() -> int:
     return int(raw)
 
 
-def external_url(endpoint: str, **values: Any) -> str:
-    """An absolute URL the relay hands out: on ``RELAY_PUBLIC_URL`` when set, else on the
+def _external_base() -> str:
+    """Where the URLs the relay hands out start: ``RELAY_PUBLIC_URL`` when set, else the
     request's own host (one of the allowed hosts: relay.web.origins)."""
-    base = settings().public_url.rstrip("/") or request.host_url.rstrip("/")
-    return base + url_for(endpoint, **values)
+    return settings().public_url.rstrip("/") or request.host_url.rstrip("/")
+
+
+_URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+_JOB_SLOT, _TOKEN_SLOT = "~j~", "~t~"  # url_for keeps "~"; no id or token holds one
+
+
+def _job_path(endpoint: str, job_id: str, token: str) -> str:
+    """``url_for(endpoint, job_id=job_id, token=token)`` from a template made once per endpoint
+    and mount point: url_for takes 25 us, four times over for each job created."""
+    if not (_URL_SAFE.fullmatch(job_id) and _URL_SAFE.fullmatch(token)):
+        return url_for(endpoint, job_id=job_id, token=token)
+    templates = state().url_templates
+    key = (endpoint, request.script_root)
+    template = templates.get(key)
+    if template is None:
+        template = templates[key] = url_for(endpoint, job_id=_JOB_SLOT, token=_TOKEN_SLOT)
+    return template.replace(_JOB_SLOT, job_id).replace(_TOKEN_SLOT, token)
 
 
 def job_links(job_id: str, grant: Access, *, creator: bool = False) -> dict[str, str]:
     """The job's URLs, carrying its read token; the cancel URL only for its creator."""
-    read = {"job_id": job_id, "token": grant.read_token}
+    base, read = _external_base(), grant.read_token
     links = {
-        "events_url": external_url("relay.job_events", **read),
-        "status_url": external_url("relay.job_status", **read),
-        "watch_url": external_url("pages.watch", **read),
+        "events_url": base + _job_path("relay.job_events", job_id, read),
+        "status_url": base + _job_path("relay.job_status", job_id, read),
+        "watch_url": base + _job_path("pages.watch", job_id, read),
     }
     if creator:
-        links["cancel_url"] = external_url(
-            "relay.cancel_job", job_id=job_id, token=grant.cancel_token
-        )
+        links["cancel_url"] = base + _job_path("relay.cancel_job", job_id, grant.cancel_token)
     return links
 
 

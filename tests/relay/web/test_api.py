@@ -249,3 +249,33 @@ def test_a_non_ascii_digit_last_event_id_is_a_400_not_a_500(base):
     job = create_job(base, chat_body("x", tokens=1))
     response = requests.get(job["events_url"], params={"lastEventId": "²"}, timeout=5)
     assert response.status_code == 400
+
+
+@pytest.mark.parametrize("public_url", ["", "https://relay.example/"])
+def test_job_links_are_what_url_for_makes_under_a_mount_point_too(public_url):
+    """The links are built from templates (url_for costs 25 us each): the same URLs as
+    url_for's, on the public URL or the request's host, under the app's mount point, and for
+    values a template must not take (those go through url_for itself)."""
+    from flask import url_for
+
+    from relay.web.access import Access
+    from relay.web.api import job_links
+    from relay.web.app import create_app
+
+    app = create_app({"redis_url": "redis://127.0.0.1:1/0", "public_url": public_url,
+                      "allowed_hosts": "relay.test"})  # fmt: skip
+    grant = Access.new(owner="")
+    odd = Access("", "rt-a~t~b", "ct-x y")  # never made by the relay, but must stay right
+    for root in ("", "/sub", "/a/b"):
+        for job_id, access in (("job_" + "x" * 24, grant), ("job_" + "y" * 24, grant),
+                               ("job_~j~", odd)):  # fmt: skip
+            with app.test_request_context("/", base_url=f"http://relay.test{root}"):
+                base = public_url.rstrip("/") or f"http://relay.test{root}".removesuffix(root)
+                read = {"job_id": job_id, "token": access.read_token}
+                cancel = {"job_id": job_id, "token": access.cancel_token}
+                assert job_links(job_id, access, creator=True) == {
+                    "events_url": base + url_for("relay.job_events", **read),
+                    "status_url": base + url_for("relay.job_status", **read),
+                    "watch_url": base + url_for("pages.watch", **read),
+                    "cancel_url": base + url_for("relay.cancel_job", **cancel),
+                }
