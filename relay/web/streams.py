@@ -3,7 +3,9 @@ client's cut-off, and what happens when the stream closes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -18,6 +20,8 @@ from relay.web.state import settings, state
 from relay.web.streaming import follow, retry_field, sse_bytes
 
 logger = logging.getLogger(__name__)
+
+_TCP_CORK = getattr(socket, "TCP_CORK", None)  # Linux's
 
 STREAM_HEADERS = {
     "Cache-Control": "no-cache",
@@ -118,10 +122,12 @@ def stream_response(
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     finished = False
 
+    client = _client_socket()
+
     def body() -> Iterator[bytes]:
         nonlocal finished
         events = follow(relay.store, relay.hub, viewer, after, idle=idle, fresh=opened is not None)
-        yield from render(events, viewer)
+        yield from with_head(render(events, viewer), client)
         finished = True
 
     def on_close() -> None:
@@ -180,6 +186,35 @@ def _take_stream_slots(counts: Counter[str], config: Settings) -> Callable[[], N
     return release
 
 
+def _client_socket() -> socket.socket | None:
+    """The client's socket under gunicorn (``-k gevent``: "gunicorn.socket", ``-k
+    gevent_pywsgi``: "gunicorn.sock"), or None."""
+    return request.environ.get("gunicorn.socket") or request.environ.get("gunicorn.sock")
+
+
+def with_head(chunks: Iterator[bytes], sock: socket.socket | None) -> Iterator[bytes]:
+    """``chunks``, the first corked on ``sock``: the server writes the response's head and its
+    first bytes separately, and the client (and every hop between) would get two packets, each
+    a wake-up, where one does (nginx's ``tcp_nopush``). Uncorked once the server asks for more
+    (both are written then), or when the stream closes."""
+    if sock is None or _TCP_CORK is None:
+        yield from chunks
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1)
+    except OSError:  # not TCP (a Unix socket), or closed already
+        yield from chunks
+        return
+    try:
+        for first in chunks:
+            yield first
+            break
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+    yield from chunks
+
+
 def _allow_direct(viewer: Viewer, prefix: bytes) -> None:
     """The fast path needs the client's socket and how the server frames the body: known for
     gunicorn's gevent worker (HTTP/1.1 chunked, one chunk per write; HTTP/1.0 raw)."""
@@ -203,8 +238,7 @@ def _cut_off_stalled_client(seconds: float) -> Callable[[], None]:
     gevent workers expose the socket; other servers keep their own behaviour). Returns what
     puts the socket's own timeout back once the stream is over.
     """
-    # "gunicorn.socket" under -k gevent; "gunicorn.sock" under -k gevent_pywsgi.
-    sock = request.environ.get("gunicorn.socket") or request.environ.get("gunicorn.sock")
+    sock = _client_socket()
     if sock is None or seconds <= 0:
         return lambda: None
     previous = sock.gettimeout()

@@ -3,6 +3,9 @@ simulator over HTTP."""
 
 from __future__ import annotations
 
+import json
+import socket
+import struct
 import threading
 
 import openai
@@ -279,3 +282,28 @@ def test_job_links_are_what_url_for_makes_under_a_mount_point_too(public_url):
                     "watch_url": base + url_for("pages.watch", **read),
                     "cancel_url": base + url_for("relay.cancel_job", **cancel),
                 }
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """Segments with data this socket has received (Linux's ``tcpi_data_segs_in``)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 152)[0]  # its offset in struct tcp_info
+
+
+def test_a_streams_head_and_opening_comment_come_in_one_packet(base):
+    """gunicorn writes the head and the first bytes separately; corked, they reach the client
+    as one segment (one wake-up, here and at every proxy between), ahead of the first event."""
+    host, port = base.removeprefix("http://").split(":")
+    body = json.dumps({**chat_body("hi", first_delay=1.0), "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (base.removeprefix("http://").encode(),
+                                                       len(body), body))  # fmt: skip
+        received = b""
+        while b": stream open" not in received:
+            more = sock.recv(65536)
+            assert more, received
+            received += more
+        assert received.startswith(b"HTTP/1.1 200")
+        assert data_segments_in(sock) == 1

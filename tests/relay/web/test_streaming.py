@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 
 import fakeredis
 import gevent
@@ -12,6 +13,7 @@ from relay.core import keys
 from relay.core.jobs import JobStore
 from relay.web.fanout import Viewer
 from relay.web.streaming import follow
+from relay.web.streams import with_head
 
 
 class NoHub:
@@ -79,3 +81,41 @@ def run_each(redis: fakeredis.FakeRedis):
         return replies
 
     return execute
+
+
+def corked(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+    return accepted, client
+
+
+def test_a_streams_head_and_first_bytes_leave_together_then_nothing_is_held_back():
+    """The first chunk is corked while the server writes it after the head (one packet, not
+    two); asked for the next, the socket is uncorked, and stays so for the live events."""
+    sock, peer = tcp_pair()
+    with sock, peer:
+        seen: list[bool] = []
+        for _ in with_head(iter([b"first", b"second", b"third"]), sock):
+            seen.append(corked(sock))
+        assert seen == [True, False, False]
+
+
+def test_a_stream_closed_after_its_first_chunk_is_uncorked():
+    sock, peer = tcp_pair()
+    with sock, peer:
+        chunks = with_head(iter([b"first", b"second"]), sock)
+        assert next(chunks) == b"first" and corked(sock)
+        chunks.close()  # the client went away while the head was being written
+        assert not corked(sock)
+
+
+def test_no_socket_or_a_non_tcp_one_leaves_the_chunks_alone():
+    assert list(with_head(iter([b"a", b"b"]), None)) == [b"a", b"b"]
+    left, right = socket.socketpair()  # a Unix socket: no TCP_CORK
+    with left, right:
+        assert list(with_head(iter([b"a", b"b"]), left)) == [b"a", b"b"]
