@@ -16,6 +16,8 @@ import pytest
 import requests
 
 from relay.core import apikeys, keys
+from relay.core.connections import Router, connect
+from relay.core.jobs import JobStore, new_job_id
 from relay.dev.simulator import reply_text
 from tests.conftest import ROOT, Stack, wait_for
 from tests.helpers import chat_body, create_job, read_stream, sdk_text
@@ -216,3 +218,23 @@ def test_the_api_key_cli_runs_on_the_cluster(cluster_stack: Stack, redis_cluster
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     assert apikeys.authenticate(cluster_stack.redis(), f"Bearer {made.stdout.strip()}")
+
+
+def test_the_store_sees_a_creators_subscription_on_its_jobs_node(redis_cluster):
+    """A creator's stream subscribes on the node of its job's slot, as the hub does; the job's
+    CREATE, run there, sees it (so the stream reads no log), and sees none for another job."""
+    client = connect(redis_cluster.url, cluster=True)
+    store = JobStore(client, retention=60, max_age=600)
+    watched, unwatched = new_job_id(), new_job_id()
+    router = Router(client)
+    node = router.node_client(router.node(keys.live(watched)))
+    subscription = node.pubsub()
+    subscription.ssubscribe(keys.live(watched))
+    assert subscription.get_message(timeout=5)["type"] == "ssubscribe"
+    seen: list[bool] = []
+    try:
+        for job_id in (watched, unwatched):
+            store.create({"model": "m", "messages": []}, job_id=job_id, subscribed=seen.append)
+    finally:
+        subscription.close()
+    assert seen == [True, False]

@@ -140,7 +140,7 @@ class JobStore:
         max_queued: int = 0,
         viewers: int = 0,
         pipe: Any = None,
-        before: Callable[[], None] | None = None,
+        subscribed: Callable[[bool], None] | None = None,
     ) -> str:
         """Store a job and queue it, atomically, so a queued id always has a job behind it.
 
@@ -150,8 +150,10 @@ class JobStore:
         back, if the queue held that many jobs already (0: no cap). ``viewers``: streams
         subscribed to the job already, counted from the start (a creator's own). ``pipe``:
         a pipeline holding the caller's own writes (the job's conversation turn), sent first
-        in the same round trip. ``before``: called once the writes are ready, just before the
-        job is stored (what must happen before it exists: a creator's subscription).
+        in the same round trip. ``subscribed``: for a creator that subscribed to the job's live
+        channel before storing it (without waiting for the confirmation), called with whether
+        that subscription had taken effect when the job was stored, as Redis saw it: if it had,
+        the stream can miss no event and needs no backlog read.
         """
         job_id = job_id or new_job_id()
         stored, now = dumps(request), time.time()
@@ -173,15 +175,20 @@ class JobStore:
         # The job first, then its id on the queue, so that a queued id always has a job behind
         # it. One Redis runs a pipeline in order; a cluster's nodes do not, so there the job
         # is stored (at once) before the id is queued.
+        if subscribed is not None:
+            job_keys.append(keys.live(job_id))
         pipe = pipe if pipe is not None else self.redis.pipeline(transaction=False)
-        if before is not None:
-            before()
-        script_in(self.redis, pipe, self.scripts.create, job_keys, [self.max_age, viewers, *pairs])
+        at = len(pipe)
+        args = [self.max_age, viewers, *pairs]
+        created = script_in(self.redis, pipe, self.scripts.create, job_keys, args)
         metrics.count(pipe, "viewers", viewers)
         entry = queue.entry(job_id, stored, now)
         pipe.lpush(keys.PENDING, entry)
         metrics.count(pipe, "jobs_created")
-        queued = pipe.execute()[-2]
+        results = pipe.execute()
+        if subscribed is not None:
+            subscribed(int(results[at] if created is None else created) == 2)
+        queued = results[-2]
         # The cap is checked by the push itself (the queue is in a slot of its own, so no
         # script can check and push with the job's writes): one round trip, not two.
         if 0 < max_queued < queued and self._withdraw(job_id, entry):

@@ -76,15 +76,19 @@ return 1
 """
 )
 
-# KEYS: job, text, viewers. ARGV: max age, viewers already watching (a creator's own stream,
-# subscribed first), then field/value pairs of the job hash. Written by a script rather than
-# HSET because Redis keeps a large HSET value (over 32 kB) in the buffer it was read into, up to
-# twice its size; a value made inside a script is allocated at its exact size.
+# KEYS: job, text, viewers, and optionally the job's live channel. ARGV: max age, viewers
+# already watching (a creator's own stream, subscribed first), then field/value pairs of the job
+# hash. Returns 2 if the live channel had a subscriber as the job was stored (a creator's stream
+# whose subscription took effect first: it can miss nothing, as the job's id was known to nobody
+# else), else 1. Written by a script rather than HSET because Redis keeps a large HSET value
+# (over 32 kB) in the buffer it was read into, up to twice its size; a value made inside a
+# script is allocated at its exact size.
 CREATE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], '', 'EX', ARGV[1])
 if ARGV[2] ~= '0' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[1]) end
+if KEYS[4] and redis.call('PUBSUB', 'SHARDNUMSUB', KEYS[4])[2] > 0 then return 2 end
 return 1
 """
 

@@ -42,20 +42,26 @@ Render = Callable[[Iterator[LiveEvent | None], Viewer], Iterator[bytes]]
 
 
 class Opened:
-    """A creator's stream, subscribed before its job is stored: nothing can have been
-    published on the job's channel before the subscription, so the stream needs no backlog
-    read, and the job is stored already counting it as a viewer (two round trips fewer on
-    the way to the first token)."""
+    """A creator's stream, subscribed before its job is stored, and stored already counted as
+    a viewer. Its job's ``CREATE`` says whether the subscription had taken effect by then
+    (:meth:`stored`), which it has unless the process's pub/sub connection was still being
+    made: then nothing can have been published on the job's channel before it, and the stream
+    needs no backlog read and no wait for the subscription's confirmation (round trips off the
+    way to the first token). Else it waits for the confirmation and reads the log first."""
 
-    __slots__ = ("viewer", "release_slots")
+    __slots__ = ("viewer", "release_slots", "fresh")
 
     def __init__(self, viewer: Viewer, release_slots: Callable[[], None]) -> None:
         self.viewer = viewer
         self.release_slots = release_slots
+        self.fresh = False
+
+    def stored(self, subscribed: bool) -> None:
+        """The job is stored; its live channel had this stream's subscription then, or not."""
+        self.fresh = subscribed
 
     def confirm(self) -> None:
-        """Wait for the subscription (503 if Redis does not confirm it): call it before the
-        job is stored."""
+        """Wait for the subscription (503 if Redis does not confirm it)."""
         try:
             state().hub.confirm(self.viewer)
         except SubscribeTimeout:
@@ -69,8 +75,8 @@ class Opened:
 
 def open_stream(job_id: str) -> Opened:
     """Start subscribing a creator's stream to the job it is about to store (429 past the
-    stream caps); :meth:`Opened.confirm` waits for the subscription, so that the round trip
-    runs while the job's writes are prepared."""
+    stream caps), without waiting: the subscription's round trip runs while the job's writes
+    are prepared, and the job's store says whether it took effect first (:class:`Opened`)."""
     relay = state()
     release_slots = _take_stream_slots(relay.open_streams, relay.settings)
     return Opened(relay.hub.attach(job_id, wait=False), release_slots)
@@ -126,7 +132,8 @@ def stream_response(
 
     def body() -> Iterator[bytes]:
         nonlocal finished
-        events = follow(relay.store, relay.hub, viewer, after, idle=idle, fresh=opened is not None)
+        fresh = opened is not None and opened.fresh
+        events = follow(relay.store, relay.hub, viewer, after, idle=idle, fresh=fresh)
         yield from with_head(render(events, viewer), client)
         finished = True
 
@@ -148,6 +155,14 @@ def stream_response(
 
     response = Response(body(), mimetype=mimetype, headers={**STREAM_HEADERS, **(headers or {})})
     response.call_on_close(on_close)
+    if opened is not None and not opened.fresh:
+        # Subscribed too late to be sure of every event live: confirmed now, then the stream
+        # reads the log first. Unconfirmed, it is a creator that left at once.
+        try:
+            opened.confirm()
+        except Unavailable:
+            response.close()
+            raise
     return response
 
 

@@ -144,8 +144,8 @@ def _submit(
         body = json_body()
     job_id = new_job_id()
     # The creator's subscription starts now: its round trip runs while the request is checked
-    # and its conversation rebuilt, and is confirmed before the job is stored. A request
-    # refused meanwhile takes it back.
+    # and its conversation rebuilt, and the job's store says whether it took effect first
+    # (relay.web.streams.Opened). A request refused meanwhile takes it back.
     opened = watch(job_id, body) if watch is not None and isinstance(body, dict) else None
     try:
         return _store(throttle, caller, concurrency, body, job_id, opened)
@@ -197,7 +197,7 @@ def _store(throttle: Throttle, caller: str, concurrency: int, body: Any, job_id:
             relay.store.create(draft.request, turn, grant=grant.fields(), job_id=job_id,
                                limited_as=caller if concurrency > 0 else "",
                                max_queued=config.max_queued_jobs, viewers=int(bool(opened)),
-                               pipe=pipe, before=opened.confirm if opened else None)  # fmt: skip
+                               pipe=pipe, subscribed=opened.stored if opened else None)  # fmt: skip
         except QueueFull:
             with contextlib.suppress(RedisError):  # the ids were never handed out
                 relay.conversations.forget(draft, turn)

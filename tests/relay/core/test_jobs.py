@@ -1,11 +1,13 @@
-"""The job record's scripts, on fakeredis (with Lua): ordering, fencing, idempotent ends."""
+"""The job record's scripts, on fakeredis (with Lua): ordering, fencing, idempotent ends (and
+one on a real Redis)."""
 
 import fakeredis
 import pytest
+import redis
 from redis.exceptions import MovedError, NoScriptError
 
 from relay.core import keys, metrics, queue
-from relay.core.jobs import Ender, JobStore, QueueFull, SentClaim, is_job_id
+from relay.core.jobs import Ender, JobStore, QueueFull, SentClaim, is_job_id, new_job_id
 from relay.core.status import Recovery
 from tests.helpers import publish, queued
 
@@ -173,3 +175,25 @@ def test_a_claim_refused_before_it_ran_is_made_again_by_the_client(store):
         assert node.sent[0][0] == "EVALSHA" and node.released == 1
         assert claim.attempt == 1 and claim.request == REQUEST
         assert store.status(job_id)["status"] == "running"
+
+
+@pytest.mark.integration
+def test_the_store_says_whether_the_jobs_live_channel_had_its_subscriber_yet(redis_url):
+    """A creator subscribes before storing its job, without waiting; the job's CREATE says
+    whether that subscription had taken effect (on a real Redis: fakeredis has no SHARDNUMSUB
+    in scripts), with or without the caller's own writes in the same pipeline."""
+    client = redis.Redis.from_url(redis_url)
+    store = JobStore(client, retention=60, max_age=600)
+    seen: list[bool] = []
+    store.create(REQUEST, job_id=new_job_id(), subscribed=seen.append)
+    watched = new_job_id()
+    subscription = client.pubsub()
+    subscription.ssubscribe(keys.live(watched))
+    assert subscription.get_message(timeout=5)["type"] == "ssubscribe"
+    pipe = client.pipeline(transaction=False)
+    pipe.set("relay:test:caller-write", "1")  # the caller's writes come first
+    store.create(REQUEST, job_id=watched, subscribed=seen.append, pipe=pipe)
+    subscription.close()
+    assert seen == [False, True]
+    assert client.get("relay:test:caller-write") == b"1"
+    assert [queue.read_entry(e).job_id for e in client.lrange(keys.PENDING, 0, -1)][0] == watched

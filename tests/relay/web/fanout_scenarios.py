@@ -157,6 +157,60 @@ def pubsub_reconnect(url: str) -> list[int]:
     return ids_of(frames)
 
 
+def late_creator_subscription(url: str) -> list[int]:
+    """A creator's subscription that takes effect only after its job was stored (the process's
+    pub/sub connection was still being made) while a worker published at once: the job's
+    store says so, the stream waits for the subscription and reads the log first, and the
+    creator gets every event once."""
+    from relay.core.settings import Settings
+    from relay.web import fanout
+    from relay.web.app import create_app
+
+    app = create_app(Settings(redis_url=url, open_access=True))
+    worker = JobStore(redis.Redis.from_url(url), retention=60, max_age=600)
+    held: list[tuple] = []
+    send, create, read_events = fanout._Link._send, JobStore.create, JobStore.read_events
+    reads: list[int] = []
+    claimed: list[tuple[str, int]] = []
+
+    def holding(link, command, channel) -> None:
+        if command == "SSUBSCRIBE" and not claimed:
+            held.append((link, command, channel))  # sent once the job is stored, below
+        else:
+            send(link, command, channel)
+
+    def storing(store, *args, **kwargs) -> str:
+        job_id = create(store, *args, **kwargs)
+        attempt = worker.claim(job_id, "w")  # a worker was waiting for it
+        claimed.append((job_id, attempt))
+        publish(worker, job_id, attempt, ['{"n":1}', '{"n":2}'])
+        for link, command, channel in held:
+            send(link, command, channel)
+        return job_id
+
+    def reading(store, job_id, after=0):
+        reads.append(after)
+        return read_events(store, job_id, after)
+
+    fanout._Link._send, JobStore.create, JobStore.read_events = holding, storing, reading
+    body = {**REQUEST, "stream": True}
+    with app.test_client() as client:
+        response = client.post("/v1/chat/completions", json=body, buffered=False)
+        assert response.status_code == 200, response.get_data()
+        assert held, "the creator's subscription was held back until the job was stored"
+        frames: list[bytes] = []
+        reader = gevent.spawn(lambda: frames.extend(response.response))
+        until(lambda: reads)  # the log was read (events 1 and 2 are only there)
+        job_id, attempt = claimed[0]
+        publish(worker, job_id, attempt, ['{"n":3}'])
+        worker.complete(job_id, attempt, "stop", None)
+        reader.join(timeout=10)
+        assert reader.dead, "the stream never finished"
+        response.close()
+    assert reads[0] == 0
+    return ids_of(frames)
+
+
 if __name__ == "__main__":
     redis_url, scenario = sys.argv[1], sys.argv[2]
     print(json.dumps(globals()[scenario](redis_url)))

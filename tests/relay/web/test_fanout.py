@@ -52,6 +52,11 @@ def test_a_lost_subscription_is_re_established_without_losing_events(redis_url):
     assert run_scenario(redis_url, "pubsub_reconnect") == list(range(1, 32))
 
 
+def test_a_creator_subscribed_only_after_its_job_was_stored_misses_nothing(redis_url):
+    # 2 events published before the subscription took effect (log), 1 after it, then [DONE].
+    assert run_scenario(redis_url, "late_creator_subscription") == [1, 2, 3, 4]
+
+
 def test_a_job_created_on_one_gunicorn_is_watched_live_on_another(stack):
     web_a = stack.start_web()
     web_b = stack.start_web()
