@@ -62,17 +62,21 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     """On SIGTERM, end open streams at once instead of holding them to ``graceful_timeout``;
-    and say once, at start, whether creating jobs needs an API key (or the relay runs open).
+    load the token counter's encoding before the first request (0.2 s that request would spend
+    on the event loop); and say once, at start, whether creating jobs needs an API key (or the
+    relay runs open).
 
     Nothing here runs in the master: redis imported there (it keeps a reference to ssl's
     SSLContext) would make each gevent worker warn that ssl was patched too late.
     """
+    from relay.core import tokens
     from relay.core.settings import Settings
     from relay.web.app import end_streams_on_sigterm
     from relay.web.auth import key_mode_at_start
 
     if hasattr(worker.wsgi, "extensions"):  # the relay's Flask app (not a wrapped one)
         end_streams_on_sigterm(worker.wsgi)
+    tokens.load()
     if worker.age == 1:  # the first worker of this start, not each one nor each restart
         open_mode, message = key_mode_at_start(Settings.from_env())
         (worker.log.warning if open_mode else worker.log.info)(message)

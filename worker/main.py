@@ -16,7 +16,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from redis.exceptions import RedisError
 
-from relay.core import keys, logs, queue, routes
+from relay.core import keys, logs, queue, routes, tokens
 from relay.core.backoff import Backoff
 from relay.core.connections import MIN_REDIS_VERSION, connect, oldest_version
 from relay.core.conversations import Conversations
@@ -96,6 +96,7 @@ class Worker:
             conversations=Conversations(self.redis, ttl=settings.conversation_ttl_seconds),
         )
         self.pool = Pool(self.concurrency)
+        tokens.load()  # not on the loop at the first job's end
         self.running: dict[str, gevent.Greenlet] = {}
         self._suspects: set[queue.Entry] = set()
         # Set on SIGTERM: claim no more jobs. The helpers (heartbeat, janitor, cancel orders)

@@ -175,3 +175,26 @@ def test_a_worker_refuses_to_start_on_a_redis_older_than_7(redis_url, monkeypatc
             worker.work()
     finally:
         worker.redis.close()
+
+
+def test_the_token_counters_encoding_is_loaded_as_a_process_starts(monkeypatch):
+    """Loading cl100k takes ~0.2 s of CPU: on a process's event loop at its first count, it
+    would stall every stream the process serves (the worker's other jobs at its first job's
+    end; the web's first request before its job is stored). Both load it as they start."""
+    import runpy
+    from types import SimpleNamespace
+
+    from relay.core import tokens
+    from relay.core.settings import Settings
+    from tests.conftest import GUNICORN_CONF
+    from worker import main
+
+    tokens._encoder.cache_clear()
+    worker = main.Worker(Settings(redis_url="redis://127.0.0.1:1/0"), worker_id="w-load")
+    assert tokens._encoder.cache_info().currsize == 1
+    worker.redis.close()
+
+    tokens._encoder.cache_clear()
+    hooks = runpy.run_path(str(GUNICORN_CONF))
+    hooks["post_worker_init"](SimpleNamespace(wsgi=object(), age=2))  # not the relay's app
+    assert tokens._encoder.cache_info().currsize == 1
