@@ -167,6 +167,7 @@ def late_creator_subscription(url: str) -> list[int]:
     from relay.web.app import create_app
 
     app = create_app(Settings(redis_url=url, open_access=True))
+    app.extensions["relay"].hub.attach("job_" + "w" * 24)  # the pub/sub connection is made
     worker = JobStore(redis.Redis.from_url(url), retention=60, max_age=600)
     held: list[tuple] = []
     send, create, read_events = fanout._Link._send, JobStore.create, JobStore.read_events
@@ -209,6 +210,35 @@ def late_creator_subscription(url: str) -> list[int]:
         response.close()
     assert reads[0] == 0
     return ids_of(frames)
+
+
+def creator_never_subscribed(url: str) -> list[int]:
+    """A creator's subscription that never takes effect: the job was stored, so the creator
+    gets a 503 and leaves it as a creator that hung up at once would: cancelled, uncounted."""
+    from relay.core import keys
+    from relay.core.settings import Settings
+    from relay.web import fanout
+    from relay.web.app import create_app
+
+    app = create_app(Settings(redis_url=url, open_access=True))
+    relay = app.extensions["relay"]
+    relay._hub = Hub(relay.redis, queue_size=64, subscribe_timeout=0.3)
+    relay.hub.attach("job_" + "w" * 24)  # the pub/sub connection is made
+    send = fanout._Link._send
+    fanout._Link._send = lambda link, command, channel: (  # the SSUBSCRIBE is lost
+        None if command == "SSUBSCRIBE" else send(link, command, channel)
+    )
+    with app.test_client() as client:
+        response = client.post("/v1/chat/completions", json={**REQUEST, "stream": True})
+    assert response.status_code == 503, response.get_data()
+    assert response.get_json()["error"]["type"]
+    (job_key,) = list(relay.redis.scan_iter("relay:{job_*}:job"))
+    job_id = job_key.decode().split("{")[1].split("}")[0]
+    status = relay.store.status(job_id)
+    assert status["status"] == "cancelled", status
+    assert relay.redis.get(keys.viewers(job_id)) == b"0"
+    assert relay.hub.viewer_count == 1 and not relay.open_streams  # the connection's own
+    return []
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ def test_a_creator_subscribed_only_after_its_job_was_stored_misses_nothing(redis
     assert run_scenario(redis_url, "late_creator_subscription") == [1, 2, 3, 4]
 
 
+def test_a_creator_whose_subscription_never_takes_effect_gets_a_503_and_its_job_ends(redis_url):
+    assert run_scenario(redis_url, "creator_never_subscribed") == []
+
+
 def test_a_job_created_on_one_gunicorn_is_watched_live_on_another(stack):
     web_a = stack.start_web()
     web_b = stack.start_web()
