@@ -7,6 +7,7 @@ script must start its own redis-server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -49,6 +51,26 @@ def _session_state(sid: int) -> str:
     except OSError as exc:
         signals = [str(exc)]
     return ps + "".join(signals)
+
+
+def _kill_left_behind(clone: Path) -> list[str]:
+    """Kill what the script started and left running (its children run in sessions of their
+    own, which a kill of its process group misses): every process working inside the clone.
+    What was killed, for the failure message."""
+    clone, killed = clone.resolve(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone, or not ours to see
+        if cwd == clone or clone in cwd.parents:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(args.strip())
+    return killed
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to clone the project")
@@ -117,3 +139,5 @@ def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+        left = _kill_left_behind(clone)
+        assert not left, f"left running after the stack stopped (now killed): {left}"
