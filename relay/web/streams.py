@@ -220,14 +220,21 @@ def with_head(chunks: Iterator[bytes], sock: socket.socket | None) -> Iterator[b
     except OSError:  # not TCP (a Unix socket), or closed already
         yield from chunks
         return
+    corked = True
     try:
         for first in chunks:
             yield first
             break
+        corked = False
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+        yield from chunks
     finally:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
-    yield from chunks
+        if corked:  # closed at its first chunk, or it failed before
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 0)
+        close = getattr(chunks, "close", None)
+        if close is not None:  # as ``yield from`` would have: the renderer's own ends run
+            close()
 
 
 def _allow_direct(viewer: Viewer, prefix: bytes) -> None:

@@ -105,13 +105,23 @@ def test_a_streams_head_and_first_bytes_leave_together_then_nothing_is_held_back
         assert seen == [True, False, False]
 
 
-def test_a_stream_closed_after_its_first_chunk_is_uncorked():
+def test_a_stream_closed_after_its_first_chunk_is_uncorked_and_its_renderer_closed():
     sock, peer = tcp_pair()
+    closed: list[bool] = []
+
+    def render():
+        try:
+            yield b"first"
+            yield b"second"
+        finally:
+            closed.append(True)  # where follow() lets its viewer go
+
     with sock, peer:
-        chunks = with_head(iter([b"first", b"second"]), sock)
+        rendered = render()  # held here too: closed by with_head, not by being dropped
+        chunks = with_head(rendered, sock)
         assert next(chunks) == b"first" and corked(sock)
         chunks.close()  # the client went away while the head was being written
-        assert not corked(sock)
+        assert not corked(sock) and closed == [True]
 
 
 def test_no_socket_or_a_non_tcp_one_leaves_the_chunks_alone():
