@@ -31,8 +31,9 @@ def recover_claims(
     worker's claimed list, so only one caller acts on it.
     """
     outcomes: Counter[Recovery] = Counter()
-    for job_id, entry in ((e.job_id, e.raw) for e in entries):
-        outcome = store.recover(job_id, worker_id, message, entry)
+    for entry in entries:
+        job_id = entry.job_id
+        outcome = store.recover(job_id, worker_id, message, entry.raw)
         outcomes[outcome] += 1
         if outcome is Recovery.REQUEUED:
             logger.warning("job %s re-queued: %s before it started", job_id, why)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 from relay.core import keys
 from relay.core.connections import Client, as_text
 
-INLINE_MAX = 8192  # bytes of request an entry carries; a larger request is read with the claim
+INLINE_MAX = 8192  # characters of request an entry carries; a larger one is read with the claim
 
 
 class Entry(NamedTuple):

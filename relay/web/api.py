@@ -55,6 +55,9 @@ def _external_base() -> str:
 
 _URL_SAFE = re.compile(r"[A-Za-z0-9_-]+")
 _JOB_SLOT, _TOKEN_SLOT = "~j~", "~t~"  # url_for keeps "~"; no id or token holds one
+# Templates kept per process: one per endpoint and mount point. A mount point may come from a
+# request (gunicorn takes a SCRIPT_NAME header from a trusted proxy): past this many, url_for.
+URL_TEMPLATES_MAX = 64
 
 
 def _job_path(endpoint: str, job_id: str, token: str) -> str:
@@ -66,6 +69,8 @@ def _job_path(endpoint: str, job_id: str, token: str) -> str:
     key = (endpoint, request.script_root)
     template = templates.get(key)
     if template is None:
+        if len(templates) >= URL_TEMPLATES_MAX:
+            return url_for(endpoint, job_id=job_id, token=token)
         template = templates[key] = url_for(endpoint, job_id=_JOB_SLOT, token=_TOKEN_SLOT)
     return template.replace(_JOB_SLOT, job_id).replace(_TOKEN_SLOT, token)
 

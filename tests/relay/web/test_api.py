@@ -284,6 +284,25 @@ def test_job_links_are_what_url_for_makes_under_a_mount_point_too(public_url):
                 }
 
 
+def test_job_link_templates_stay_bounded_whatever_mount_points_requests_name():
+    """A mount point can come with a request (a SCRIPT_NAME header from a trusted proxy): the
+    templates kept stop at their cap, and links past it are url_for's, just as right."""
+    from flask import url_for
+
+    from relay.web import api
+    from relay.web.access import Access
+    from relay.web.app import create_app
+
+    app = create_app({"redis_url": "redis://127.0.0.1:1/0"})
+    grant, job_id = Access.new(owner=""), "job_" + "x" * 24
+    for n in range(api.URL_TEMPLATES_MAX):  # four endpoints each: the cap is reached in a quarter
+        with app.test_request_context("/", base_url=f"http://localhost/p{n}"):
+            links = api.job_links(job_id, grant, creator=True)
+            read = {"job_id": job_id, "token": grant.read_token}
+            assert links["events_url"] == "http://localhost" + url_for("relay.job_events", **read)
+    assert len(app.extensions["relay"].url_templates) == api.URL_TEMPLATES_MAX
+
+
 def data_segments_in(sock: socket.socket) -> int:
     """Segments with data this socket has received (Linux's ``tcpi_data_segs_in``)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
