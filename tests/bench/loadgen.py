@@ -48,12 +48,15 @@ KEY = b'"x_sim_emitted_at":'  # the simulator adds it last: its value ends at "}
 CONNECTS_PER_TICK = 200  # per 50 ms: a listen backlog overrun would cost a 1 s SYN retry
 
 
-def request_bytes(url: str, method: str = "GET", body: bytes = b"") -> bytes:
+def request_bytes(
+    url: str, method: str = "GET", body: bytes = b"", headers: dict[str, str] | None = None
+) -> bytes:
     """An HTTP/1.1 request for ``url`` as bytes, ready to send."""
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}",
              "Accept: text/event-stream", "Connection: close"]  # fmt: skip
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     if body:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

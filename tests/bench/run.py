@@ -287,14 +287,16 @@ def on(base: str, url: str) -> str:
     return f"{base}{parts.path}?{parts.query}" if parts.query else f"{base}{parts.path}"
 
 
-def time_to_first_chunk(url: str, body: bytes, *, leave: bool = False) -> float | None:
+def time_to_first_chunk(
+    url: str, body: bytes, *, leave: bool = False, headers: dict[str, str] | None = None
+) -> float | None:
     """Seconds from connecting and POSTing ``body`` to the first ``data:`` line (None if the
     stream ended before one). The stream is then read to its end, as a chat client does, or,
     with ``leave``, the client hangs up at once (the relay then cancels the job)."""
     parts = urlsplit(url)
     started = time.monotonic()
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(request_bytes(url, "POST", body))
+        sock.sendall(request_bytes(url, "POST", body, headers))
         buf = b""
         while not DATA.search(buf):
             more = sock.recv(65536)
