@@ -61,16 +61,33 @@ def configured(redis: Client) -> bool:
     return bool(redis.scard(keys.API_KEYS))
 
 
-def authenticate(redis: Client, authorization: str | None) -> dict[str, Any] | None:
-    """The key's record for an ``Authorization: Bearer`` header; None if missing, unknown or
-    revoked."""
+def bearer_digest(authorization: str | None) -> str | None:
+    """The digest of the key in an ``Authorization: Bearer`` header; None without one."""
     if not authorization or not authorization.startswith("Bearer "):
         return None
-    key_digest = digest(authorization[len("Bearer ") :].strip())
-    record = {as_text(k): as_text(v) for k, v in redis.hgetall(keys.api_key(key_digest)).items()}
+    return digest(authorization[len("Bearer ") :].strip())
+
+
+def record_of(key_digest: str, stored: dict[Any, Any]) -> dict[str, Any] | None:
+    """A key's record from its stored hash (``HGETALL``); None if unknown or revoked."""
+    record = {as_text(k): as_text(v) for k, v in stored.items()}
     if not record or record.get("revoked") == "1":
         return None
     return {"id": key_digest[:ID_LENGTH], **record}
+
+
+def read(pipe: Any, key_digest: str) -> None:
+    """Queue the read of a key's stored hash on ``pipe``; its reply goes to :func:`record_of`."""
+    pipe.hgetall(keys.api_key(key_digest))
+
+
+def authenticate(redis: Client, authorization: str | None) -> dict[str, Any] | None:
+    """The key's record for an ``Authorization: Bearer`` header; None if missing, unknown or
+    revoked."""
+    key_digest = bearer_digest(authorization)
+    if key_digest is None:
+        return None
+    return record_of(key_digest, redis.hgetall(keys.api_key(key_digest)))
 
 
 def listing(redis: Client) -> list[dict[str, Any]]:

@@ -87,8 +87,7 @@ def require_api_key() -> dict[str, Any] | None:
     """The caller's key record, or 401; None when the relay runs open (no keys configured)."""
     if not keys_required():
         return None
-    guessing.check()
-    record = apikeys.authenticate(state().redis, request.headers.get("Authorization"))
+    record = _authenticated(request.headers.get("Authorization"))
     if record is None and not keys_required(fresh=True):
         return None  # the last key was deleted a moment ago: the relay is open again
     if record is None:
@@ -98,3 +97,17 @@ def require_api_key() -> dict[str, Any] | None:
         )
     g.api_key = record
     return record
+
+
+def _authenticated(authorization: str | None) -> dict[str, Any] | None:
+    """The key's record (None if missing, unknown or revoked), read once the caller's address
+    is known not to be blocked for failed checks: both in one round trip, on every ``POST``."""
+    key_digest = apikeys.bearer_digest(authorization)
+    pipe = state().redis.pipeline(transaction=False)
+    guarded = guessing.check_in(pipe)
+    if key_digest is not None:
+        apikeys.read(pipe, key_digest)
+    replies = pipe.execute()
+    if guarded:
+        guessing.checked(replies.pop(0))
+    return apikeys.record_of(key_digest, replies[0]) if key_digest is not None else None

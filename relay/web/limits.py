@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from typing import Any
 
 from relay.core import keys
 from relay.core.connections import Client
@@ -54,6 +55,11 @@ return 0
 WINDOW_SECONDS = 60
 
 
+def blocked_seconds(pttl: int) -> int:
+    """Whole seconds left of a blocked flag's ``PTTL`` reply; 0 if it is not set."""
+    return math.ceil(int(pttl) / 1000) if int(pttl) > 0 else 0
+
+
 class Throttle:
     """The limit scripts registered on one client."""
 
@@ -93,8 +99,11 @@ class Throttle:
 
     def blocked(self, caller: str) -> int:
         """Whole seconds the caller stays blocked for failed checks; 0 if it is not."""
-        wait_ms = int(self.redis.pttl(keys.blocked(caller)))
-        return math.ceil(wait_ms / 1000) if wait_ms > 0 else 0
+        return blocked_seconds(self.redis.pttl(keys.blocked(caller)))
+
+    def read_blocked(self, pipe: Any, caller: str) -> None:
+        """Queue :meth:`blocked`'s read on ``pipe``; its reply goes to :func:`blocked_seconds`."""
+        pipe.pttl(keys.blocked(caller))
 
     def release(self, caller: str, job_id: str) -> None:
         self.redis.zrem(keys.active(caller), job_id)
