@@ -132,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.base], check=True)  # fmt: skip
     try:
         for round_ in range(1, args.rounds + 1):
-            print(f"round {round_}: {args.base} (base) and the working tree", flush=True)
-            measure([checkout, ROOT], args.jobs, args.warmup, args.key)
+            # The stack started first swaps every round (a stack's place may be worth more
+            # than a change: see ``measure``).
+            trees = [checkout, ROOT] if round_ % 2 else [ROOT, checkout]
+            first = "base" if round_ % 2 else "working tree"
+            print(f"round {round_}: {args.base} (base) and the working tree, {first} started first",
+                  flush=True)  # fmt: skip
+            measure(trees, args.jobs, args.warmup, args.key)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
                        check=False)  # fmt: skip
