@@ -57,7 +57,8 @@ WINDOW_SECONDS = 60
 
 def blocked_seconds(pttl: int) -> int:
     """Whole seconds left of a blocked flag's ``PTTL`` reply; 0 if it is not set."""
-    return math.ceil(int(pttl) / 1000) if int(pttl) > 0 else 0
+    wait_ms = int(pttl)  # -2: no flag; -1: a flag without expiry, which the script never sets
+    return math.ceil(wait_ms / 1000) if wait_ms > 0 else 0
 
 
 class Throttle:

@@ -95,8 +95,7 @@ def measure(trees: list[Path], jobs: int, warmup: int = WARMUP, key: bool = Fals
                 cpu_before = {t: {k: cpu_seconds(p) for k, p in parts(b).items()}
                               for t, b, _, _ in stacks}  # fmt: skip
             # Each stack goes first in every other job, so that neither always follows the
-            # other's direct request. (The same code on both sides still measures 0.06-0.09 ms
-            # faster on the working tree's stack: a difference below that is not the change's.)
+            # other's direct request (the stack started second is faster still: see main).
             for tree, bench, base, headers in stacks if n % 2 else stacks[::-1]:
                 took = first_chunk(f"{base}/v1/chat/completions", body, headers)
                 direct = first_chunk(f"{bench.sim}/chat/completions", body)
