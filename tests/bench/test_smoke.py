@@ -57,3 +57,15 @@ def test_the_side_by_side_first_chunk_benchmark_runs(tmp_path):
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
                                text=True).stdout  # fmt: skip
     assert "first-ab-base" not in worktrees  # the checkout is removed after the run
+
+
+@pytest.mark.timeout(120)
+def test_the_floor_chain_benchmark_runs():
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.bench.floor_chain", "--jobs", "5", "--warmup", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split(":")[0] for line in run.stdout.splitlines() if "overhead p50" in line]
+    assert rows == ["relay", "floor chain, gunicorn + Flask", "floor chain"], run.stdout
+    assert "upstream alone: p50" in run.stdout

@@ -1,0 +1,289 @@
+"""The design's floor for the first chunk, beside the relay:
+``python -m tests.bench.floor_chain [--jobs 500] [--warmup 50]``.
+
+Any relay of this design crosses the same processes before a client sees its first chunk: the
+client to a web process, Redis, a worker, the upstream, and back through the worker, Redis and
+the web process. This runs those hops with nothing of the relay in them, as the *floor chain*:
+
+- a gevent web process (``python -m tests.bench.floor_chain web``): for each POST it subscribes to
+  a channel of its own on one shared connection, stores the body and queues the job in one
+  write, and writes each published message to the client until an end mark;
+- a gevent worker process (``... worker``): pops the queue (``BRPOP``), reads the body, sends it
+  upstream on a kept-alive connection and publishes every read of the answer;
+
+Redis commands written by hand, no checks, no replay log, no claim. The relay (one stack of the
+working tree, as :mod:`tests.bench.first_ab` starts it) and the floor chain share that stack's
+Redis and upstream, and the jobs alternate: a relay job, a floor-chain job, the same request to
+the upstream directly. Prints p50 and p90 of each's POST to first chunk and their overhead
+over the upstream (the floor chain's is what the hops cost on this machine; the relay's beyond
+it is the relay's own code: gunicorn, Flask, redis-py, and its checks and bookkeeping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[2]
+END_MARK = b"END"  # published after the upstream's answer is complete
+
+
+def command(*args: bytes) -> bytes:
+    """One Redis command in RESP."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+class Replies:
+    """RESP replies read off one socket (just what the floor chain's commands answer)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf = sock, b""
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("Redis closed the connection")
+        self.buf += data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._more()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def next(self) -> object:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind in (b"+", b":"):
+            return rest
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self.buf) < size + 2:
+                self._more()
+            value, self.buf = self.buf[:size], self.buf[size + 2 :]
+            return value
+        if kind in (b"*", b">"):
+            return [self.next() for _ in range(int(rest))]
+        raise RuntimeError(f"unexpected reply {line!r}")
+
+
+def redis_socket(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class Chain:
+    """A floor-chain web process's Redis side: jobs stored and queued, their messages followed."""
+
+    def __init__(self, redis_port: int) -> None:
+        import gevent
+
+        self.subscription, self.commands = redis_socket(redis_port), redis_socket(redis_port)
+        self.replies = Replies(self.commands)
+        self.mailboxes: dict[bytes, Any] = {}
+        self.jobs = iter(range(1, 1 << 62))
+        gevent.spawn(self._dispatch)
+
+    def _dispatch(self) -> None:
+        pushed = Replies(self.subscription)
+        while True:
+            message = pushed.next()
+            if isinstance(message, list) and message[0] == b"message":
+                if (mailbox := self.mailboxes.get(message[1])) is not None:
+                    mailbox.put(message[2])
+
+    def submit(self, body: bytes) -> bytes:
+        """Subscribe to a new job's channel, then store and queue the job; its channel."""
+        from gevent.queue import Queue
+
+        channel = b"floor:%d" % next(self.jobs)
+        self.mailboxes[channel] = Queue()
+        self.subscription.sendall(command(b"SUBSCRIBE", channel))
+        self.commands.sendall(command(b"SET", channel + b":body", body, b"EX", b"60")
+                              + command(b"LPUSH", b"floor:queue", channel))  # fmt: skip
+        self.replies.next(), self.replies.next()
+        return channel
+
+    def messages(self, channel: bytes) -> Iterator[bytes]:
+        """What the worker publishes for the job, to its end mark."""
+        mailbox = self.mailboxes[channel]
+        try:
+            while (message := mailbox.get(timeout=10)) != END_MARK:
+                yield message
+        finally:
+            self.subscription.sendall(command(b"UNSUBSCRIBE", channel))
+            del self.mailboxes[channel]
+
+
+def serve_web(redis_port: int, port: int) -> None:
+    """The floor chain's web process on gevent's own server: the request read by hand."""
+    from gevent.server import StreamServer
+
+    chain = Chain(redis_port)
+
+    def handle(client: socket.socket, _: object) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if not (more := client.recv(65536)):
+                return  # a probe that only connected
+            data += more
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))  # fmt: skip
+        while len(body) < length:
+            body += client.recv(65536)
+        prefix = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+        for message in chain.messages(chain.submit(body)):
+            client.sendall(prefix + message)
+            prefix = b""
+        client.close()
+
+    StreamServer(("127.0.0.1", port), handle).serve_forever()
+
+
+def flask_app() -> Any:
+    """The floor chain's web process as a Flask app, for gunicorn's gevent worker (the relay's
+    framework and server): ``FLOOR_REDIS_PORT`` names the Redis."""
+    from flask import Flask, Response, request
+
+    app = Flask(__name__)
+    chains: list[Chain] = []  # made in the worker process, after gunicorn forks
+
+    @app.post("/")
+    def create() -> Response:
+        if not chains:
+            chains.append(Chain(int(os.environ["FLOOR_REDIS_PORT"])))
+        chain = chains[0]
+        channel = chain.submit(request.get_data())
+        return Response(chain.messages(channel), mimetype="text/event-stream")
+
+    return app
+
+
+def run_worker(redis_port: int, upstream: str) -> None:
+    """The floor chain's worker: one job at a time, the upstream connection kept alive."""
+    parts = urlsplit(upstream)
+    sock = redis_socket(redis_port)
+    replies = Replies(sock)
+    upstream_sock = socket.create_connection((parts.hostname, parts.port))
+    upstream_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    path = f"{parts.path}/chat/completions".encode()
+    while True:
+        sock.sendall(command(b"BRPOP", b"floor:queue", b"0"))
+        _, channel = replies.next()  # type: ignore[misc]
+        sock.sendall(command(b"GET", channel + b":body"))
+        body = replies.next()
+        head = b"POST %b HTTP/1.1\r\nHost: upstream\r\nContent-Type: application/json\r\n" % path
+        upstream_sock.sendall(head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        answer = b""
+        while not (b"[DONE]" in answer and answer.endswith(b"0\r\n\r\n")):
+            data = upstream_sock.recv(65536)
+            if not data:
+                raise ConnectionError("the upstream closed the connection")
+            answer += data
+            sock.sendall(command(b"PUBLISH", channel, data))
+            replies.next()
+        sock.sendall(command(b"PUBLISH", channel, END_MARK))
+        replies.next()
+
+
+def accepts(port: int) -> bool:
+    """Whether something listens on ``port`` (the connection is closed at once)."""
+    socket.create_connection(("127.0.0.1", port)).close()
+    return True
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+def measure(jobs: int, warmup: int) -> None:
+    sys.path.insert(0, str(ROOT))
+    import tests.bench.first_ab as first_ab
+    from tests.bench.run import FIRST_INTERVAL, sim_body
+    from tests.conftest import free_port, start_process, wait_for
+
+    bench, base, _ = first_ab.start(ROOT, False)
+    try:
+        port, flask_port, redis_port = free_port(), free_port(), bench.redis_port
+        me = [sys.executable, "-m", "tests.bench.floor_chain"]
+        gunicorn = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "-b",
+                    f"127.0.0.1:{flask_port}", "tests.bench.floor_chain:flask_app()"]  # fmt: skip
+        worker = [*me, "worker", str(redis_port), bench.sim]
+        parts = {"floor-web": [*me, "web", str(redis_port), str(port)], "floor-flask": gunicorn,
+                 "floor-worker": worker}  # fmt: skip
+        for name, cmd in parts.items():
+            env = {"FLOOR_REDIS_PORT": str(redis_port)}
+            bench.procs.append(start_process(name, cmd, bench.log_dir, env=env))
+        for web in (port, flask_port):
+            wait_for(partial(accepts, web), 10, "the floor chain's web processes")
+        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+        urls = {
+            "relay": f"{base}/v1/chat/completions",
+            "floor chain, gunicorn + Flask": f"http://127.0.0.1:{flask_port}/",
+            "floor chain": f"http://127.0.0.1:{port}/",
+            "upstream alone": f"{bench.sim}/chat/completions",
+        }
+        took: dict[str, list[float]] = {name: [] for name in urls}
+        for n in range(warmup + jobs):
+            for name, url in urls.items():
+                seconds = first_ab.first_chunk(url, body)
+                if n >= warmup:
+                    took[name].append(seconds)
+        alone = took["upstream alone"]
+        print(f"upstream alone: p50 {quantile(alone, 0.5) * 1e3:.2f} ms, "
+              f"p90 {quantile(alone, 0.9) * 1e3:.2f} ms", flush=True)  # fmt: skip
+        for name in list(urls)[:-1]:
+            times = took[name]
+            print(
+                f"{name}: POST to first chunk p50 {quantile(times, 0.5) * 1e3:.2f} ms, "
+                f"p90 {quantile(times, 0.9) * 1e3:.2f} ms | overhead p50 "
+                f"{(quantile(times, 0.5) - quantile(alone, 0.5)) * 1e3:.2f} ms, p90 "
+                f"{(quantile(times, 0.9) - quantile(alone, 0.9)) * 1e3:.2f} ms",
+                flush=True,
+            )
+    finally:
+        bench.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["web"]:
+        from gevent import monkey
+
+        monkey.patch_all()
+        serve_web(int(argv[1]), int(argv[2]))
+        return 0
+    if argv[:1] == ["worker"]:
+        from gevent import monkey
+
+        monkey.patch_all()
+        run_worker(int(argv[1]), argv[2])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=500, help="measured jobs of each kind")
+    parser.add_argument("--warmup", type=int, default=50, help="unmeasured jobs first")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    measure(args.jobs, args.warmup)
+    print(f"({time.monotonic() - started:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
