@@ -200,3 +200,23 @@ def unescape(token: bytes) -> bytes:
         else {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}.get(m[1], m[1]),
         token,
     )  # fmt: skip
+
+
+def read_request(conn: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes] | None:
+    """One HTTP request with a ``Content-Length`` body, read off ``conn`` after ``buffered``
+    (bytes read already): its head, its body, and what came after them; None if the peer
+    closed (or the connection failed) before a whole head."""
+    while b"\r\n\r\n" not in buffered:
+        try:
+            data = conn.recv(65536)
+        except OSError:
+            return None
+        if not data:
+            return None
+        buffered += data
+    head, _, buffered = buffered.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+    while len(buffered) < length:
+        buffered += conn.recv(65536)
+    return head, buffered[:length], buffered[length:]

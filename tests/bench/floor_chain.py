@@ -133,19 +133,14 @@ def serve_web(redis_port: int, port: int) -> None:
     """The floor chain's web process on gevent's own server: the request read by hand."""
     from gevent.server import StreamServer
 
+    from tests.helpers import read_request
+
     chain = Chain(redis_port)
 
     def handle(client: socket.socket, _: object) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            if not (more := client.recv(65536)):
-                return  # a probe that only connected
-            data += more
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))  # fmt: skip
-        while len(body) < length:
-            body += client.recv(65536)
+        if (request := read_request(client)) is None:
+            return  # a probe that only connected
+        _, body, _ = request
         prefix = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
         for message in chain.messages(chain.submit(body)):
             client.sendall(prefix + message)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.helpers import read_request
 from worker.reader import follow_chunks, keep_alive
 from worker.upstream import Session, Upstream, UpstreamError, open_stream
 
@@ -52,22 +53,9 @@ class RawServer:
     def _serve(self, conn: socket.socket) -> None:
         buffered, number = b"", 0
         with conn:
-            while True:
-                while b"\r\n\r\n" not in buffered:
-                    try:
-                        data = conn.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buffered += data
-                head, _, buffered = buffered.partition(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))  # fmt: skip
-                while len(buffered) < length:
-                    buffered += conn.recv(65536)
-                self.requests.append(head + b"\r\n\r\n" + buffered[:length])
-                buffered = buffered[length:]
+            while (request := read_request(conn, buffered)) is not None:
+                head, body, buffered = request
+                self.requests.append(head + b"\r\n\r\n" + body)
                 try:
                     if not self.answer(conn, number):
                         return
