@@ -11,12 +11,15 @@ the web process. This runs those hops with nothing of the relay in them, as the 
 - a gevent worker process (``... worker``): pops the queue (``BRPOP``), reads the body, sends it
   upstream on a kept-alive connection and publishes every read of the answer;
 
-Redis commands written by hand, no checks, no replay log, no claim. The relay (one stack of the
-working tree, as :mod:`tests.bench.first_ab` starts it) and the floor chain share that stack's
-Redis and upstream, and the jobs alternate: a relay job, a floor-chain job, the same request to
-the upstream directly. Prints p50 and p90 of each's POST to first chunk and their overhead
-over the upstream (the floor chain's is what the hops cost on this machine; the relay's beyond
-it is the relay's own code: gunicorn, Flask, redis-py, and its checks and bookkeeping).
+Redis commands written by hand, no checks, no replay log, no claim; and the same web process as
+a Flask app under gunicorn's gevent worker (the relay's framework and server). The relay (one
+stack of the working tree, as :mod:`tests.bench.first_ab` starts it) and the floor chains share
+that stack's Redis and upstream, and the jobs alternate: a relay job, one of each floor chain,
+the same request to the upstream directly, each going first in turn (a job's time depends on
+what ran just before it). Prints p50 and p90 of each's POST to first chunk and their overhead
+over the upstream: the floor chain's is what the hops cost on this machine, the Flask one's
+what gunicorn and Flask add, and the relay's beyond that is the relay's own code (its checks,
+its writes and scripts, redis-py, the claim, the replay log).
 """
 
 from __future__ import annotations
@@ -235,8 +238,10 @@ def measure(jobs: int, warmup: int) -> None:
             "upstream alone": f"{bench.sim}/chat/completions",
         }
         took: dict[str, list[float]] = {name: [] for name in urls}
+        order = list(urls.items())
         for n in range(warmup + jobs):
-            for name, url in urls.items():
+            # Each goes first in turn: a job's time depends on what ran just before it.
+            for name, url in order[n % len(order) :] + order[: n % len(order)]:
                 seconds = first_ab.first_chunk(url, body)
                 if n >= warmup:
                     took[name].append(seconds)
