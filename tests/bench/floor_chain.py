@@ -36,51 +36,29 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
+
 ROOT = Path(__file__).resolve().parents[2]
 END_MARK = b"END"  # published after the upstream's answer is complete
 
 
 def command(*args: bytes) -> bytes:
     """One Redis command in RESP."""
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+    return hiredis.pack_command(args)
 
 
 class Replies:
-    """RESP replies read off one socket (just what the floor chain's commands answer)."""
+    """Redis replies read off one socket."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.buf = sock, b""
+        self.sock, self.reader = sock, hiredis.Reader()
 
-    def _more(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("Redis closed the connection")
-        self.buf += data
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._more()
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def next(self) -> object:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind in (b"+", b":"):
-            return rest
-        if kind == b"-":
-            raise RuntimeError(rest.decode())
-        if kind == b"$":
-            size = int(rest)
-            if size < 0:
-                return None
-            while len(self.buf) < size + 2:
-                self._more()
-            value, self.buf = self.buf[:size], self.buf[size + 2 :]
-            return value
-        if kind in (b"*", b">"):
-            return [self.next() for _ in range(int(rest))]
-        raise RuntimeError(f"unexpected reply {line!r}")
+    def next(self) -> Any:
+        while (reply := self.reader.gets()) is False:
+            if not (data := self.sock.recv(65536)):
+                raise ConnectionError("Redis closed the connection")
+            self.reader.feed(data)
+        return reply
 
 
 def redis_socket(port: int) -> socket.socket:
@@ -205,11 +183,6 @@ def accepts(port: int) -> bool:
     return True
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
-
-
 def measure(jobs: int, warmup: int) -> None:
     sys.path.insert(0, str(ROOT))
     import tests.bench.first_ab as first_ab
@@ -245,16 +218,17 @@ def measure(jobs: int, warmup: int) -> None:
                 seconds = first_ab.first_chunk(url, body)
                 if n >= warmup:
                     took[name].append(seconds)
+        p50, p90 = (partial(first_ab.quantile, q=q) for q in (0.5, 0.9))
         alone = took["upstream alone"]
-        print(f"upstream alone: p50 {quantile(alone, 0.5) * 1e3:.2f} ms, "
-              f"p90 {quantile(alone, 0.9) * 1e3:.2f} ms", flush=True)  # fmt: skip
+        print(f"upstream alone: p50 {p50(alone) * 1e3:.2f} ms, p90 {p90(alone) * 1e3:.2f} ms",
+              flush=True)  # fmt: skip
         for name in list(urls)[:-1]:
             times = took[name]
             print(
-                f"{name}: POST to first chunk p50 {quantile(times, 0.5) * 1e3:.2f} ms, "
-                f"p90 {quantile(times, 0.9) * 1e3:.2f} ms | overhead p50 "
-                f"{(quantile(times, 0.5) - quantile(alone, 0.5)) * 1e3:.2f} ms, p90 "
-                f"{(quantile(times, 0.9) - quantile(alone, 0.9)) * 1e3:.2f} ms",
+                f"{name}: POST to first chunk p50 {p50(times) * 1e3:.2f} ms, "
+                f"p90 {p90(times) * 1e3:.2f} ms | overhead p50 "
+                f"{(p50(times) - p50(alone)) * 1e3:.2f} ms, p90 "
+                f"{(p90(times) - p90(alone)) * 1e3:.2f} ms",
                 flush=True,
             )
     finally:
