@@ -25,6 +25,9 @@ from tests.cluster import Cluster, start_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+# What runs the relay's own processes (gunicorn, workers): tests.bench.first_ab points it at
+# another interpreter to compare two.
+PYTHON = sys.executable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -237,7 +240,7 @@ class Stack:
         """A gunicorn -k gevent instance; its base URL once /healthz answers."""
         port = free_port()
         cmd = [
-            sys.executable, "-m", "gunicorn",
+            PYTHON, "-m", "gunicorn",
             "-c", str(GUNICORN_CONF),  # the deployment's settings and hooks; flags override
             "-k", "gevent",
             "-w", str(workers),
@@ -256,7 +259,7 @@ class Stack:
         """A worker process; returns once it has registered in Redis."""
         worker_id = f"test-worker-{next(self._names)}"
         cmd = [
-            sys.executable, "-m", "worker",
+            PYTHON, "-m", "worker",
             "--worker-id", worker_id,
             "--concurrency", str(concurrency),
             "--grace", "2",

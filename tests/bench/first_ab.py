@@ -1,5 +1,6 @@
 """The first chunk, before and after a change, measured side by side:
-``python -m tests.bench.first_ab --base REV [--jobs 600] [--rounds 4] [--key]``.
+``python -m tests.bench.first_ab --base REV [--jobs 600] [--rounds 4] [--key]
+[--base-python PYTHON]``.
 
 This machine's speed drifts by more than a change is worth between two runs minutes apart
 (RESULTS.md, "First chunk"), so comparing one run of the old code with a later run of the new
@@ -12,7 +13,8 @@ and timed to its first chunk. The stack started second measures about 0.1 ms fas
 code it runs (RESULTS.md, "The stack started second"), so the one started first swaps every
 round: compare an even number of rounds. With ``--key``, each relay requires an API key, as a
 production one does (a key is made in each stack's Redis before its relay starts, and every
-request carries it).
+request carries it). With ``--base-python``, the base's gunicorn and worker run on another
+interpreter (``--base HEAD``: the same code on two interpreters).
 
 Prints, per stack, p50 and p90 of POST to first chunk, of the upstream's own time (the floor)
 and of the difference (the overhead), and the CPU each part of the stack used per job.
@@ -51,10 +53,12 @@ def first_chunk(url: str, body: bytes, headers: dict[str, str] | None = None) ->
     return took
 
 
-def start(tree: Path, key: bool) -> tuple[Bench, str, dict[str, str]]:
+def start(tree: Path, key: bool, python: str = sys.executable) -> tuple[Bench, str, dict[str, str]]:
     """A stack whose processes run the code in ``tree``: its Bench, its relay's base URL and
-    the headers its requests carry (an API key's, with ``key``)."""
+    the headers its requests carry (an API key's, with ``key``). ``python`` runs its gunicorn
+    and worker (its Redis, its upstream and the client stay on this interpreter)."""
     conftest.ROOT, conftest.GUNICORN_CONF = tree, tree / "deploy" / "gunicorn.conf.py"
+    conftest.PYTHON = python
     bench = Bench(False, Path(tempfile.mkdtemp(prefix=f"first-ab-{tree.name}-")))
     headers = {}
     if key:  # before the relay starts: it then requires keys from its first request
@@ -81,11 +85,17 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[int(q * (len(ordered) - 1))]
 
 
-def measure(trees: list[Path], jobs: int, warmup: int = WARMUP, key: bool = False) -> None:
+def measure(
+    trees: list[Path],
+    jobs: int,
+    warmup: int = WARMUP,
+    key: bool = False,
+    pythons: dict[Path, str] | None = None,
+) -> None:
     stacks = []
     try:
         for tree in trees:
-            stacks.append((tree, *start(tree, key)))
+            stacks.append((tree, *start(tree, key, (pythons or {}).get(tree, sys.executable))))
         body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
         relay: dict[Path, list[float]] = {tree: [] for tree in trees}
         floor: dict[Path, list[float]] = {tree: [] for tree in trees}
@@ -127,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=WARMUP, help="unmeasured jobs first")
     parser.add_argument("--key", action="store_true", help="relays that require an API key")
+    parser.add_argument("--base-python", default=sys.executable,
+                        help="the interpreter of the base's gunicorn and worker (a virtualenv's "
+                        "python with the project's dependencies): with --base HEAD, two "
+                        "interpreters compared")  # fmt: skip
     args = parser.parse_args(argv)
     checkout = Path(tempfile.mkdtemp(prefix="first-ab-base-")) / "base"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(checkout),
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             first = "base" if round_ % 2 else "working tree"
             print(f"round {round_}: {args.base} (base) and the working tree, {first} started first",
                   flush=True)  # fmt: skip
-            measure(trees, args.jobs, args.warmup, args.key)
+            measure(trees, args.jobs, args.warmup, args.key, {checkout: args.base_python})
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
                        check=False)  # fmt: skip
