@@ -32,7 +32,7 @@ ensure_command() {  # ensure_command BINARY DEBIAN_PACKAGE
 base_python() {  # the interpreter a new virtualenv is made from
   # RELAY_PYTHON if set; else the distribution's own python3 when it is 3.11 or newer: Debian
   # builds it with profile-guided optimisation and LTO, linked statically, and the relay's
-  # processes use 8-18% less CPU on it (its first chunk comes 0.2-0.5 ms sooner) than on a
+  # processes use 8-18% less CPU on it (the first chunk 0.2-0.5 ms sooner side by side) than on a
   # CPython built without them, as pyenv builds by default (tests/bench/RESULTS.md, "The
   # interpreter"); else python3 from PATH.
   if [ -n "${RELAY_PYTHON:-}" ]; then
