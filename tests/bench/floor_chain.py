@@ -1,5 +1,5 @@
 """The design's floor for the first chunk, beside the relay:
-``python -m tests.bench.floor_chain [--jobs 500] [--warmup 50]``.
+``python -m tests.bench.floor_chain [--jobs 500] [--warmup 50] [--minutes M]``.
 
 Any relay of this design crosses the same processes before a client sees its first chunk: the
 client to a web process, Redis, a worker, the upstream, and back through the worker, Redis and
@@ -19,7 +19,8 @@ the same request to the upstream directly, each going first in turn (a job's tim
 what ran just before it). Prints p50 and p90 of each's POST to first chunk and their overhead
 over the upstream: the floor chain's is what the hops cost on this machine, the Flask one's
 what gunicorn and Flask add, and the relay's beyond that is the relay's own code (its checks,
-its writes and scripts, redis-py, the claim, the replay log).
+its writes and scripts, redis-py, the claim, the replay log). With ``--minutes``, blocks of
+``--jobs`` rounds on the same processes until that long has passed, then all of them together.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class Chain:
         """Subscribe to a new job's channel, then store and queue the job; its channel."""
         from gevent.queue import Queue
 
-        channel = b"floor:%d" % next(self.jobs)
+        # The process's id in it: the two floor web processes share one Redis, and a client
+        # that leaves at [DONE] may start the other's job before this one's end mark is sent.
+        channel = b"floor:%d:%d" % (os.getpid(), next(self.jobs))
         self.mailboxes[channel] = Queue()
         self.subscription.sendall(command(b"SUBSCRIBE", channel))
         self.commands.sendall(command(b"SET", channel + b":body", body, b"EX", b"60")
@@ -183,7 +186,29 @@ def accepts(port: int) -> bool:
     return True
 
 
-def measure(jobs: int, warmup: int) -> None:
+def report(took: dict[str, list[float]], label: str = "") -> None:
+    """Each's p50 and p90 POST to first chunk and its overhead over the upstream alone."""
+    from tests.bench.first_ab import quantile
+
+    p50, p90 = (partial(quantile, q=q) for q in (0.5, 0.9))
+    alone = took["upstream alone"]
+    print(f"{label}upstream alone: p50 {p50(alone) * 1e3:.2f} ms, p90 {p90(alone) * 1e3:.2f} ms",
+          flush=True)  # fmt: skip
+    for name in list(took)[:-1]:
+        times = took[name]
+        print(
+            f"{label}{name}: POST to first chunk p50 {p50(times) * 1e3:.2f} ms, "
+            f"p90 {p90(times) * 1e3:.2f} ms | overhead p50 "
+            f"{(p50(times) - p50(alone)) * 1e3:.2f} ms, p90 "
+            f"{(p90(times) - p90(alone)) * 1e3:.2f} ms",
+            flush=True,
+        )
+
+
+def measure(jobs: int, warmup: int, minutes: float = 0) -> None:
+    """``jobs`` rounds after ``warmup``; with ``minutes``, blocks of ``jobs`` rounds on the same
+    stack until that time is up, each block's figures and then all blocks' together (the
+    machine's speed drifts within minutes: a long run's p50 spans its spells)."""
     sys.path.insert(0, str(ROOT))
     import tests.bench.first_ab as first_ab
     from tests.bench.run import FIRST_INTERVAL, sim_body
@@ -210,27 +235,29 @@ def measure(jobs: int, warmup: int) -> None:
             "floor chain": f"http://127.0.0.1:{port}/",
             "upstream alone": f"{bench.sim}/chat/completions",
         }
-        took: dict[str, list[float]] = {name: [] for name in urls}
         order = list(urls.items())
-        for n in range(warmup + jobs):
-            # Each goes first in turn: a job's time depends on what ran just before it.
-            for name, url in order[n % len(order) :] + order[: n % len(order)]:
-                seconds = first_ab.first_chunk(url, body)
-                if n >= warmup:
-                    took[name].append(seconds)
-        p50, p90 = (partial(first_ab.quantile, q=q) for q in (0.5, 0.9))
-        alone = took["upstream alone"]
-        print(f"upstream alone: p50 {p50(alone) * 1e3:.2f} ms, p90 {p90(alone) * 1e3:.2f} ms",
-              flush=True)  # fmt: skip
-        for name in list(urls)[:-1]:
-            times = took[name]
-            print(
-                f"{name}: POST to first chunk p50 {p50(times) * 1e3:.2f} ms, "
-                f"p90 {p90(times) * 1e3:.2f} ms | overhead p50 "
-                f"{(p50(times) - p50(alone)) * 1e3:.2f} ms, p90 "
-                f"{(p90(times) - p90(alone)) * 1e3:.2f} ms",
-                flush=True,
-            )
+        pooled: dict[str, list[float]] = {name: [] for name in urls}
+        deadline = time.monotonic() + minutes * 60
+        block, skip = 0, warmup
+        while True:
+            took: dict[str, list[float]] = {name: [] for name in urls}
+            for n in range(skip + jobs):
+                # Each goes first in turn: a job's time depends on what ran just before it.
+                for name, url in order[n % len(order) :] + order[: n % len(order)]:
+                    seconds = first_ab.first_chunk(url, body)
+                    if n >= skip:
+                        took[name].append(seconds)
+            block, skip = block + 1, 0
+            for name, times in took.items():
+                pooled[name] += times
+            if not minutes:
+                report(took)
+                return
+            report(took, f"[block {block}, {time.strftime('%H:%M:%S')}] ")
+            if time.monotonic() >= deadline:
+                break
+        print(f"all {block} blocks, {len(pooled['relay'])} jobs of each:", flush=True)
+        report(pooled)
     finally:
         bench.stop()
 
@@ -252,9 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=500, help="measured jobs of each kind")
     parser.add_argument("--warmup", type=int, default=50, help="unmeasured jobs first")
+    parser.add_argument("--minutes", type=float, default=0,
+                        help="measure blocks of --jobs until this long has passed, then all "
+                             "of them together")  # fmt: skip
     args = parser.parse_args(argv)
     started = time.monotonic()
-    measure(args.jobs, args.warmup)
+    measure(args.jobs, args.warmup, args.minutes)
     print(f"({time.monotonic() - started:.0f} s)", flush=True)
     return 0
 

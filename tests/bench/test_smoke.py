@@ -69,3 +69,23 @@ def test_the_floor_chain_benchmark_runs():
     rows = [line.split(":")[0] for line in run.stdout.splitlines() if "overhead p50" in line]
     assert rows == ["relay", "floor chain, gunicorn + Flask", "floor chain"], run.stdout
     assert "upstream alone: p50" in run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_floor_chain_benchmark_measures_blocks_until_its_minutes_are_up():
+    # Six milliseconds: the first block outlasts them, so there is exactly one, then the pool.
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.bench.floor_chain", "--jobs", "3", "--warmup", "1",
+         "--minutes", "0.0001"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    block = [line.split("] ")[1] for line in lines if line.startswith("[block 1, ")]
+    assert [line.split(":")[0] for line in block] == [
+        "upstream alone", "relay", "floor chain, gunicorn + Flask", "floor chain"
+    ], run.stdout  # fmt: skip
+    pooled = lines[lines.index("all 1 blocks, 3 jobs of each:") + 1 :]
+    assert [line.split(":")[0] for line in pooled if "overhead p50" in line] == [
+        "relay", "floor chain, gunicorn + Flask", "floor chain"
+    ], run.stdout  # fmt: skip
