@@ -160,39 +160,38 @@ class Pool:
         the upstream cannot be reached or does not answer, :class:`MalformedAnswer` if what it
         answers is not HTTP/1.x, ``ValueError`` for a header that would break the request.
         """
+        sent = self.send(url, body, headers, connect_timeout=connect_timeout,
+                         read_timeout=read_timeout, then=then)  # fmt: skip
+        assert sent is not None
+        return sent.answer()
+
+    def send(self, url: str, body: bytes, headers: dict[str, str], *,
+             connect_timeout: float, read_timeout: float, then: Callable[[], None] | None = None,
+             kept_only: bool = False) -> Sent | None:  # fmt: skip
+        """:meth:`post`'s first half: the request written, its answer to be read from what
+        this returns. With ``kept_only``, only on a kept connection (no connect, no wait: None,
+        nothing written, when none is idle)."""
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"not a plain-HTTP URL: {url!r}")
         key = (parts.hostname, parts.port or 80)
         request = _request_bytes(parts.netloc, parts.path or "/", parts.query, body, headers)
-        while True:
-            sock, reused = self._checkout(key, connect_timeout)
-            try:
-                sock.settimeout(read_timeout)
-                try:
-                    sock.sendall(request)
-                except (BrokenPipeError, ConnectionResetError) as exc:
-                    raise ClosedBeforeAnswer("the upstream closed the connection") from exc
-                if then is not None:
-                    written, then = then, None
-                    written()
-                return self._answer(sock, key)
-            except ClosedBeforeAnswer:
-                sock.close()
-                if not reused:
-                    raise
-            except BaseException:
-                sock.close()
-                raise
+        sent = Sent(self, key, request, connect_timeout, read_timeout)
+        return sent if sent.write(then, kept_only) else None
 
-    def _checkout(self, key: tuple[str, int], connect_timeout: float) -> tuple[socket.socket, bool]:
-        """A kept connection that is still open, or a new one; and whether it was kept."""
+    def _checkout(
+        self, key: tuple[str, int], connect_timeout: float, kept_only: bool = False
+    ) -> tuple[socket.socket | None, bool]:
+        """A kept connection that is still open, or a new one (None with ``kept_only``); and
+        whether it was kept."""
         idle = self._idle.get(key)
         while idle:
             sock = idle.pop()
             if not readable(sock):
                 return sock, True
             sock.close()
+        if kept_only:
+            return None, False
         sock = socket.create_connection(key, timeout=connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connects += 1
@@ -223,6 +222,70 @@ class Pool:
             if 100 <= status < 200:
                 continue  # 100 Continue and the like: the real answer follows
             return Answer(status, headers, sock, buffered, keep, self, key)
+
+
+class Sent:
+    """A request written (:meth:`Pool.send`), its answer not read yet."""
+
+    def __init__(self, pool: Pool, key: tuple[str, int], request: bytes, connect_timeout: float,
+                 read_timeout: float) -> None:  # fmt: skip
+        self._pool, self._key, self._request = pool, key, request
+        self._timeouts = connect_timeout, read_timeout
+        self._sock: socket.socket | None = None
+        self._reused = False
+
+    def write(self, then: Callable[[], None] | None, kept_only: bool = False) -> bool:
+        """Write the request; whether it was (only not with ``kept_only``, when no kept
+        connection is idle). A kept connection the upstream closed meanwhile is replaced by a
+        new one; ``then`` is called once it is written."""
+        connect_timeout, read_timeout = self._timeouts
+        while True:
+            sock, reused = self._pool._checkout(self._key, connect_timeout, kept_only)
+            if sock is None:
+                return False
+            try:
+                sock.settimeout(read_timeout)
+                sock.sendall(self._request)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                sock.close()
+                if not reused:
+                    raise ClosedBeforeAnswer("the upstream closed the connection") from exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self._sock, self._reused = sock, reused
+            if then is not None:
+                try:
+                    then()
+                except BaseException:
+                    self.close()
+                    raise
+            return True
+
+    def answer(self) -> Answer:
+        """Read and parse the answer's head (once); a kept connection that the upstream closed
+        before answering a byte is replaced by a new one and the request sent again."""
+        while True:
+            sock, self._sock = self._sock, None
+            if sock is None:
+                raise RuntimeError("the answer was read already, or the request closed")
+            try:
+                return self._pool._answer(sock, self._key)
+            except ClosedBeforeAnswer:
+                sock.close()
+                if not self._reused:
+                    raise
+                self.write(None)
+            except BaseException:
+                sock.close()
+                raise
+
+    def close(self) -> None:
+        """Give up on the answer (nothing once it was read)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
 
 def _request_bytes(host: str, path: str, query: str, body: bytes, headers: dict[str, str]) -> bytes:

@@ -26,7 +26,7 @@ from relay.core.status import Recovery
 
 from . import janitor
 from .publisher import Publisher
-from .runner import JobCancelled, JobContext, run_job
+from .runner import Early, JobCancelled, JobContext, run_job, send_early
 from .slots import UpstreamSlots
 from .upstream import Session, Upstream
 
@@ -134,10 +134,10 @@ class Worker:
             self.store, self.worker_id, set(self.running), self._suspects
         )
 
-    def _run_job(self, entry: queue.Entry) -> None:
+    def _run_job(self, entry: queue.Entry, early: Early | None = None) -> None:
         try:
             with logs.job_context(entry.job_id):
-                run_job(self.ctx, entry.job_id, entry)
+                run_job(self.ctx, entry.job_id, entry, early)
         finally:
             self.running.pop(entry.job_id, None)
 
@@ -237,11 +237,18 @@ class Worker:
                     # Claimed by a BLMOVE that was waiting when the stop came: not ours to run.
                     self._hand_back(entry)
                     continue
+                # A fresh job's upstream request and claim go out from here when they can
+                # without waiting: its greenlet starts only after a turn of the event loop.
+                early = send_early(self.ctx, entry)
+                job = self.pool.spawn(self._run_job, entry, early)
                 # Registered before the greenlet runs, so the orphan sweep never takes it.
-                self.running[entry.job_id] = self.pool.spawn(self._run_job, entry)
-                # Let the job send its claim (and its upstream request) before the next BLMOVE
-                # goes out: the first token waits for those, not for the claim loop.
-                gevent.sleep(0)
+                self.running[entry.job_id] = job
+                if early is not None:
+                    job.link(lambda _, early=early: early.abandon())  # killed before it ran
+                else:
+                    # Let the job send its claim (and its upstream request) before the next
+                    # BLMOVE goes out: the first token waits for those, not for the claim loop.
+                    gevent.sleep(0)
         finally:
             self.teardown(helpers, grace)
 

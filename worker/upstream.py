@@ -137,13 +137,7 @@ def _post(
                       read_timeout=upstream.read_timeout, then=then)  # fmt: skip
 
 
-def open_stream(
-    session: requests.Session, upstream: Upstream, body: dict,
-    then: Callable[[], None] | None = None,
-) -> Any:  # fmt: skip
-    """POST the request with ``stream: true``; the open response (a ``requests.Response`` or a
-    :class:`Streamed`), or :class:`UpstreamError`. ``then``: work to do while the upstream
-    answers (see :func:`_post`)."""
+def _headers(upstream: Upstream) -> dict[str, str]:
     # identity: the reader strips chunked framing itself and takes no compressed body (a
     # compressed stream would also hold back text until a block is full).
     headers = {
@@ -154,8 +148,39 @@ def open_stream(
     headers.update(upstream.headers)
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
+    return headers
+
+
+def send_on_kept(
+    session: requests.Session, upstream: Upstream, body: dict, then: Callable[[], None]
+) -> http1.Sent | None:
+    """:func:`open_stream`'s request, written now if a kept connection to a plain-HTTP
+    upstream is idle (never a connect or a wait; None, nothing written, otherwise); ``then``
+    runs once it is written. Its answer is read by ``open_stream(..., sent=...)``."""
+    plain = getattr(session, "plain", None)
+    if plain is None or not _direct(upstream.chat_url):
+        return None
+    data = dumps({**body, "stream": True}).encode()
+    return plain.send(upstream.chat_url, data, _headers(upstream), kept_only=True, then=then,
+                      connect_timeout=upstream.connect_timeout,
+                      read_timeout=upstream.read_timeout)  # fmt: skip
+
+
+def open_stream(
+    session: requests.Session, upstream: Upstream, body: dict,
+    then: Callable[[], None] | None = None, sent: http1.Sent | None = None,
+) -> Any:  # fmt: skip
+    """POST the request with ``stream: true``; the open response (a ``requests.Response`` or a
+    :class:`Streamed`), or :class:`UpstreamError`. ``then``: work to do while the upstream
+    answers (see :func:`_post`). ``sent``: the request, written already (:func:`send_on_kept`):
+    its answer is read."""
+    response: requests.Response | http1.Answer
     try:
-        response = _post(session, upstream, dumps({**body, "stream": True}), headers, then)
+        if sent is not None:
+            response = sent.answer()
+        else:
+            response = _post(session, upstream, dumps({**body, "stream": True}),
+                             _headers(upstream), then)  # fmt: skip
     except urllib3.exceptions.NewConnectionError:  # a ConnectTimeoutError subclass: first
         raise UpstreamError(
             "Could not reach the upstream: ConnectionError.",

@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.helpers import read_request
 from worker.reader import follow_chunks, keep_alive
-from worker.upstream import Session, Upstream, UpstreamError, open_stream
+from worker.upstream import Session, Upstream, UpstreamError, open_stream, send_on_kept
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,6 +132,42 @@ def test_a_kept_connection_closed_without_an_answer_is_replaced_once(server):
     with Session() as session:
         assert len(stream(session, server.url)) == 1
         assert len(stream(session, server.url)) == 1  # sent again on a new connection
+    assert server.connections == 2 and len(server.requests) == 3
+
+
+def test_a_request_sent_early_goes_only_on_a_kept_connection(server):
+    """The claim loop's early send (send_on_kept) never connects: without an idle kept
+    connection it writes nothing; with one, it writes there, then runs ``then``, and the
+    answer is read later as any other."""
+    upstream = Upstream(base_url=server.url)
+    written: list[int] = []
+    with Session() as session:
+        assert send_on_kept(session, upstream, {"messages": []}, lambda: written.append(1)) is None
+        assert server.connections == 0 and not server.requests and not written
+        assert len(stream(session, server.url)) == 1  # leaves its connection kept
+        sent = send_on_kept(session, upstream, {"messages": []}, lambda: written.append(2))
+        assert sent is not None and written == [2]
+        wait_for(lambda: len(server.requests) == 2, 5, "the early request")
+        response = open_stream(session, upstream, {}, sent=sent)
+        chunks: list[dict] = []
+        try:
+            follow_chunks(response, lambda _, chunk: chunks.append(chunk), 5.0)
+        finally:
+            response.close()
+    assert len(chunks) == 1 and server.connections == 1
+    assert b'"stream":true' in server.requests[1]
+
+
+def test_an_early_request_whose_kept_connection_was_closed_goes_again_on_a_new_one(server):
+    server.answer = lambda conn, n: n == 0 and (conn.sendall(STREAM) or True)
+    upstream = Upstream(base_url=server.url)
+    with Session() as session:
+        assert len(stream(session, server.url)) == 1
+        sent = send_on_kept(session, upstream, {"messages": []}, lambda: None)
+        assert sent is not None
+        response = open_stream(session, upstream, {}, sent=sent)
+        response.close()
+    assert response.status_code == 200
     assert server.connections == 2 and len(server.requests) == 3
 
 

@@ -184,6 +184,69 @@ def test_the_claim_goes_out_once_the_upstream_request_is_written(own_simulator, 
         assert ctx.store.status(job_id)["text"] == "in order"
 
 
+def test_the_claim_loop_sends_a_fresh_jobs_request_and_claim_before_its_greenlet_runs(
+    own_simulator, redis_url
+):
+    """With a kept connection idle, send_early writes the request and sends the claim at once
+    (the upstream has it and the job is claimed before run_job is called); the job then runs
+    from them, claimed once, and its entry leaves the claimed list."""
+    with Session() as session:  # plain HTTP through worker.http1: connections are kept
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        first = ctx.store.create(chat_body("hi", reply="warm"))
+        run_job(ctx, first, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+        job_id = ctx.store.create(chat_body("hi", reply="early"))
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        early = runner.send_early(ctx, entry)
+        assert early is not None
+        wait_for(lambda: sim_requests(own_simulator) == 2, 5, "the early request")
+        wait_for(lambda: ctx.store.redis.hget(keys.job(job_id), "status") == b"running", 5,
+                 "the early claim")  # fmt: skip
+        claim_and_load = ctx.store.claim_and_load
+        ctx.store.claim_and_load = None  # type: ignore[assignment,method-assign]
+        try:
+            run_job(ctx, job_id, entry, early)
+        finally:
+            ctx.store.claim_and_load = claim_and_load  # type: ignore[method-assign]
+        status = ctx.store.status(job_id)
+        assert status["status"] == "completed" and status["text"] == "early"
+        assert status["attempts"] == 1 and sim_requests(own_simulator) == 2
+        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
+        assert session.plain.connects == 1
+
+
+def test_no_early_start_without_a_kept_connection(own_simulator, redis_url):
+    with Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        job_id = ctx.store.create(chat_body("hi"))
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        assert runner.send_early(ctx, entry) is None
+        assert sim_requests(own_simulator) == 0
+        assert ctx.store.redis.hget(keys.job(job_id), "status") == b"queued"
+
+
+def test_an_early_start_abandoned_closes_its_request_and_frees_its_connection(
+    own_simulator, redis_url
+):
+    """A job whose greenlet was killed before it ran (a cancel order in that instant): the
+    upstream's stream is closed and the claim's Redis connection goes back to the pool."""
+    with Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        first = ctx.store.create(chat_body("hi"))
+        run_job(ctx, first, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+        ctx.store.create(chat_body("hi", tokens=400))  # 20 s at 0.05 s a token
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        free = ctx.store.redis.connection_pool.pool  # the blocking pool's free slots
+        before = free.qsize()
+        early = runner.send_early(ctx, entry)
+        assert early is not None and free.qsize() == before - 1  # the claim's, reply unread
+        early.abandon()
+        early.abandon()  # as often as it is called
+        assert free.qsize() == before
+        stats = f"{own_simulator}/_sim/stats"
+        wait_for(lambda: requests.get(stats, timeout=5).json()["active_streams"] == 0, 5,
+                 "the upstream's stream to be closed")  # fmt: skip
+
+
 def test_an_unreachable_upstream_still_has_its_job_claimed_and_failed(redis_url):
     """No request was written, so the claim is sent on its own: the job is claimed once and
     ends with the upstream's failure, its entry acknowledged."""
