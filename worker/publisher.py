@@ -20,6 +20,7 @@ from typing import Any
 
 import gevent
 from gevent.event import AsyncResult, Event
+from gevent.lock import Semaphore
 from redis.exceptions import RedisError, ResponseError
 
 from relay.core import keys, metrics
@@ -90,12 +91,13 @@ class _Queued:
 class _Lane:
     """One share of the jobs, with its own batch in flight (a job always uses one lane)."""
 
-    __slots__ = ("queued", "wake", "runner", "conns")
+    __slots__ = ("queued", "wake", "runner", "sending", "conns")
 
     def __init__(self) -> None:
         self.queued: dict[tuple[str, int], _Queued] = {}
         self.wake = Event()
         self.runner: gevent.Greenlet | None = None
+        self.sending = Semaphore()  # held while one of its batches is on the wire
         # Its own connection to each node it sends to ("" for one Redis), made on first use.
         self.conns: dict[str, RawConnection] = {}
 
@@ -166,6 +168,17 @@ class Publisher:
         batch = self._lane(job_id).queued.get(key) or self._outcome.get(key)
         if batch is not None:
             batch.sent.wait()
+
+    def send_now(self, job_id: str) -> None:
+        """From a job's greenlet (never an event-loop callback: it waits for the replies):
+        send the job's lane's queued publishes from here when none of its batches is on the
+        wire, instead of waking the lane's greenlet (a turn of the event loop, 0.05 ms on the
+        first token's path on the benchmark machine); else leave them to it."""
+        lane = self._lane(job_id)
+        if not lane.queued or lane.sending.locked():
+            return
+        with lane.sending:
+            self._send_batch(lane)
 
     def _lane(self, job_id: str) -> _Lane:
         return self._lanes[hash(job_id) % len(self._lanes)]
@@ -253,17 +266,23 @@ class Publisher:
         while True:
             lane.wake.wait()
             lane.wake.clear()
-            batch = self._take(lane)
-            if not batch:
-                continue
-            entries = [(job_id, queued.attempt, queued.events, "".join(queued.texts))
-                       for (job_id, _), queued in batch]  # fmt: skip
-            results = self._send(lane, entries)
-            for (_, queued), result in zip(batch, results, strict=True):
-                if isinstance(result, Exception):
-                    queued.sent.set_exception(result)
-                else:
-                    queued.sent.set(result)
-            for key, queued in batch:
-                if queued.merges:
-                    self._merges[key] = self._merges.get(key, 0) + queued.merges
+            with lane.sending:
+                self._send_batch(lane)
+
+    def _send_batch(self, lane: _Lane) -> None:
+        """Send what the lane has queued (nothing if :meth:`send_now` took it first) and
+        settle each job's batch with its result."""
+        batch = self._take(lane)
+        if not batch:
+            return
+        entries = [(job_id, queued.attempt, queued.events, "".join(queued.texts))
+                   for (job_id, _), queued in batch]  # fmt: skip
+        results = self._send(lane, entries)
+        for (_, queued), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                queued.sent.set_exception(result)
+            else:
+                queued.sent.set(result)
+        for key, queued in batch:
+            if queued.merges:
+                self._merges[key] = self._merges.get(key, 0) + queued.merges

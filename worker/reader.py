@@ -177,8 +177,9 @@ def iter_chunks(response: Response) -> Iterator[Chunk]:
 
 
 def follow_chunks(
-    response: Response, on_chunk: Callable[[str, dict[str, Any]], None], timeout: float
-) -> bool:
+    response: Response, on_chunk: Callable[[str, dict[str, Any]], None], timeout: float,
+    flush: Callable[[], None] | None = None,
+) -> bool:  # fmt: skip
     """Call ``on_chunk`` for each chunk up to ``[DONE]``, from the event loop; return at the end,
     saying whether the connection may carry another request (:func:`keep_alive`).
 
@@ -186,7 +187,9 @@ def follow_chunks(
     ends the stream with it), but each chunk is handled by a callback of the event loop the
     moment its bytes arrive, so ``on_chunk`` must never block (it may queue, not wait). A
     silence of ``timeout`` seconds is a read timeout. A body that is not plainly chunked is
-    pulled through :func:`iter_chunks` instead.
+    pulled through :func:`iter_chunks` instead. ``flush`` sends what the first bytes' chunks
+    queued: called once, from the caller's greenlet, after the first bytes (or, pulled, the
+    first chunk) were handled.
     """
     body = _chunked_body(response)
     if isinstance(response, http1.Answer):
@@ -196,6 +199,9 @@ def follow_chunks(
     if body is None or not isinstance(sock, socket.socket):
         for data, chunk in iter_chunks(response):
             on_chunk(data, chunk)
+            if flush is not None:
+                sending, flush = flush, None
+                sending()
         return False
     # What came with an http1 answer's head is read first, a bounded share at a time.
     recv = response.read1 if isinstance(response, http1.Answer) else sock.recv
@@ -238,10 +244,12 @@ def follow_chunks(
         # the pull path does): after this, the buffer is empty and the socket is all there is
         # (an http1.Answer's ``recv`` reads what is left of its own buffer before the socket).
         handle(body.read())
+        # What the first chunk queued (its publish) goes out before the set-up: sent from here
+        # by ``flush``, or by whoever sends it, given a turn of the loop.
+        flush() if flush is not None else gevent.sleep(0)
         if ended.ready():
             ended.get()
             return _ended_cleanly(body, sock)
-        gevent.sleep(0)  # what the first chunk queued (its publish) goes out before the set-up
         sock.settimeout(0.0)
         watcher = loop.io(sock.fileno(), 1)  # 1: readable
         ticker = loop.timer(timeout / 4, timeout / 4)

@@ -171,6 +171,26 @@ def test_an_early_request_whose_kept_connection_was_closed_goes_again_on_a_new_o
     assert server.connections == 2 and len(server.requests) == 3
 
 
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_flush_runs_once_after_the_first_chunk_was_handled(server, framing):
+    """What the first chunk queued goes out from the job's greenlet (``flush``), once, whether
+    the body is followed from the event loop (chunked) or pulled (a Content-Length body)."""
+    if framing == "content-length":
+        plain = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        answer = plain + b"Content-Length: %d\r\n\r\n%b" % (len(BODY), BODY)
+        server.answer = lambda conn, n: conn.sendall(answer) or True
+    chunks: list[dict] = []
+    seen_at_flush: list[int] = []
+    with Session() as session:
+        response = open_stream(session, Upstream(base_url=server.url), {"messages": []})
+        try:
+            follow_chunks(response, lambda _, chunk: chunks.append(chunk), 5.0,
+                          lambda: seen_at_flush.append(len(chunks)))  # fmt: skip
+        finally:
+            response.close()
+    assert seen_at_flush == [1] and len(chunks) == 1
+
+
 def test_a_new_connection_closed_without_an_answer_is_an_error(server):
     server.answer = lambda conn, n: False
     with Session() as session, pytest.raises(UpstreamError) as info:

@@ -208,3 +208,34 @@ def test_sent_waits_for_what_was_queued_without_taking_its_outcome(store: JobSto
     assert [c["choices"][0]["delta"]["content"] for c in logged(store, job[0])] == ["Hi"]
     pub.sent(*job)  # nothing queued since: returns at once
     assert pub.flush(*job) == 1  # the outcome is still there for the job's end
+
+
+def test_send_now_sends_from_the_callers_greenlet_when_the_lane_is_idle(store: JobStore) -> None:
+    """The first chunk's publish goes out from the job's own greenlet, not after a wake-up of
+    the lane's: in Redis by the time send_now returns, sent by the caller."""
+    pub, job = Publisher(store), running_job(store)
+    senders: list[object] = []
+    send = pub._send
+
+    def sending(*args: Any) -> list:
+        senders.append(gevent.getcurrent())
+        return send(*args)
+
+    pub._send = sending  # type: ignore[method-assign]
+    assert publish(pub, job, delta("Hi"))
+    pub.send_now(job[0])
+    assert senders == [gevent.getcurrent()]
+    assert [c["choices"][0]["delta"]["content"] for c in logged(store, job[0])] == ["Hi"]
+    gevent.idle()  # the lane's greenlet, woken by the publish, finds nothing left to send
+    assert len(senders) == 1 and pub.flush(*job) == 1
+
+
+def test_send_now_leaves_the_lane_its_batch_while_one_is_on_the_wire(store: JobStore) -> None:
+    pub, job = Publisher(store), running_job(store)
+    lane = pub._lane(job[0])
+    with lane.sending:  # as while the lane's greenlet waits for a batch's replies
+        assert publish(pub, job, delta("Hi"))
+        pub.send_now(job[0])  # returns at once, sending nothing
+        assert lane.queued and logged(store, job[0]) == []
+    assert pub.flush(*job) == 1  # the lane sends it
+    assert len(logged(store, job[0])) == 1

@@ -214,6 +214,45 @@ def test_the_claim_loop_sends_a_fresh_jobs_request_and_claim_before_its_greenlet
         assert session.plain.connects == 1
 
 
+def test_the_first_chunk_is_counted_once_it_is_sent(own_simulator, redis_url):
+    """Its counters wait until the first chunk's publish is out (they are not on its path),
+    and are written all the same: one first-chunk sample and one upstream time to first token,
+    and the upstream that served the job."""
+    with Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        job_id = ctx.store.create(chat_body("hi", reply="counted"))
+        run_job(ctx, job_id, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+        written = {k.decode(): v.decode() for k, v in
+                   ctx.store.redis.hgetall(keys.METRICS).items()}  # fmt: skip
+    buckets = sum(int(v) for k, v in written.items() if k.startswith("first_chunk_bucket:"))
+    assert buckets == 1 and 0 < float(written["first_chunk_sum"]) < 5
+    (ttft,) = [k for k in written if k.startswith("upstream_ttft_count:")]
+    assert written[ttft] == "1"
+
+
+def test_an_early_start_whose_claim_fails_has_its_request_closed_unread(own_simulator, redis_url):
+    """The claim loop sent the request and the claim of a job cancelled meanwhile: the claim's
+    answer (read first) says so, nothing is published, the upstream's stream is closed and
+    the entry acknowledged."""
+    with Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        first = ctx.store.create(chat_body("hi"))
+        run_job(ctx, first, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+        job_id = ctx.store.create(chat_body("hi", tokens=400))  # 20 s at 0.05 s a token
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        assert ctx.store.cancel(job_id)[0]
+        events_before = ctx.store.status(job_id)["events"]
+        early = runner.send_early(ctx, entry)
+        assert early is not None
+        run_job(ctx, job_id, entry, early)
+        status = ctx.store.status(job_id)
+        assert status["status"] == "cancelled" and status["events"] == events_before
+        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
+        stats = f"{own_simulator}/_sim/stats"
+        wait_for(lambda: requests.get(stats, timeout=5).json()["active_streams"] == 0, 5,
+                 "the upstream's stream to be closed")  # fmt: skip
+
+
 def test_no_early_start_without_a_kept_connection(own_simulator, redis_url):
     with Session() as session:
         ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
