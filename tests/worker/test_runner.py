@@ -9,6 +9,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -201,12 +202,22 @@ def test_the_claim_loop_sends_a_fresh_jobs_request_and_claim_before_its_greenlet
         wait_for(lambda: sim_requests(own_simulator) == 2, 5, "the early request")
         wait_for(lambda: ctx.store.redis.hget(keys.job(job_id), "status") == b"running", 5,
                  "the early claim")  # fmt: skip
-        claim_and_load = ctx.store.claim_and_load
+        claim_and_load, opening = ctx.store.claim_and_load, runner._open_with_retries
+        unread_at_stream: list[bool] = []
+
+        def open_with_retries(*args: Any) -> Any:
+            unread_at_stream.append(args[-1].pending is not None)  # its head start
+            return opening(*args)
+
         ctx.store.claim_and_load = None  # type: ignore[assignment,method-assign]
+        runner._open_with_retries = open_with_retries  # type: ignore[assignment]
         try:
             run_job(ctx, job_id, entry, early)
         finally:
             ctx.store.claim_and_load = claim_and_load  # type: ignore[method-assign]
+            runner._open_with_retries = opening
+        # The job's set-up ran while the upstream worked: its answer was read only then.
+        assert unread_at_stream == [True]
         status = ctx.store.status(job_id)
         assert status["status"] == "completed" and status["text"] == "early"
         assert status["attempts"] == 1 and sim_requests(own_simulator) == 2
