@@ -342,7 +342,9 @@ class Conversations:
     ) -> None:
         """Make ``message_id`` name a message (a key of its own: only handed-out ids get one)."""
         value = f"{conversation_id} {number} {system or NO_PARENT}"
-        (pipe or self.redis).set(keys.message(message_id), value, ex=self.ttl)
+        # As the command itself: redis-py's set() checks a dozen options first (0.01 ms).
+        (pipe or self.redis).execute_command("SET", keys.message(message_id), value, "EX",
+                                             self.ttl)  # fmt: skip
 
 
 def reply_cost(text: str) -> int:

@@ -32,7 +32,8 @@ class KeyMode:
 
     def keys_required(self, fresh: bool = False) -> bool:
         """``fresh``: look again now, not within ``_CHECK_EVERY`` of the last look."""
-        redis, settings = state().redis, state().settings
+        relay = state()
+        redis, settings = relay.redis, relay.settings
         if not self.seeded:
             apikeys.seed(redis, settings.api_keys)
             self.seeded = True

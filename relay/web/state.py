@@ -30,8 +30,9 @@ class RelayState:
         self._hub: Hub | None = None
         # Open streams by client address and by read token (relay.web.streams' caps).
         self.open_streams: Counter[str] = Counter()
-        # Each job URL's path with slots for its id and token (relay.web.api.job_links).
-        self.url_templates: dict[tuple[str, str], str] = {}
+        # Each job URL with slots for its id and token, per way of reaching the relay
+        # (relay.web.api.job_links).
+        self.url_templates: dict[tuple[str | None, ...], dict[str, str]] = {}
 
     @cached_property
     def redis(self) -> Client:

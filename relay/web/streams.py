@@ -119,16 +119,16 @@ def stream_response(
             release_slots()
             raise
     config = relay.settings
+    environ = request.environ
+    client = _client_socket(environ)
     if direct is not None and config.direct_writes:
-        _allow_direct(viewer, direct)
-    restore_timeout = _cut_off_stalled_client(config.send_timeout_seconds)
+        _allow_direct(viewer, direct, environ)
+    restore_timeout = _cut_off_stalled_client(client, config.send_timeout_seconds)
     # Read configuration here: the generator runs after the request context is gone.
     idle = config.keepalive_seconds
     cancel_if_abandoned = owner and config.cancel_on_disconnect
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     finished = False
-
-    client = _client_socket()
 
     def body() -> Iterator[bytes]:
         nonlocal finished
@@ -201,10 +201,10 @@ def _take_stream_slots(counts: Counter[str], config: Settings) -> Callable[[], N
     return release
 
 
-def _client_socket() -> socket.socket | None:
+def _client_socket(environ: dict) -> socket.socket | None:
     """The client's socket under gunicorn (``-k gevent``: "gunicorn.socket", ``-k
     gevent_pywsgi``: "gunicorn.sock"), or None."""
-    return request.environ.get("gunicorn.socket") or request.environ.get("gunicorn.sock")
+    return environ.get("gunicorn.socket") or environ.get("gunicorn.sock")
 
 
 def with_head(chunks: Iterator[bytes], sock: socket.socket | None) -> Iterator[bytes]:
@@ -237,13 +237,13 @@ def with_head(chunks: Iterator[bytes], sock: socket.socket | None) -> Iterator[b
             close()
 
 
-def _allow_direct(viewer: Viewer, prefix: bytes) -> None:
+def _allow_direct(viewer: Viewer, prefix: bytes, environ: dict) -> None:
     """The fast path needs the client's socket and how the server frames the body: known for
     gunicorn's gevent worker (HTTP/1.1 chunked, one chunk per write; HTTP/1.0 raw)."""
-    sock = request.environ.get("gunicorn.socket")
-    if sock is None or request.method == "HEAD":  # HEAD: gunicorn writes no body at all
+    sock = environ.get("gunicorn.socket")
+    if sock is None or environ.get("REQUEST_METHOD") == "HEAD":  # HEAD: gunicorn writes no body
         return
-    protocol = request.environ.get("SERVER_PROTOCOL")
+    protocol = environ.get("SERVER_PROTOCOL")
     # Plain HTTP/1.x on a plain socket only: under TLS (gunicorn --certfile) the raw socket
     # beneath would get plaintext, and HTTP/2 multiplexes streams on one socket.
     if protocol not in ("HTTP/1.0", "HTTP/1.1") or hasattr(sock, "cipher"):
@@ -251,7 +251,7 @@ def _allow_direct(viewer: Viewer, prefix: bytes) -> None:
     viewer.allow_direct(sock, protocol == "HTTP/1.1", prefix)
 
 
-def _cut_off_stalled_client(seconds: float) -> Callable[[], None]:
+def _cut_off_stalled_client(sock: socket.socket | None, seconds: float) -> Callable[[], None]:
     """Give up on a client that takes no bytes for ``seconds`` (it stopped reading).
 
     Such a viewer costs only its bounded mailbox (it falls back to the replay log), but its
@@ -260,7 +260,6 @@ def _cut_off_stalled_client(seconds: float) -> Callable[[], None]:
     gevent workers expose the socket; other servers keep their own behaviour). Returns what
     puts the socket's own timeout back once the stream is over.
     """
-    sock = _client_socket()
     if sock is None or seconds <= 0:
         return lambda: None
     previous = sock.gettimeout()

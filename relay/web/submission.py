@@ -47,10 +47,15 @@ def _body_bytes() -> bytes:
     Werkzeug checks a declared Content-Length, but silently truncates a chunked body at the
     limit, which would surface as a misleading "invalid JSON".
     """
-    limit = settings().max_body_bytes
-    if request.content_length is not None or not request.environ.get("wsgi.input_terminated"):
-        return request.get_data(cache=False)
-    data = request.environ["wsgi.input"].read(limit + 1)
+    limit, length, environ = settings().max_body_bytes, request.content_length, request.environ
+    if length is not None:
+        if length > limit:
+            raise RequestTooLarge()
+        # Read as werkzeug would, without its stream wrappers (0.02 ms a request).
+        return environ["wsgi.input"].read(length) if length else b""
+    if not environ.get("wsgi.input_terminated"):
+        return b""  # no length and not chunked: no body (as werkzeug has it)
+    data = environ["wsgi.input"].read(limit + 1)
     if len(data) > limit:
         raise RequestTooLarge()
     return data
@@ -88,7 +93,8 @@ class Submission(NamedTuple):
 
 def _caller() -> tuple[str, int, int]:
     """Who is asking, for the limits: (caller, requests per minute, concurrent jobs)."""
-    rpm, concurrency = settings().rate_limit_rpm, settings().concurrency_limit
+    config = settings()
+    rpm, concurrency = config.rate_limit_rpm, config.concurrency_limit
     key = g.get("api_key")
     if key is None:  # the relay runs open: each client address is a caller
         return f"addr:{request.remote_addr}", rpm, concurrency
