@@ -134,3 +134,23 @@ def test_requests_for_other_hosts_are_refused_and_links_use_the_public_url(stack
         job = made.json()
         for name in ("events_url", "status_url", "watch_url", "cancel_url"):
             assert job[name].startswith("https://chat.example.com/"), job[name]
+
+
+def test_every_answer_says_it_varies_by_origin_keeping_what_it_varied_by():
+    """Caches must not serve one origin's CORS answer to another: Vary names Origin, added to
+    any Vary the answer had."""
+    from flask import Response
+
+    from relay.web.app import create_app
+
+    app = create_app({"redis_url": "redis://127.0.0.1:1/0", "cors_origins": ("http://a.test",)})
+
+    @app.get("/_varies")
+    def varies() -> Response:
+        return Response("x", headers={"Vary": "Accept-Encoding"})
+
+    client = app.test_client()
+    assert client.get("/v1/models/x", headers={"Origin": "http://b.test"}).headers["Vary"] == "Origin"
+    answer = client.get("/_varies", headers={"Origin": "http://a.test"})
+    assert answer.headers["Vary"] == "Accept-Encoding, Origin"
+    assert answer.headers["Access-Control-Allow-Origin"] == "http://a.test"
