@@ -1,4 +1,5 @@
-"""Where the time to the first chunk goes, packet by packet: ``python -m tests.bench.trace [JOBS]``.
+"""Where the time to the first chunk goes, packet by packet: ``python -m tests.bench.trace [JOBS]
+[--floor]``.
 
 Runs the first-chunk scenario of :mod:`tests.bench.run` (one gunicorn process, one worker, the
 epoll upstream; jobs one at a time through ``POST /v1/chat/completions`` from a raw socket)
@@ -7,7 +8,9 @@ which process sent what to whom, and when, as the kernel saw it. Needs ``tcpdump
 package) and root, or the capability to capture. Nothing in the relay is instrumented.
 
 Prints, for each step of a job (the n-th packet of a kind on a connection of a kind), its
-median time after the client's POST, and the median gap to the step before.
+median time after the client's POST, and the median gap to the step before. With ``--floor``,
+the same for the design's floor chain under gunicorn and Flask (:mod:`tests.bench.floor_chain`:
+the same hops with nothing of the relay in them) instead of the relay, step by step beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.bench.loadgen import request_bytes  # noqa: E402
 from tests.bench.run import FIRST_INTERVAL, Bench, sim_body  # noqa: E402
+from tests.conftest import free_port, start_process, wait_for  # noqa: E402
 
 WARMUP = 30
 
@@ -103,7 +107,27 @@ def label(payload: bytes) -> str:
     return "reply"
 
 
+def start_floor(bench: Bench) -> str:
+    """The floor chain under gunicorn and Flask, and its worker, on the bench's Redis and
+    upstream; the URL to POST to."""
+    from functools import partial
+
+    from tests.bench.floor_chain import accepts
+
+    port, env = free_port(), {"FLOOR_REDIS_PORT": str(bench.redis_port)}
+    gunicorn = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "-b",
+                f"127.0.0.1:{port}", "tests.bench.floor_chain:flask_app()"]  # fmt: skip
+    worker = [sys.executable, "-m", "tests.bench.floor_chain", "worker", str(bench.redis_port),
+              bench.sim]  # fmt: skip
+    bench.procs.append(start_process("gunicorn-floor", gunicorn, bench.log_dir, env=env))
+    bench.procs.append(start_process("test-worker-floor", worker, bench.log_dir, env=env))
+    wait_for(partial(accepts, port), 10, "the floor chain's web process")
+    return f"http://127.0.0.1:{port}/"
+
+
 def main(argv: list[str]) -> int:
+    floor = "--floor" in argv
+    argv = [a for a in argv if a != "--floor"]
     jobs = int(argv[0]) if argv else 200
     if shutil.which("tcpdump") is None:
         sys.exit("tcpdump is not installed (apt-get install tcpdump)")
@@ -112,12 +136,15 @@ def main(argv: list[str]) -> int:
     capture = log_dir / "lo.pcap"
     dump = None
     try:
-        bench.stack.start_worker()
-        base = bench.relay(1)[0]
-        web_port = urlsplit(base).port
+        if floor:
+            url = start_floor(bench)
+        else:
+            bench.stack.start_worker()
+            url = f"{bench.relay(1)[0]}/v1/chat/completions"
+        web_port = urlsplit(url).port
         sim_port = bench.sim_port
         request = sim_body(3, interval=FIRST_INTERVAL, stream=True)
-        body = request_bytes(f"{base}/v1/chat/completions", "POST", json.dumps(request).encode())
+        body = request_bytes(url, "POST", json.dumps(request).encode())
         ports = f"port {bench.redis_port} or port {web_port} or port {sim_port}"
         dump = subprocess.Popen(
             ["tcpdump", "-i", "lo", "-n", "-s", "256", "-B", "16384",
@@ -148,10 +175,10 @@ def main(argv: list[str]) -> int:
     clients = dict(sent_at)
     peers = {bench.redis_port: "redis", web_port: "web", sim_port: "upstream"}
 
-    def who(port: int) -> str:
+    def who(port: int, other: int) -> str:
         if port in peers:
             return peers[port]
-        if port in clients:
+        if port in clients and other == web_port:  # another process's socket may share its port
             return "client"
         name = ports_of.get(port, "?")
         return "worker" if name.startswith("test-worker") else name.split("-")[0]
@@ -171,7 +198,7 @@ def main(argv: list[str]) -> int:
         for t, sp, dp, payload in packets:
             if t < start or t > end:
                 continue
-            src, dst = who(sp), who(dp)
+            src, dst = who(sp, dp), who(dp, sp)
             what = label(payload)
             key = f"{src} -> {dst}: {what}"
             seen[key] += 1
