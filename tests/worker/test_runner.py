@@ -108,6 +108,23 @@ def sim_requests(base: str) -> int:
     return len(requests.get(f"{base}/_sim/requests", timeout=5).json())
 
 
+def assert_ended_unpublished(ctx: JobContext, job_id: str, events_before: int, sim: str) -> None:
+    """A job cancelled before its claim: nothing of its upstream request published, the
+    upstream's stream closed (not left running, not pooled), its entry acknowledged."""
+    status = ctx.store.status(job_id)
+    assert status["status"] == "cancelled" and status["events"] == events_before
+    assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
+    stats = f"{sim}/_sim/stats"
+    wait_for(lambda: requests.get(stats, timeout=5).json()["active_streams"] == 0, 5,
+             "the upstream's stream to be closed")  # fmt: skip
+
+
+def keep_a_connection(ctx: JobContext) -> None:
+    """Run one job, which leaves its upstream connection kept for the next."""
+    job_id = ctx.store.create(chat_body("hi"))
+    run_job(ctx, job_id, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+
+
 def test_a_fresh_entry_goes_upstream_before_its_claim_is_answered(own_simulator, redis_url):
     """The claim's round trip is off the first token's path: when the worker reads the claim's
     answer, the upstream has its request already. The job then runs as any other, and its
@@ -193,8 +210,7 @@ def test_the_claim_loop_sends_a_fresh_jobs_request_and_claim_before_its_greenlet
     from them, claimed once, and its entry leaves the claimed list."""
     with Session() as session:  # plain HTTP through worker.http1: connections are kept
         ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
-        first = ctx.store.create(chat_body("hi", reply="warm"))
-        run_job(ctx, first, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+        keep_a_connection(ctx)
         job_id = ctx.store.create(chat_body("hi", reply="early"))
         entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
         early = runner.send_early(ctx, entry)
@@ -247,8 +263,7 @@ def test_an_early_start_whose_claim_fails_has_its_request_closed_unread(own_simu
     the entry acknowledged."""
     with Session() as session:
         ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
-        first = ctx.store.create(chat_body("hi"))
-        run_job(ctx, first, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+        keep_a_connection(ctx)
         job_id = ctx.store.create(chat_body("hi", tokens=400))  # 20 s at 0.05 s a token
         entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
         assert ctx.store.cancel(job_id)[0]
@@ -256,12 +271,7 @@ def test_an_early_start_whose_claim_fails_has_its_request_closed_unread(own_simu
         early = runner.send_early(ctx, entry)
         assert early is not None
         run_job(ctx, job_id, entry, early)
-        status = ctx.store.status(job_id)
-        assert status["status"] == "cancelled" and status["events"] == events_before
-        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
-        stats = f"{own_simulator}/_sim/stats"
-        wait_for(lambda: requests.get(stats, timeout=5).json()["active_streams"] == 0, 5,
-                 "the upstream's stream to be closed")  # fmt: skip
+        assert_ended_unpublished(ctx, job_id, events_before, own_simulator)
 
 
 def test_no_early_start_without_a_kept_connection(own_simulator, redis_url):
@@ -281,8 +291,7 @@ def test_an_early_start_abandoned_closes_its_request_and_frees_its_connection(
     upstream's stream is closed and the claim's Redis connection goes back to the pool."""
     with Session() as session:
         ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
-        first = ctx.store.create(chat_body("hi"))
-        run_job(ctx, first, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+        keep_a_connection(ctx)
         ctx.store.create(chat_body("hi", tokens=400))  # 20 s at 0.05 s a token
         entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
         free = ctx.store.redis.connection_pool.pool  # the blocking pool's free slots
@@ -326,12 +335,7 @@ def test_a_job_cancelled_while_queued_has_its_head_start_closed(own_simulator, r
         events_before = ctx.store.status(job_id)["events"]
         run_job(ctx, job_id, entry)
         assert sim_requests(own_simulator) == 1
-        status = ctx.store.status(job_id)
-        assert status["status"] == "cancelled" and status["events"] == events_before
-        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
-        stats = f"{own_simulator}/_sim/stats"
-        wait_for(lambda: requests.get(stats, timeout=5).json()["active_streams"] == 0, 5,
-                 "the upstream's stream to be closed")  # fmt: skip
+        assert_ended_unpublished(ctx, job_id, events_before, own_simulator)
 
 
 def test_the_claim_is_read_again_when_redis_lost_its_scripts(own_simulator, redis_url):
