@@ -25,7 +25,7 @@ from . import http1, moderation
 from .publisher import Publisher
 from .reader import follow_chunks, keep_alive
 from .slots import UpstreamSlots
-from .upstream import UpstreamError, open_stream, sanitize, send_on_kept
+from .upstream import UpstreamError, answer_of, open_stream, sanitize, send_on_kept
 
 Response = requests.Response | http1.Answer
 
@@ -214,15 +214,13 @@ class HeadStart:
     response: Response | None = None
     error: UpstreamError | None = None
     pending: http1.Sent | None = None
-    session: requests.Session | None = None
 
     def result(self) -> Response:
         """The open response, or the request's failure (raised)."""
         if self.pending is not None:
             sent, self.pending = self.pending, None
-            assert self.session is not None
             try:
-                self.response = open_stream(self.session, self.target.upstream, {}, sent=sent)
+                self.response = answer_of(self.target.upstream, sent)
             except UpstreamError as exc:
                 self.error = exc
         if self.error is not None:
@@ -261,27 +259,31 @@ def _head_start_target(ctx: JobContext, entry: queue.Entry | None) -> tuple[dict
 
 @dataclass
 class Early:
-    """A fresh job's first upstream request and its claim, both sent by the claim loop before
-    the job's greenlet started (:func:`send_early`)."""
+    """A fresh job's first upstream request as the claim loop prepared it (:func:`send_early`):
+    its body and where it goes, and, when a kept connection was idle, the request written there
+    and the job's claim sent after it, before the job's greenlet started."""
 
+    body: dict
     target: Target
-    sent_at: float
-    sent: http1.Sent
-    claim: SentClaim
+    sent_at: float = 0.0
+    sent: http1.Sent | None = None
+    claim: SentClaim | None = None
 
     def abandon(self) -> None:
         """The job's greenlet never read them (it was killed before it started): close the
         request and drop the claim's reply. Nothing once they were read."""
-        self.sent.close()
-        self.claim.drop()
+        if self.sent is not None:
+            self.sent.close()
+        if self.claim is not None:
+            self.claim.drop()
 
 
 def send_early(ctx: JobContext, entry: queue.Entry) -> Early | None:
     """For the claim loop: a fresh entry's upstream request written on a kept connection, then
     its claim sent, before the job's greenlet is spawned (which first waits for a turn of the
-    event loop: 0.07-0.1 ms on the first token's path, on the benchmark machine). None, having
-    sent nothing, when that cannot be done at once (no kept connection is idle, the upstream is
-    capped, ...): the job's greenlet then does it all."""
+    event loop: 0.07-0.1 ms on the first token's path, on the benchmark machine). When no kept
+    connection is idle, the request only prepared (the job's greenlet sends it and the claim);
+    None when the job gets no head start (:func:`_head_start_target`) or preparing it failed."""
     claims: list[SentClaim] = []
 
     def send_claim() -> None:
@@ -291,16 +293,15 @@ def send_early(ctx: JobContext, entry: queue.Entry) -> Early | None:
         prepared = _head_start_target(ctx, entry)
         if prepared is None:
             return None
-        body, target = prepared
-        sent_at = time.time()
+        early = Early(*prepared)
+        early.sent_at = time.time()
         # The claim is sent last, once the request is written: past it nothing can fail.
-        sent = send_on_kept(ctx.session, target.upstream, body, send_claim)
+        early.sent = send_on_kept(ctx.session, early.target.upstream, early.body, send_claim)
     except Exception:  # never the claim loop's to fail: the job's greenlet meets it again
         logger.debug("job %s: no early start", entry.job_id, exc_info=True)
         return None
-    if sent is None:
-        return None
-    return Early(target, sent_at, sent, claims[0])
+    early.claim = claims[0] if claims else None
+    return early
 
 
 def _claim(
@@ -315,9 +316,9 @@ def _claim(
     turns out not to be queued any more (cancelled, expired, taken) has its upstream request
     closed unread.
     """
-    if early is not None:
+    if early is not None and early.sent is not None:
         return _claim_early(ctx, early)
-    prepared = _head_start_target(ctx, entry)
+    prepared = (early.body, early.target) if early is not None else _head_start_target(ctx, entry)
     if prepared is None:
         return ctx.store.claim_and_load(job_id, ctx.worker_id), None
     sent, target = prepared
@@ -351,6 +352,7 @@ def _claim_early(ctx: JobContext, early: Early) -> tuple[Claim, HeadStart | None
     is read now (Redis answers before the upstream does), the upstream's answer when the job's
     stream starts: what comes between (the job's set-up) runs while the upstream works, off the
     first token's path."""
+    assert early.claim is not None and early.sent is not None
     try:
         claim = early.claim.answer()
     except BaseException:
@@ -359,7 +361,7 @@ def _claim_early(ctx: JobContext, early: Early) -> tuple[Claim, HeadStart | None
     if not claim.attempt:
         early.abandon()
         return claim, None
-    return claim, HeadStart(early.target, early.sent_at, pending=early.sent, session=ctx.session)
+    return claim, HeadStart(early.target, early.sent_at, pending=early.sent)
 
 
 @dataclass

@@ -156,7 +156,7 @@ def send_on_kept(
 ) -> http1.Sent | None:
     """:func:`open_stream`'s request, written now if a kept connection to a plain-HTTP
     upstream is idle (never a connect or a wait; None, nothing written, otherwise); ``then``
-    runs once it is written. Its answer is read by ``open_stream(..., sent=...)``."""
+    runs once it is written. Its answer is read by :func:`answer_of`."""
     plain = getattr(session, "plain", None)
     if plain is None or not _direct(upstream.chat_url):
         return None
@@ -168,19 +168,24 @@ def send_on_kept(
 
 def open_stream(
     session: requests.Session, upstream: Upstream, body: dict,
-    then: Callable[[], None] | None = None, sent: http1.Sent | None = None,
+    then: Callable[[], None] | None = None,
 ) -> Any:  # fmt: skip
     """POST the request with ``stream: true``; the open response (a ``requests.Response`` or a
     :class:`Streamed`), or :class:`UpstreamError`. ``then``: work to do while the upstream
-    answers (see :func:`_post`). ``sent``: the request, written already (:func:`send_on_kept`):
-    its answer is read."""
-    response: requests.Response | http1.Answer
+    answers (see :func:`_post`)."""
+    data = dumps({**body, "stream": True})
+    return _opened(upstream, lambda: _post(session, upstream, data, _headers(upstream), then))
+
+
+def answer_of(upstream: Upstream, sent: http1.Sent) -> Any:
+    """:func:`open_stream`'s outcome for a request :func:`send_on_kept` wrote."""
+    return _opened(upstream, sent.answer)
+
+
+def _opened(upstream: Upstream, answer: Callable[[], requests.Response | http1.Answer]) -> Any:
+    """The answer to a request to ``upstream``, open if it is a stream; else UpstreamError."""
     try:
-        if sent is not None:
-            response = sent.answer()
-        else:
-            response = _post(session, upstream, dumps({**body, "stream": True}),
-                             _headers(upstream), then)  # fmt: skip
+        response = answer()
     except urllib3.exceptions.NewConnectionError:  # a ConnectTimeoutError subclass: first
         raise UpstreamError(
             "Could not reach the upstream: ConnectionError.",

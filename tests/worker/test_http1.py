@@ -13,7 +13,14 @@ import pytest
 from tests.conftest import wait_for
 from tests.helpers import read_request
 from worker.reader import follow_chunks, keep_alive
-from worker.upstream import Session, Upstream, UpstreamError, open_stream, send_on_kept
+from worker.upstream import (
+    Session,
+    Upstream,
+    UpstreamError,
+    answer_of,
+    open_stream,
+    send_on_kept,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -148,7 +155,7 @@ def test_a_request_sent_early_goes_only_on_a_kept_connection(server):
         sent = send_on_kept(session, upstream, {"messages": []}, lambda: written.append(2))
         assert sent is not None and written == [2]
         wait_for(lambda: len(server.requests) == 2, 5, "the early request")
-        response = open_stream(session, upstream, {}, sent=sent)
+        response = answer_of(upstream, sent)
         chunks: list[dict] = []
         try:
             follow_chunks(response, lambda _, chunk: chunks.append(chunk), 5.0)
@@ -165,7 +172,7 @@ def test_an_early_request_whose_kept_connection_was_closed_goes_again_on_a_new_o
         assert len(stream(session, server.url)) == 1
         sent = send_on_kept(session, upstream, {"messages": []}, lambda: None)
         assert sent is not None
-        response = open_stream(session, upstream, {}, sent=sent)
+        response = answer_of(upstream, sent)
         response.close()
     assert response.status_code == 200
     assert server.connections == 2 and len(server.requests) == 3

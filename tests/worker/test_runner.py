@@ -214,7 +214,7 @@ def test_the_claim_loop_sends_a_fresh_jobs_request_and_claim_before_its_greenlet
         job_id = ctx.store.create(chat_body("hi", reply="early"))
         entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
         early = runner.send_early(ctx, entry)
-        assert early is not None
+        assert early is not None and early.sent is not None
         wait_for(lambda: sim_requests(own_simulator) == 2, 5, "the early request")
         wait_for(lambda: ctx.store.redis.hget(keys.job(job_id), "status") == b"running", 5,
                  "the early claim")  # fmt: skip
@@ -269,7 +269,7 @@ def test_an_early_start_whose_claim_fails_has_its_request_closed_unread(own_simu
         assert ctx.store.cancel(job_id)[0]
         events_before = ctx.store.status(job_id)["events"]
         early = runner.send_early(ctx, entry)
-        assert early is not None
+        assert early is not None and early.sent is not None
         run_job(ctx, job_id, entry, early)
         assert_ended_unpublished(ctx, job_id, events_before, own_simulator)
 
@@ -279,9 +279,18 @@ def test_no_early_start_without_a_kept_connection(own_simulator, redis_url):
         ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
         job_id = ctx.store.create(chat_body("hi"))
         entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
-        assert runner.send_early(ctx, entry) is None
+        early = runner.send_early(ctx, entry)  # prepared for the job's greenlet, not sent
+        assert early is not None and early.sent is None and early.claim is None
         assert sim_requests(own_simulator) == 0
         assert ctx.store.redis.hget(keys.job(job_id), "status") == b"queued"
+        # The job's greenlet sends what the claim loop prepared, without preparing it again.
+        preparing, runner._head_start_target = runner._head_start_target, None  # type: ignore[assignment]
+        try:
+            run_job(ctx, job_id, entry, early)
+        finally:
+            runner._head_start_target = preparing
+        assert ctx.store.status(job_id)["status"] == "completed"
+        assert sim_requests(own_simulator) == 1
 
 
 def test_an_early_start_abandoned_closes_its_request_and_frees_its_connection(
@@ -297,7 +306,8 @@ def test_an_early_start_abandoned_closes_its_request_and_frees_its_connection(
         free = ctx.store.redis.connection_pool.pool  # the blocking pool's free slots
         before = free.qsize()
         early = runner.send_early(ctx, entry)
-        assert early is not None and free.qsize() == before - 1  # the claim's, reply unread
+        assert early is not None and early.sent is not None
+        assert free.qsize() == before - 1  # the claim's, reply unread
         early.abandon()
         early.abandon()  # as often as it is called
         assert free.qsize() == before
