@@ -67,6 +67,12 @@ _LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Send every log line to stderr, as JSON (or plain text with ``fmt="text"``)."""
+    # What no line of ours shows, and what each record would otherwise look up (the logging
+    # HOWTO's "Optimization"): the caller's file and line (a walk up the stack), the thread's
+    # and the process's names. A job's log line is on the first token's path.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

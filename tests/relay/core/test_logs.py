@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from relay.core.logs import JsonFormatter, TextFormatter, job_context
+from relay.core.logs import JsonFormatter, TextFormatter, configure, job_context
 from tests.helpers import chat_body, create_job, read_stream
 
 
@@ -37,6 +37,27 @@ def test_a_client_string_cannot_forge_a_text_log_line():
     except ValueError:
         record.exc_info = sys.exc_info()
     assert "Traceback" in TextFormatter().format(record)  # tracebacks keep their lines
+
+
+def test_a_line_is_logged_without_a_walk_up_the_stack(monkeypatch, capsys):
+    """A job's log line is on its first token's path: what no line shows is not looked up."""
+    for name in ("_srcfile", "logThreads", "logMultiprocessing"):
+        monkeypatch.setattr(logging, name, getattr(logging, name))  # put back after the test
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+
+    def walk(*args, **kwargs):
+        raise AssertionError("the caller's frame was looked up")
+
+    monkeypatch.setattr(logging.Logger, "findCaller", walk)
+    configure("INFO")
+    monkeypatch.setattr(root.handlers[0], "stream", sys.stderr)  # capsys's, not the real one
+    with job_context("job_abc"):
+        logging.getLogger("relay.x").info("job %s queued", "job_abc")
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["msg"] == "job job_abc queued" and line["job_id"] == "job_abc"
+    assert line["pid"] > 0 and line["level"] == "INFO"
 
 
 @pytest.mark.integration
