@@ -33,9 +33,9 @@ pytestmark = [
 
 
 @pytest.fixture
-def local(redis_url, log_dir, tmp_path) -> Iterator[tuple[str, Stack]]:
+def local(redis_url, log_dir, tmp_path) -> Iterator[str]:
     """The model server and a relay in front of it, as deploy/run.sh starts them: the relay's
-    base URL and its stack."""
+    base URL."""
     port = free_port()
     model = start_process(
         "llama-server",
@@ -54,7 +54,7 @@ def local(redis_url, log_dir, tmp_path) -> Iterator[tuple[str, Stack]]:
         stack.env = {"RELAY_UPSTREAMS_FILE": str(routes), "RELAY_DEFAULT_MODEL": MODEL}
         base = stack.start_web()
         stack.start_worker()
-        yield base, stack
+        yield base
     finally:
         stack.stop()
         model.stop()
@@ -69,7 +69,7 @@ def _answered(received) -> None:
 
 
 def test_the_local_model_streams_a_real_answer_through_the_relay(local):
-    base, _ = local
+    base = local
     body = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 48}
     job = create_job(base, body)
     received, _ = read_stream(job["events_url"], timeout=120)
@@ -81,7 +81,7 @@ def test_the_local_model_streams_a_real_answer_through_the_relay(local):
 def test_two_chats_at_once_both_get_their_whole_answer(local):
     """The server cuts a running stream short when another request comes: the routes file
     lets one stream at a time through, and the other job waits in the relay's queue."""
-    base, _ = local
+    base = local
     bodies = [{"messages": [{"role": "user", "content": f"Count to {n}."}], "max_tokens": 64}
               for n in (10, 20)]  # fmt: skip
     jobs = [create_job(base, body) for body in bodies]
@@ -93,7 +93,7 @@ def test_two_chats_at_once_both_get_their_whole_answer(local):
 def test_a_page_asking_for_the_models_does_not_cut_a_reply_short(local, redis_url):
     """The relay fetches the model server's list when a client asks for the models and its
     copy is missing or old; that request must not end the answer being streamed."""
-    base, _ = local
+    base = local
     body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 160}
     job = create_job(base, body)
     first, _ = read_stream(job["events_url"], max_events=2, timeout=60)

@@ -278,21 +278,28 @@ class Early:
             self.claim.drop()
 
 
+def _claim_sender(ctx: JobContext, job_id: str) -> tuple[list[SentClaim], Callable[[], None]]:
+    """What sends the job's claim once its upstream request is written, and the list its sent
+    claim lands in (empty until then)."""
+    claims: list[SentClaim] = []
+
+    def send_claim() -> None:
+        claims.append(ctx.store.claim_sent(job_id, ctx.worker_id))
+
+    return claims, send_claim
+
+
 def send_early(ctx: JobContext, entry: queue.Entry) -> Early | None:
     """For the claim loop: a fresh entry's upstream request written on a kept connection, then
     its claim sent, before the job's greenlet is spawned (which first waits for a turn of the
     event loop: 0.07-0.1 ms on the first token's path, on the benchmark machine). When no kept
     connection is idle, the request only prepared (the job's greenlet sends it and the claim);
     None when the job gets no head start (:func:`_head_start_target`) or preparing it failed."""
-    claims: list[SentClaim] = []
-
-    def send_claim() -> None:
-        claims.append(ctx.store.claim_sent(entry.job_id, ctx.worker_id))
-
     try:
         prepared = _head_start_target(ctx, entry)
         if prepared is None:
             return None
+        claims, send_claim = _claim_sender(ctx, entry.job_id)
         early = Early(*prepared)
         early.sent_at = time.time()
         # The claim is sent last, once the request is written: past it nothing can fail.
@@ -322,11 +329,7 @@ def _claim(
     if prepared is None:
         return ctx.store.claim_and_load(job_id, ctx.worker_id), None
     sent, target = prepared
-    claims: list[SentClaim] = []
-
-    def send_claim() -> None:
-        claims.append(ctx.store.claim_sent(job_id, ctx.worker_id))
-
+    claims, send_claim = _claim_sender(ctx, job_id)
     head_start = HeadStart(target, time.time())
     try:
         try:
