@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from requests.structures import CaseInsensitiveDict
@@ -151,22 +150,20 @@ class Pool:
         self._idle.clear()
 
     def post(self, url: str, body: bytes, headers: dict[str, str], *,
-             connect_timeout: float, read_timeout: float,
-             then: Callable[[], None] | None = None) -> Answer:  # fmt: skip
-        """POST ``body`` to ``url`` (``http://`` only) and read the answer's head; ``then`` is
-        called once the request is written, before its answer is awaited (not if it never is).
+             connect_timeout: float, read_timeout: float) -> Answer:  # fmt: skip
+        """POST ``body`` to ``url`` (``http://`` only) and read the answer's head.
 
         Raises ``OSError`` (``TimeoutError`` for a timeout, ``ConnectionRefusedError``...) if
         the upstream cannot be reached or does not answer, :class:`MalformedAnswer` if what it
         answers is not HTTP/1.x, ``ValueError`` for a header that would break the request.
         """
         sent = self.send(url, body, headers, connect_timeout=connect_timeout,
-                         read_timeout=read_timeout, then=then)  # fmt: skip
+                         read_timeout=read_timeout)  # fmt: skip
         assert sent is not None
         return sent.answer()
 
     def send(self, url: str, body: bytes, headers: dict[str, str], *,
-             connect_timeout: float, read_timeout: float, then: Callable[[], None] | None = None,
+             connect_timeout: float, read_timeout: float,
              kept_only: bool = False) -> Sent | None:  # fmt: skip
         """:meth:`post`'s first half: the request written, its answer to be read from what
         this returns. With ``kept_only``, only on a kept connection (no connect, no wait: None,
@@ -177,7 +174,7 @@ class Pool:
         key = (parts.hostname, parts.port or 80)
         request = _request_bytes(parts.netloc, parts.path or "/", parts.query, body, headers)
         sent = Sent(self, key, request, connect_timeout, read_timeout)
-        return sent if sent.write(then, kept_only) else None
+        return sent if sent.write(kept_only) else None
 
     def _checkout(
         self, key: tuple[str, int], connect_timeout: float, kept_only: bool = False
@@ -234,10 +231,10 @@ class Sent:
         self._sock: socket.socket | None = None
         self._reused = False
 
-    def write(self, then: Callable[[], None] | None, kept_only: bool = False) -> bool:
+    def write(self, kept_only: bool = False) -> bool:
         """Write the request; whether it was (only not with ``kept_only``, when no kept
         connection is idle). A kept connection the upstream closed meanwhile is replaced by a
-        new one; ``then`` is called once it is written."""
+        new one."""
         connect_timeout, read_timeout = self._timeouts
         while True:
             sock, reused = self._pool._checkout(self._key, connect_timeout, kept_only)
@@ -255,12 +252,6 @@ class Sent:
                 sock.close()
                 raise
             self._sock, self._reused = sock, reused
-            if then is not None:
-                try:
-                    then()
-                except BaseException:
-                    self.close()
-                    raise
             return True
 
     def answer(self) -> Answer:
@@ -276,7 +267,7 @@ class Sent:
                 sock.close()
                 if not self._reused:
                     raise
-                self.write(None)
+                self.write()
             except BaseException:
                 sock.close()
                 raise

@@ -243,9 +243,9 @@ class Worker:
                 job = self.pool.spawn(self._run_job, entry, early)
                 # Registered before the greenlet runs, so the orphan sweep never takes it.
                 self.running[entry.job_id] = job
-                if early is not None and early.sent is not None:
+                if early is not None:
                     job.link(lambda _, early=early: early.abandon())  # killed before it ran
-                else:
+                if early is None or early.sent is None:
                     # Let the job send its claim (and its upstream request) before the next
                     # BLMOVE goes out: the first token waits for those, not for the claim loop.
                     gevent.sleep(0)

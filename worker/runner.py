@@ -260,8 +260,8 @@ def _head_start_target(ctx: JobContext, entry: queue.Entry | None) -> tuple[dict
 @dataclass
 class Early:
     """A fresh job's first upstream request as the claim loop prepared it (:func:`send_early`):
-    its body and where it goes, and, when a kept connection was idle, the request written there
-    and the job's claim sent after it, before the job's greenlet started."""
+    its body and where it goes, the job's claim sent, and, when a kept connection was idle, the
+    request written there, all before the job's greenlet started."""
 
     body: dict
     target: Target
@@ -270,44 +270,34 @@ class Early:
     claim: SentClaim | None = None
 
     def abandon(self) -> None:
-        """The job's greenlet never read them (it was killed before it started): close the
-        request and drop the claim's reply. Nothing once they were read."""
+        """The job's greenlet never read them (it was killed before it started): drop the
+        claim's reply and close the request. Nothing once they were read."""
         if self.sent is not None:
             self.sent.close()
         if self.claim is not None:
             self.claim.drop()
 
 
-def _claim_sender(ctx: JobContext, job_id: str) -> tuple[list[SentClaim], Callable[[], None]]:
-    """What sends the job's claim once its upstream request is written, and the list its sent
-    claim lands in (empty until then)."""
-    claims: list[SentClaim] = []
-
-    def send_claim() -> None:
-        claims.append(ctx.store.claim_sent(job_id, ctx.worker_id))
-
-    return claims, send_claim
-
-
 def send_early(ctx: JobContext, entry: queue.Entry) -> Early | None:
-    """For the claim loop: a fresh entry's upstream request written on a kept connection, then
-    its claim sent, before the job's greenlet is spawned (which first waits for a turn of the
+    """For the claim loop: a fresh entry's claim sent, then its upstream request written on a
+    kept connection, before the job's greenlet is spawned (which first waits for a turn of the
     event loop: 0.07-0.1 ms on the first token's path, on the benchmark machine). When no kept
-    connection is idle, the request only prepared (the job's greenlet sends it and the claim);
-    None when the job gets no head start (:func:`_head_start_target`) or preparing it failed."""
+    connection is idle, the request only prepared (the job's greenlet sends it); None when the
+    job gets no head start (:func:`_head_start_target`) or preparing it failed."""
     try:
         prepared = _head_start_target(ctx, entry)
         if prepared is None:
             return None
-        claims, send_claim = _claim_sender(ctx, entry.job_id)
         early = Early(*prepared)
-        early.sent_at = time.time()
-        # The claim is sent last, once the request is written: past it nothing can fail.
-        early.sent = send_on_kept(ctx.session, early.target.upstream, early.body, send_claim)
+        early.claim = ctx.store.claim_sent(entry.job_id, ctx.worker_id)
     except Exception:  # never the claim loop's to fail: the job's greenlet meets it again
         logger.debug("job %s: no early start", entry.job_id, exc_info=True)
         return None
-    early.claim = claims[0] if claims else None
+    try:
+        early.sent_at = time.time()
+        early.sent = send_on_kept(ctx.session, early.target.upstream, early.body)
+    except Exception:  # the job's greenlet sends the request, and meets what failed
+        logger.debug("job %s: no early request", entry.job_id, exc_info=True)
     return early
 
 
@@ -315,13 +305,14 @@ def _claim(
     ctx: JobContext, job_id: str, entry: queue.Entry | None, early: Early | None = None
 ) -> tuple[Claim, HeadStart | None]:
     """Claim the job; for a fresh entry that carries its request, with its first upstream
-    request sent before the claim (a round trip off the first token's path), or both sent by
-    the claim loop already (``early``).
+    request sent right after the claim, before the claim's answer is read (a round trip off
+    the first token's path), or both sent by the claim loop already (``early``).
 
-    The claim goes out as soon as the upstream request is written, and its reply is read
-    before anything is published, so nothing is published before the job is ours. A job that
-    turns out not to be queued any more (cancelled, expired, taken) has its upstream request
-    closed unread.
+    The claim goes first: the upstream may answer before a process that shares its core gets
+    the core back, and the first chunk then waits for the claim's round trip (RESULTS.md). Its
+    reply is read before anything is published, so nothing is published before the job is
+    ours. A job that turns out not to be queued any more (cancelled, expired, taken) has its
+    upstream request closed unread.
     """
     if early is not None and early.sent is not None:
         return _claim_early(ctx, early)
@@ -329,19 +320,20 @@ def _claim(
     if prepared is None:
         return ctx.store.claim_and_load(job_id, ctx.worker_id), None
     sent, target = prepared
-    claims, send_claim = _claim_sender(ctx, job_id)
-    head_start = HeadStart(target, time.time())
+    head_start = HeadStart(target, 0.0)
+    sent_claim = early.claim if early is not None else None
     try:
+        if sent_claim is None:
+            sent_claim = ctx.store.claim_sent(job_id, ctx.worker_id)
+        head_start.sent_at = time.time()
         try:
-            head_start.response = open_stream(ctx.session, target.upstream, sent, send_claim)
+            head_start.response = open_stream(ctx.session, target.upstream, sent)
         except UpstreamError as exc:
             head_start.error = exc
-        if not claims:  # the request never went out
-            send_claim()
-        claim = claims[0].answer()
+        claim = sent_claim.answer()
     except BaseException:
-        for unread in claims:
-            unread.drop()
+        if sent_claim is not None:
+            sent_claim.drop()
         head_start.close()
         raise
     if not claim.attempt:

@@ -121,20 +121,16 @@ def _direct(url: str) -> bool:
 
 
 def _post(
-    session: requests.Session, upstream: Upstream, data: str, headers: dict,
-    then: Callable[[], None] | None = None,
-) -> requests.Response | http1.Answer:  # fmt: skip
-    """The POST: through :mod:`worker.http1` where it may (see :class:`Session`). ``then`` runs
-    once the request is written there; through ``requests``, just before it is sent."""
+    session: requests.Session, upstream: Upstream, data: str, headers: dict
+) -> requests.Response | http1.Answer:
+    """The POST: through :mod:`worker.http1` where it may (see :class:`Session`)."""
     url = upstream.chat_url
     plain = getattr(session, "plain", None)
     if plain is None or not _direct(url):
-        if then is not None:
-            then()
         return session.post(url, data=data, headers=headers, stream=True,
                             timeout=(upstream.connect_timeout, upstream.read_timeout))  # fmt: skip
     return plain.post(url, data.encode(), headers, connect_timeout=upstream.connect_timeout,
-                      read_timeout=upstream.read_timeout, then=then)  # fmt: skip
+                      read_timeout=upstream.read_timeout)  # fmt: skip
 
 
 def _headers(upstream: Upstream) -> dict[str, str]:
@@ -151,30 +147,24 @@ def _headers(upstream: Upstream) -> dict[str, str]:
     return headers
 
 
-def send_on_kept(
-    session: requests.Session, upstream: Upstream, body: dict, then: Callable[[], None]
-) -> http1.Sent | None:
+def send_on_kept(session: requests.Session, upstream: Upstream, body: dict) -> http1.Sent | None:
     """:func:`open_stream`'s request, written now if a kept connection to a plain-HTTP
-    upstream is idle (never a connect or a wait; None, nothing written, otherwise); ``then``
-    runs once it is written. Its answer is read by :func:`answer_of`."""
+    upstream is idle (never a connect or a wait; None, nothing written, otherwise). Its answer
+    is read by :func:`answer_of`."""
     plain = getattr(session, "plain", None)
     if plain is None or not _direct(upstream.chat_url):
         return None
     data = dumps({**body, "stream": True}).encode()
-    return plain.send(upstream.chat_url, data, _headers(upstream), kept_only=True, then=then,
+    return plain.send(upstream.chat_url, data, _headers(upstream), kept_only=True,
                       connect_timeout=upstream.connect_timeout,
                       read_timeout=upstream.read_timeout)  # fmt: skip
 
 
-def open_stream(
-    session: requests.Session, upstream: Upstream, body: dict,
-    then: Callable[[], None] | None = None,
-) -> Any:  # fmt: skip
+def open_stream(session: requests.Session, upstream: Upstream, body: dict) -> Any:
     """POST the request with ``stream: true``; the open response (a ``requests.Response`` or a
-    :class:`Streamed`), or :class:`UpstreamError`. ``then``: work to do while the upstream
-    answers (see :func:`_post`)."""
+    :class:`Streamed`), or :class:`UpstreamError`."""
     data = dumps({**body, "stream": True})
-    return _opened(upstream, lambda: _post(session, upstream, data, _headers(upstream), then))
+    return _opened(upstream, lambda: _post(session, upstream, data, _headers(upstream)))
 
 
 def answer_of(upstream: Upstream, sent: http1.Sent) -> Any:

@@ -156,9 +156,10 @@ def test_a_fresh_entry_goes_upstream_before_its_claim_is_answered(own_simulator,
         assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
 
 
-def test_the_claim_goes_out_once_the_upstream_request_is_written(own_simulator, redis_url):
-    """The upstream gets its request first, the claim right after it is written (before its
-    answer is awaited): the claim's own send is off the first token's path too."""
+def test_the_claim_goes_out_just_before_the_upstream_request(own_simulator, redis_url):
+    """The claim is sent first and the upstream request written right after it, both before
+    either answer is awaited: an upstream that answers at once (taking the worker's core)
+    finds the claim's round trip already under way."""
     with Session() as session:  # the relay's own: plain HTTP through worker.http1
         ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
         job_id = ctx.store.create(chat_body("hi", reply="in order"))
@@ -198,7 +199,7 @@ def test_the_claim_goes_out_once_the_upstream_request_is_written(own_simulator, 
             run_job(ctx, job_id, entry)
         finally:
             http1.Pool._checkout, http1.Pool._answer = checkout, awaited  # type: ignore[method-assign]
-        assert order == ["request written", "claim sent", "answer awaited"]
+        assert order == ["claim sent", "request written", "answer awaited"]
         assert ctx.store.status(job_id)["text"] == "in order"
 
 
@@ -274,23 +275,30 @@ def test_an_early_start_whose_claim_fails_has_its_request_closed_unread(own_simu
         assert_ended_unpublished(ctx, job_id, events_before, own_simulator)
 
 
-def test_no_early_start_without_a_kept_connection(own_simulator, redis_url):
+def test_without_a_kept_connection_only_the_claim_goes_out_early(own_simulator, redis_url):
+    """No kept connection is idle: the claim loop sends the claim alone (a connect is never
+    its to wait for); the job's greenlet then sends the request it prepared and reads that
+    claim, without preparing or claiming again."""
     with Session() as session:
         ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
         job_id = ctx.store.create(chat_body("hi"))
         entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
-        early = runner.send_early(ctx, entry)  # prepared for the job's greenlet, not sent
-        assert early is not None and early.sent is None and early.claim is None
+        early = runner.send_early(ctx, entry)
+        assert early is not None and early.sent is None and early.claim is not None
         assert sim_requests(own_simulator) == 0
-        assert ctx.store.redis.hget(keys.job(job_id), "status") == b"queued"
-        # The job's greenlet sends what the claim loop prepared, without preparing it again.
+        wait_for(lambda: ctx.store.redis.hget(keys.job(job_id), "status") == b"running", 5,
+                 "the early claim")  # fmt: skip
         preparing, runner._head_start_target = runner._head_start_target, None  # type: ignore[assignment]
+        claim_sent, ctx.store.claim_sent = ctx.store.claim_sent, None  # type: ignore[assignment,method-assign]
         try:
             run_job(ctx, job_id, entry, early)
         finally:
             runner._head_start_target = preparing
-        assert ctx.store.status(job_id)["status"] == "completed"
+            ctx.store.claim_sent = claim_sent  # type: ignore[method-assign]
+        status = ctx.store.status(job_id)
+        assert status["status"] == "completed" and status["attempts"] == 1
         assert sim_requests(own_simulator) == 1
+        assert ctx.store.redis.llen(keys.claimed(ctx.worker_id)) == 0
 
 
 def test_an_early_start_abandoned_closes_its_request_and_frees_its_connection(
