@@ -141,10 +141,11 @@ def _after_first_chunk(
     ctx: JobContext, job_id: str, attempt: int, tally: metrics.Tally, upstream: str
 ) -> None:
     """What waits for the first chunk to be on its way (it may run in an event-loop callback,
-    which must not wait for Redis): the job's counters so far, and which upstream serves it.
-    A lost sample is better than a stalled stream."""
+    which must not wait for Redis): the job's log line, its counters so far, and which
+    upstream serves it. A lost sample is better than a stalled stream."""
 
     def write() -> None:
+        logger.info("job %s streaming from upstream %s (attempt %d)", job_id, upstream, attempt)
         ctx.publisher.sent(job_id, attempt)
         with contextlib.suppress(RedisError):
             tally.flush(ctx.store.redis)
@@ -620,7 +621,6 @@ def _run(
         logger.info("job %s is no longer queued; skipping", job_id)
         return
     _default_model(ctx, body)
-    logger.info("job %s started (attempt %d)", job_id, attempt)
     try:
         if ctx.moderation and _refused_by_moderation(ctx, job_id, attempt, body, turn, ender):
             return

@@ -4,6 +4,7 @@ job's end, and the event loop kept free while a long reply is counted."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import tomllib
@@ -256,6 +257,34 @@ def test_the_first_chunk_is_counted_once_it_is_sent(own_simulator, redis_url):
     assert buckets == 1 and 0 < float(written["first_chunk_sum"]) < 5
     (ttft,) = [k for k in written if k.startswith("upstream_ttft_count:")]
     assert written[ttft] == "1"
+
+
+def test_a_jobs_log_line_names_its_upstream_once_its_first_chunk_is_out(
+    own_simulator, redis_url, caplog
+):
+    """A job's log line waits for its first chunk to be published (a log line costs the
+    worker's core about as much as a Redis round trip, on the first token's path), and says
+    which upstream serves it."""
+    published_then: list[int] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "streaming" in record.getMessage():
+                published_then.append(int(ctx.store.status(job_id)["events"]))
+
+    seen = Seen()
+    logging.getLogger("worker.runner").addHandler(seen)
+    try:
+        with Session() as session, caplog.at_level(logging.INFO, "worker.runner"):
+            ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+            job_id = ctx.store.create(chat_body("hi", reply="logged"))
+            run_job(ctx, job_id, queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1))
+    finally:
+        logging.getLogger("worker.runner").removeHandler(seen)
+    lines = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
+    assert f"job {job_id} streaming from upstream default (attempt 1)" in lines
+    assert published_then and published_then[0] >= 1
+    assert not any("started" in line for line in lines)
 
 
 def test_an_early_start_whose_claim_fails_has_its_request_closed_unread(own_simulator, redis_url):
