@@ -89,3 +89,14 @@ def test_the_floor_chain_benchmark_measures_blocks_until_its_minutes_are_up():
     assert [line.split(":")[0] for line in pooled if "overhead p50" in line] == [
         "relay", "floor chain, gunicorn + Flask", "floor chain"
     ], run.stdout  # fmt: skip
+
+
+def test_the_trace_gives_each_gap_job_by_job(capsys):
+    """Two modes of one step show in its gap's quartiles; the difference of medians hides them."""
+    from tests.bench.trace import print_steps
+
+    fast = {"web -> redis: EVAL #1": 1.0, "upstream -> worker: data #1": 1.2}
+    slow = {"web -> redis: EVAL #1": 1.1, "upstream -> worker: data #1": 1.9}
+    print_steps([fast] * 40 + [slow] * 60)
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if "data #1" in row]
+    assert "(+ 0.800 |  0.200  0.800  0.800)" in line, line

@@ -8,7 +8,9 @@ which process sent what to whom, and when, as the kernel saw it. Needs ``tcpdump
 package) and root, or the capability to capture. Nothing in the relay is instrumented.
 
 Prints, for each step of a job (the n-th packet of a kind on a connection of a kind), its
-median time after the client's POST, and the median gap to the step before. With ``--floor``,
+median time after the client's POST, and the gap to the step before: the difference of the
+medians, and the gap's quartiles taken job by job (a step with two modes, such as an upstream
+that answers before or after the worker's next write, shows them there). With ``--floor``,
 the same for the design's floor chain under gunicorn and Flask (:mod:`tests.bench.floor_chain`:
 the same hops with nothing of the relay in them) instead of the relay, step by step beside it.
 """
@@ -125,6 +127,31 @@ def start_floor(bench: Bench) -> str:
     return f"http://127.0.0.1:{port}/"
 
 
+def quartiles(values: list[float]) -> str:
+    values = sorted(values)
+    return " ".join(f"{values[int(len(values) * q)]:6.3f}" for q in (0.25, 0.5, 0.75))
+
+
+def print_steps(jobs: list[dict[str, float]]) -> None:
+    """Each step's median time after the POST, the difference from the step before, and the
+    quartiles of that gap taken job by job (two modes show as quartiles far apart, which a
+    difference of medians hides)."""
+    steps: dict[str, list[float]] = defaultdict(list)
+    for job in jobs:
+        for name, at in job.items():
+            steps[name].append(at)
+    rows = [(median(v), name, len(v)) for name, v in steps.items() if len(v) >= len(jobs) * 0.9]
+    rows.sort()
+    print(f"{len(jobs)} jobs; median ms after the client's POST (steps seen in >= 90% of jobs),")
+    print("the gap from the step before, and that gap's quartiles job by job")
+    previous_at, previous = 0.0, ""
+    for at, name, count in rows:
+        gaps = [job[name] - job.get(previous, 0.0) for job in jobs
+                if name in job and (not previous or previous in job)]  # fmt: skip
+        print(f"{at:7.3f}  (+{at - previous_at:6.3f} | {quartiles(gaps)})  {name}  [{count}]")
+        previous_at, previous = at, name
+
+
 def main(argv: list[str]) -> int:
     floor = "--floor" in argv
     argv = [a for a in argv if a != "--floor"]
@@ -184,8 +211,7 @@ def main(argv: list[str]) -> int:
         return "worker" if name.startswith("test-worker") else name.split("-")[0]
 
     # One job's packets: from its client's first byte until its first data chunk reached it.
-    steps: dict[str, list[float]] = defaultdict(list)
-    order: dict[str, float] = {}
+    jobs: list[dict[str, float]] = []  # each job's steps, ms after its POST
     starts = [(t, sp) for t, sp, dp, _ in packets if dp == web_port and sp in clients]
     for start, cport in starts:
         if clients[cport] < WARMUP:
@@ -195,25 +221,17 @@ def main(argv: list[str]) -> int:
         if end is None:
             continue
         seen: dict[str, int] = defaultdict(int)
+        job: dict[str, float] = {}
         for t, sp, dp, payload in packets:
             if t < start or t > end:
                 continue
             src, dst = who(sp, dp), who(dp, sp)
-            what = label(payload)
-            key = f"{src} -> {dst}: {what}"
+            key = f"{src} -> {dst}: {label(payload)}"
             seen[key] += 1
-            name = f"{key} #{seen[key]}"
-            steps[name].append((t - start) * 1e3)
-        steps["client gets first chunk"].append((end - start) * 1e3)
-    counted = len(steps["client gets first chunk"])
-    rows = [(median(v), name, len(v)) for name, v in steps.items() if len(v) >= counted * 0.9]
-    rows.sort()
-    print(f"{counted} jobs; median ms after the client's POST (steps seen in >= 90% of jobs)")
-    previous = 0.0
-    for at, name, count in rows:
-        print(f"{at:7.3f}  (+{at - previous:6.3f})  {name}  [{count}]")
-        previous = at
-    order.clear()
+            job[f"{key} #{seen[key]}"] = (t - start) * 1e3
+        job["client gets first chunk"] = (end - start) * 1e3
+        jobs.append(job)
+    print_steps(jobs)
     print(f"\ncapture: {capture}")
     return 0
 
