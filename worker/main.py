@@ -246,8 +246,8 @@ class Worker:
                 if early is not None:
                     job.link(lambda _, early=early: early.abandon())  # killed before it ran
                 if early is None or early.sent is None:
-                    # Let the job send its claim (and its upstream request) before the next
-                    # BLMOVE goes out: the first token waits for those, not for the claim loop.
+                    # Let the job send its upstream request (and its claim, unless sent here)
+                    # before the next BLMOVE goes out: the first token waits for those.
                     gevent.sleep(0)
         finally:
             self.teardown(helpers, grace)

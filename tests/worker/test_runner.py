@@ -353,6 +353,23 @@ def test_an_early_start_abandoned_closes_its_request_and_frees_its_connection(
                  "the upstream's stream to be closed")  # fmt: skip
 
 
+def test_an_early_claim_abandoned_alone_frees_its_connection(own_simulator, redis_url):
+    """Without a kept connection the claim loop sent only the claim: a greenlet killed before
+    it ran gives that claim's Redis connection back all the same (the claim loop links the
+    abandon to every early start)."""
+    with Session() as session:
+        ctx = worker_context(redis_url, session, f"{own_simulator}/v1")
+        ctx.store.create(chat_body("hi"))
+        entry = queue.claim_next(ctx.store.redis, ctx.worker_id, timeout=1)
+        free = ctx.store.redis.connection_pool.pool
+        before = free.qsize()
+        early = runner.send_early(ctx, entry)
+        assert early is not None and early.sent is None and early.claim is not None
+        assert free.qsize() == before - 1
+        early.abandon()
+        assert free.qsize() == before and sim_requests(own_simulator) == 0
+
+
 def test_an_unreachable_upstream_still_has_its_job_claimed_and_failed(redis_url):
     """No request was written, so the claim is sent on its own: the job is claimed once and
     ends with the upstream's failure, its entry acknowledged."""
