@@ -145,7 +145,13 @@ def _after_first_chunk(
     upstream serves it. A lost sample is better than a stalled stream."""
 
     def write() -> None:
-        logger.info("job %s streaming from upstream %s (attempt %d)", job_id, upstream, attempt)
+        logger.info(
+            "job %s streaming from upstream %s (attempt %d)",
+            job_id,
+            upstream,
+            attempt,
+            extra={"job_id": job_id},
+        )  # a greenlet of its own: not in the job's context
         ctx.publisher.sent(job_id, attempt)
         with contextlib.suppress(RedisError):
             tally.flush(ctx.store.redis)
