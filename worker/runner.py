@@ -272,17 +272,16 @@ class Early:
 
     body: dict
     target: Target
+    claim: SentClaim
     sent_at: float = 0.0
     sent: http1.Sent | None = None
-    claim: SentClaim | None = None
 
     def abandon(self) -> None:
         """The job's greenlet never read them (it was killed before it started): drop the
         claim's reply and close the request. Nothing once they were read."""
         if self.sent is not None:
             self.sent.close()
-        if self.claim is not None:
-            self.claim.drop()
+        self.claim.drop()
 
 
 def send_early(ctx: JobContext, entry: queue.Entry) -> Early | None:
@@ -295,8 +294,7 @@ def send_early(ctx: JobContext, entry: queue.Entry) -> Early | None:
         prepared = _head_start_target(ctx, entry)
         if prepared is None:
             return None
-        early = Early(*prepared)
-        early.claim = ctx.store.claim_sent(entry.job_id, ctx.worker_id)
+        early = Early(*prepared, ctx.store.claim_sent(entry.job_id, ctx.worker_id))
     except Exception:  # never the claim loop's to fail: the job's greenlet meets it again
         logger.debug("job %s: no early start", entry.job_id, exc_info=True)
         return None
@@ -354,7 +352,7 @@ def _claim_early(ctx: JobContext, early: Early) -> tuple[Claim, HeadStart | None
     is read now (Redis answers before the upstream does), the upstream's answer when the job's
     stream starts: what comes between (the job's set-up) runs while the upstream works, off the
     first token's path."""
-    assert early.claim is not None and early.sent is not None
+    assert early.sent is not None
     try:
         claim = early.claim.answer()
     except BaseException:
