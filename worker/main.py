@@ -88,6 +88,7 @@ class Worker:
             routes=routes.load(settings),
             slots=UpstreamSlots(self.redis, lease),
             max_retries=settings.upstream_max_retries,
+            silence_log_seconds=settings.upstream_silence_log_seconds,
             default_model=settings.default_model,
             include_usage=settings.upstream_include_usage,
             moderation=settings.moderation,

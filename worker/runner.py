@@ -60,6 +60,7 @@ class JobContext:
     routes: Routes | None = None  # where each model's jobs go (None: all to ``upstream``)
     slots: UpstreamSlots | None = None  # the streams each capped upstream carries
     max_retries: int = 2
+    silence_log_seconds: float = 10.0  # a job with no first chunk this long is logged (0: never)
     default_model: str = ""
     include_usage: bool = True
     moderation: bool = False
@@ -193,6 +194,31 @@ def _follow(
     finally:
         response.close()
         metrics.count(tally, "deltas", sum(1 for part in relayed.parts if part))
+
+
+@contextlib.contextmanager
+def _silence_logged(job_id: str, seconds: float, upstream: str) -> Iterator[Callable[[], None]]:
+    """Log once if ``upstream`` has sent the job no chunk ``seconds`` from now (its request is
+    sent, or about to be); yields what calls that off (cheap enough for the first chunk's path,
+    and callable from an event-loop callback). A job's first line is otherwise written with its
+    first chunk: a slow or silent upstream would leave nothing in the log until the read timeout
+    failed the job, which takes a minute by default."""
+    if seconds <= 0:
+        yield lambda: None
+        return
+
+    def write() -> None:
+        logger.info(
+            "job %s: no chunk yet from upstream %s, %g s after the request; still waiting",
+            job_id, upstream, seconds, extra={"job_id": job_id},
+        )  # fmt: skip
+
+    timer = gevent.get_hub().loop.timer(seconds)
+    timer.start(gevent.spawn, write)  # logging may wait for a lock: not in the event loop
+    try:
+        yield timer.stop
+    finally:
+        timer.close()
 
 
 @contextlib.contextmanager
@@ -431,6 +457,7 @@ def _stream(
             raise JobLost(job_id)
         relayed.published += 1
         if relayed.published == 1:
+            heard()
             first_at.append(time.time())
             if flushed:
                 count_first()
@@ -446,8 +473,11 @@ def _stream(
                 started, head_start = (head_start, None) if index == 0 else (None, head_start)
                 sent_at = started.sent_at if started is not None else time.time()
                 sent = _sent_to(target, body)
-                response = _open_with_retries(ctx, job_id, sent, target.upstream, tally, started)
-                _follow(response, relay, target.upstream, relayed, tally, flush)
+                with _silence_logged(job_id, ctx.silence_log_seconds, serving) as heard:
+                    response = _open_with_retries(
+                        ctx, job_id, sent, target.upstream, tally, started
+                    )
+                    _follow(response, relay, target.upstream, relayed, tally, flush)
             break
         except UpstreamError as exc:
             if relayed.published or not more or not _falls_back(exc):

@@ -61,6 +61,7 @@ class Settings:
     upstream_connect_timeout: float = field(default=10.0, metadata=_range(0.001))
     upstream_read_timeout: float = field(default=60.0, metadata=_range(0.001))
     upstream_max_retries: int = field(default=2, metadata=_range(0, 100))
+    upstream_silence_log_seconds: float = field(default=10.0, metadata=_range(0))
     upstream_include_usage: bool = True
     default_model: str = "gpt-4o-mini"
     lease_seconds: float = field(default=30.0, metadata=_range(0.1))

@@ -287,6 +287,24 @@ def test_a_jobs_log_line_names_its_upstream_once_its_first_chunk_is_out(
     assert not any("started" in line for line in lines)
 
 
+def test_an_upstreams_silence_is_logged_once_unless_a_chunk_came_first(caplog):
+    """The silence timer logs once, from a greenlet of its own; the first chunk calls it off,
+    and 0 seconds turns it off."""
+    with caplog.at_level(logging.INFO, "worker.runner"):
+        with runner._silence_logged("job_a", 0.05, "local"):
+            gevent.sleep(0.3)  # time passing is what is under test
+        with runner._silence_logged("job_b", 0.05, "local") as heard:
+            heard()
+            gevent.sleep(0.3)
+        with runner._silence_logged("job_c", 0, "local"):
+            gevent.sleep(0.3)
+    lines = [r.getMessage() for r in caplog.records if "no chunk yet" in r.getMessage()]
+    assert lines == [
+        "job job_a: no chunk yet from upstream local, 0.05 s after the request; still waiting"
+    ]
+    assert [r.job_id for r in caplog.records if "no chunk yet" in r.getMessage()] == ["job_a"]
+
+
 def test_an_early_start_whose_claim_fails_has_its_request_closed_unread(own_simulator, redis_url):
     """The claim loop sent the request and the claim of a job cancelled meanwhile: the claim's
     answer (read first) says so, nothing is published, the upstream's stream is closed and

@@ -77,3 +77,24 @@ def test_every_worker_line_about_a_job_names_it(stack):
         about = [line for line in lines if job["id"] in line["msg"]]
         assert len(about) >= least, f"too few log lines for {job['id']}: {about}"
         assert all(line.get("job_id") == job["id"] for line in about), about
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_an_upstream_silent_before_its_first_chunk_is_logged_and_a_streaming_one_is_not(stack):
+    """A job's first worker line otherwise comes with its first chunk: an upstream that sends
+    nothing for a while gets a line of its own, naming the job, before that; one that streams
+    at once never does, however long its stream lasts."""
+    base = stack.start_web()
+    worker = stack.start_worker(env={"RELAY_UPSTREAM_SILENCE_LOG_SECONDS": "0.5"})
+    slow = create_job(base, chat_body("slow", tokens=2, first_delay=2.0))
+    steady = create_job(base, chat_body("steady", tokens=8, interval=0.2))  # 1.6 s in all
+    for job in (slow, steady):
+        assert read_stream(job["events_url"])[0].done
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    silent = [line for line in lines if "no chunk yet" in line["msg"]]
+    assert [line.get("job_id") for line in silent] == [slow["id"]], silent
+    assert "no chunk yet from upstream default, 0.5 s after the request" in silent[0]["msg"]
+    about_slow = [line["msg"] for line in lines if slow["id"] in line["msg"]]
+    streaming = next(n for n, msg in enumerate(about_slow) if "streaming from upstream" in msg)
+    assert about_slow.index(silent[0]["msg"]) < streaming, about_slow
