@@ -23,7 +23,6 @@ and of the difference (the overhead), and the CPU each part of the stack used pe
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,10 @@ sys.path.insert(0, str(ROOT))
 import tests.conftest as conftest  # noqa: E402
 from relay.core import apikeys  # noqa: E402
 from tests.bench.run import (  # noqa: E402
-    FIRST_INTERVAL,
     Bench,
     children,
     cpu_seconds,
-    sim_body,
+    first_chunk_body,
     time_to_first_chunk,
 )
 
@@ -96,7 +94,7 @@ def measure(
     try:
         for tree in trees:
             stacks.append((tree, *start(tree, key, (pythons or {}).get(tree, sys.executable))))
-        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+        body = first_chunk_body()
         relay: dict[Path, list[float]] = {tree: [] for tree in trees}
         floor: dict[Path, list[float]] = {tree: [] for tree in trees}
         cpu_before: dict[Path, dict[str, float]] = {}

@@ -8,7 +8,6 @@ lazy load of the processes is warm.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.bench.run import FIRST_INTERVAL, Bench, sim_body, time_to_first_chunk  # noqa: E402
+from tests.bench.run import Bench, first_chunk_body, time_to_first_chunk  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -25,7 +24,7 @@ def main(argv: list[str]) -> int:
     try:
         bench.stack.start_worker()
         url = f"{bench.relay(1)[0]}/v1/chat/completions"
-        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+        body = first_chunk_body()
         took = [time_to_first_chunk(url, body) for _ in range(jobs)]
     finally:
         bench.stop()

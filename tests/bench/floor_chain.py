@@ -26,7 +26,6 @@ its writes and scripts, redis-py, the claim, the replay log). With ``--minutes``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -211,7 +210,7 @@ def measure(jobs: int, warmup: int, minutes: float = 0) -> None:
     machine's speed drifts within minutes: a long run's p50 spans its spells)."""
     sys.path.insert(0, str(ROOT))
     import tests.bench.first_ab as first_ab
-    from tests.bench.run import FIRST_INTERVAL, sim_body
+    from tests.bench.run import first_chunk_body
     from tests.conftest import free_port, start_process, wait_for
 
     bench, base, _ = first_ab.start(ROOT, False)
@@ -228,7 +227,7 @@ def measure(jobs: int, warmup: int, minutes: float = 0) -> None:
             bench.procs.append(start_process(name, cmd, bench.log_dir, env=env))
         for web in (port, flask_port):
             wait_for(partial(accepts, web), 10, "the floor chain's web processes")
-        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+        body = first_chunk_body()
         urls = {
             "relay": f"{base}/v1/chat/completions",
             "floor chain, gunicorn + Flask": f"http://127.0.0.1:{flask_port}/",

@@ -13,7 +13,6 @@ trips around them are the trace's (:mod:`tests.bench.trace`).
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -92,13 +91,13 @@ def slowlog_entries(redis: Any) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT))
     import tests.bench.first_ab as first_ab
-    from tests.bench.run import FIRST_INTERVAL, sim_body
+    from tests.bench.run import first_chunk_body
 
     jobs = int(argv[0]) if argv else 300
     bench, base, _ = first_ab.start(ROOT, False)
     try:
         url = f"{base}/v1/chat/completions"
-        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+        body = first_chunk_body()
         for _ in range(WARMUP):
             first_ab.first_chunk(url, body)
         redis = bench.redis

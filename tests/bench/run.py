@@ -281,6 +281,11 @@ def sim_body(tokens: int, *, first_delay: float = 0.0, interval: float = INTERVA
     return body
 
 
+def first_chunk_body() -> bytes:
+    """The request of every first-chunk measurement: three short tokens, streamed."""
+    return json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+
+
 def on(base: str, url: str) -> str:
     """``url`` (from a job's creation answer) on the relay at ``base``."""
     parts = urlsplit(url)
@@ -580,7 +585,7 @@ class Bench:
         """
         relay_times: list[float] = []
         direct_times: list[float] = []
-        body = json.dumps(sim_body(3, interval=FIRST_INTERVAL, stream=True)).encode()
+        body = first_chunk_body()
         for _ in range(jobs):
             for url, into in ((f"{base}/v1/chat/completions", relay_times),
                               (f"{self.sim}/chat/completions", direct_times)):  # fmt: skip

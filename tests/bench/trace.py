@@ -17,7 +17,6 @@ the same hops with nothing of the relay in them) instead of the relay, step by s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -158,7 +157,7 @@ def print_steps(jobs: list[dict[str, float]]) -> None:
 def main(argv: list[str]) -> int:
     # Imported here: tests.bench.run monkey-patches for gevent when it is imported, which a
     # process that only reads the printing helpers above (a test) must not have done to it.
-    from tests.bench.run import FIRST_INTERVAL, Bench, sim_body
+    from tests.bench.run import Bench, first_chunk_body
 
     floor = "--floor" in argv
     argv = [a for a in argv if a != "--floor"]
@@ -177,8 +176,7 @@ def main(argv: list[str]) -> int:
             url = f"{bench.relay(1)[0]}/v1/chat/completions"
         web_port = urlsplit(url).port
         sim_port = bench.sim_port
-        request = sim_body(3, interval=FIRST_INTERVAL, stream=True)
-        body = request_bytes(url, "POST", json.dumps(request).encode())
+        body = request_bytes(url, "POST", first_chunk_body())
         ports = f"port {bench.redis_port} or port {web_port} or port {sim_port}"
         dump = subprocess.Popen(
             ["tcpdump", "-i", "lo", "-n", "-s", "256", "-B", "16384",

@@ -60,6 +60,11 @@ def test_a_line_is_logged_without_a_walk_up_the_stack(monkeypatch, capsys):
     assert line["pid"] > 0 and line["level"] == "INFO"
 
 
+def json_lines(output: str) -> list[dict]:
+    """A process's JSON log lines (gunicorn's and Python's own lines are not JSON)."""
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_every_worker_line_about_a_job_names_it(stack):
@@ -71,7 +76,7 @@ def test_every_worker_line_about_a_job_names_it(stack):
     ]
     for job in jobs:
         read_stream(job["events_url"])
-    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    lines = json_lines(worker.output())
     assert lines, worker.output()
     for job, least in zip(jobs, (2, 1), strict=True):  # streaming + completed; failed
         about = [line for line in lines if job["id"] in line["msg"]]
@@ -91,7 +96,7 @@ def test_an_upstream_silent_before_its_first_chunk_is_logged_and_a_streaming_one
     steady = create_job(base, chat_body("steady", tokens=8, interval=0.2))  # 1.6 s in all
     for job in (slow, steady):
         assert read_stream(job["events_url"])[0].done
-    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    lines = json_lines(worker.output())
     silent = [line for line in lines if "no chunk yet" in line["msg"]]
     assert [line.get("job_id") for line in silent] == [slow["id"]], silent
     assert "no chunk yet from upstream default, 0.5 s after the request" in silent[0]["msg"]
