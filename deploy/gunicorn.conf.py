@@ -42,15 +42,33 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Refuse to start with a bad ``RELAY_*`` setting or routes file, naming the problem."""
+    """Refuse to start with a bad ``RELAY_*`` setting or routes file, naming the problem. The
+    routes read here are the ones every web process serves until a HUP (``routes.hold``)."""
     from relay.core import routes
     from relay.core.settings import Settings, SettingsError
 
     try:
-        routes.load(Settings.from_env())
+        routes.hold(routes.read(Settings.from_env()))
     except (SettingsError, routes.RoutesError) as exc:
         server.log.error("bad setting: %s", exc)
         sys.exit(2)
+
+
+def on_reload(server):
+    """HUP: read the routes file again for the web processes about to replace the old ones. A
+    file that has become bad keeps the last good routes: a process that failed to boot on it
+    would stop gunicorn, old processes and their streams with it."""
+    from relay.core import routes
+    from relay.core.settings import Settings, SettingsError
+
+    try:
+        fresh = routes.read(Settings.from_env())
+    except (SettingsError, routes.RoutesError) as exc:
+        server.log.error("routes not reloaded, the web processes keep the last good ones: %s", exc)
+        return
+    routes.hold(fresh)
+    if fresh.from_file:
+        server.log.info("routes reloaded: %s", fresh.describe())
 
 
 def post_fork(server, worker):

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -220,3 +221,19 @@ def read_request(conn: socket.socket, buffered: bytes = b"") -> tuple[bytes, byt
     while len(buffered) < length:
         buffered += conn.recv(65536)
     return head, buffered[:length], buffered[length:]
+
+
+def children(pid: int) -> set[int]:
+    """The pids of a process's children (gunicorn's worker processes, of its master)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields.get("PPid", "0").strip()) == pid:
+            found.add(int(entry.name))
+    return found

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.helpers import chat_body, create_job, read_stream
+from tests.helpers import chat_body, children, create_job, read_stream
 from worker.sse_decoder import SSEDecoder
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -61,19 +61,9 @@ def job_body() -> dict:
 
 def relay_worker_pid(master_pid: int) -> int:
     """The pid of gunicorn's (single) worker process, a child of the master."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields.get("PPid", "0").strip()) == master_pid:
-            children.append(int(entry.name))
-    assert len(children) == 1, f"gunicorn master {master_pid} has children {children}"
-    return children[0]
+    found = children(master_pid)
+    assert len(found) == 1, f"gunicorn master {master_pid} has children {found}"
+    return found.pop()
 
 
 def rss_bytes(pid: int) -> int:

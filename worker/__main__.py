@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(settings, worker_id=args.worker_id)
     gevent.signal_handler(signal.SIGTERM, worker.request_stop)
     gevent.signal_handler(signal.SIGINT, worker.request_stop)
+    gevent.signal_handler(signal.SIGHUP, worker.reload_routes)
     worker.work()
     return 0
 

@@ -107,6 +107,23 @@ class Worker:
         self._stop_requested_at: float | None = None
         self._handed_back = 0
 
+    def reload_routes(self) -> None:
+        """Read the routes file again (SIGHUP) for the jobs claimed from now on; running jobs
+        keep their upstream. A file that has become bad keeps the last good routes."""
+        if not self.settings.upstreams_file:
+            logger.info("SIGHUP: no routes file to read (RELAY_UPSTREAMS_FILE is not set)")
+            return
+        try:
+            fresh = routes.read(self.settings)
+        except routes.RoutesError as exc:
+            logger.error("routes not reloaded, the worker keeps the last good ones: %s", exc)
+            return
+        ctx = self.ctx
+        if ctx.routes is not None:  # a running job may still meet (and echo) an old key
+            ctx.retired_keys |= {u.api_key for u in ctx.routes.upstreams.values() if u.api_key}
+        ctx.routes = fresh
+        logger.info("routes reloaded: %s", fresh.describe())
+
     def request_stop(self) -> None:
         """Stop claiming new jobs; running ones finish (SIGTERM)."""
         if not self.stopping.is_set():

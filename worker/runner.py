@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
@@ -66,6 +66,8 @@ class JobContext:
     moderation: bool = False
     moderation_fail_open: bool = False
     moderation_model: str = ""
+    # Upstream keys of routes replaced by a reload: kept from the viewers' error messages too.
+    retired_keys: set[str] = field(default_factory=set)
 
 
 def _delta_text(chunk: dict[str, Any]) -> tuple[str, str | None]:
@@ -574,7 +576,7 @@ def _refused_by_moderation(
 def _secrets(ctx: JobContext) -> list[str]:
     """Every upstream key the worker holds: none may reach a viewer."""
     routed = ctx.routes.upstreams.values() if ctx.routes is not None else ()
-    return [ctx.upstream.api_key, *(u.api_key for u in routed)]
+    return [ctx.upstream.api_key, *(u.api_key for u in routed), *ctx.retired_keys]
 
 
 def handle_job_failure(

@@ -25,6 +25,10 @@ them; a job goes to the first, and to the next one if the first fails before its
 
 Shared by the web tier (unknown models are refused at ``POST``; ``/v1/models``) and the worker
 (where to send a job). Nothing here touches the network.
+
+A running relay reads the file again on SIGHUP (gunicorn's master: ``on_reload`` in
+``deploy/gunicorn.conf.py``; a worker: ``Worker.reload_routes``); a file that has become bad is
+refused then, and the last good routes stay.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +102,17 @@ class Routes:
     upstreams: dict[str, Upstream]
     routes: tuple[Route, ...]
     default_model: str = ""
-    from_file: bool = field(default=False, compare=False)
+    source: str = field(default="", compare=False)  # the routes file's path; "": the shorthand
+
+    @property
+    def from_file(self) -> bool:
+        return bool(self.source)
+
+    def describe(self) -> str:
+        """One line for the logs: each upstream, then each route's model and upstreams."""
+        upstreams = ", ".join(self.upstreams)
+        table = "; ".join(f"{r.pattern} -> {', '.join(r.upstreams)}" for r in self.routes)
+        return f"upstreams {upstreams}; routes {table}"
 
     def targets(self, model: str) -> list[Target]:
         """Where a job for ``model`` goes, in order of preference; [] for a model no route
@@ -134,8 +148,30 @@ def single(settings: Settings) -> Routes:
     return Routes({DEFAULT: upstream}, (Route("*", (DEFAULT,)),), settings.default_model)
 
 
+# The routes the gunicorn master read (deploy/gunicorn.conf.py), which the web processes it forks
+# inherit: every one serves the same routes, and one started again after the file changed (a
+# crash, a HUP that found the file broken) gets the last good ones. A process that read the
+# file itself would fail to boot on a broken one, and gunicorn stops altogether when one does.
+_held: Routes | None = None
+
+
+def hold(routes: Routes) -> None:
+    """Make ``routes`` what :func:`load` returns for their file, here and in processes forked
+    from here."""
+    global _held
+    _held = routes
+
+
 def load(settings: Settings, environ: Mapping[str, str] | None = None) -> Routes:
-    """The routes of ``RELAY_UPSTREAMS_FILE``, or the shorthand's when it is not set."""
+    """The routes of ``RELAY_UPSTREAMS_FILE`` (those held for it, if any: :func:`hold`), or the
+    shorthand's when it is not set."""
+    if _held is not None and settings.upstreams_file and _held.source == settings.upstreams_file:
+        return _held
+    return read(settings, environ)
+
+
+def read(settings: Settings, environ: Mapping[str, str] | None = None) -> Routes:
+    """The routes of ``RELAY_UPSTREAMS_FILE`` as the file is now, or the shorthand's."""
     if not settings.upstreams_file:
         return single(settings)
     path = Path(settings.upstreams_file)
@@ -145,7 +181,8 @@ def load(settings: Settings, environ: Mapping[str, str] | None = None) -> Routes
         raise RoutesError(f"RELAY_UPSTREAMS_FILE={str(path)!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RoutesError(f"RELAY_UPSTREAMS_FILE={str(path)!r}: not valid TOML: {exc}") from None
-    return parse(data, settings, os.environ if environ is None else environ, str(path))
+    table = parse(data, settings, os.environ if environ is None else environ, str(path))
+    return replace(table, source=settings.upstreams_file)
 
 
 def parse(
@@ -169,7 +206,7 @@ def parse(
     if not isinstance(raw_routes, list) or not raw_routes:
         raise fail("no [[routes]] entry")
     routes = tuple(_route(i, spec, upstreams, fail) for i, spec in enumerate(raw_routes, 1))
-    return Routes(upstreams, routes, settings.default_model, from_file=True)
+    return Routes(upstreams, routes, settings.default_model, source=where)
 
 
 def _upstream(

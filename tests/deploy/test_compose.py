@@ -223,6 +223,8 @@ def test_units_share_settings_restart_and_hardening(name: str) -> None:
     assert service["PrivateTmp"] == "yes"
     assert int(service["LimitNOFILE"]) >= 65536
     assert unit(name)["Install"]["WantedBy"] == "multi-user.target"
+    # `systemctl reload` reads the routes file again (tests/worker/test_routing.py).
+    assert service["ExecReload"] == "/bin/kill -s HUP $MAINPID"
 
 
 def test_web_unit_runs_gunicorn_with_the_config() -> None:

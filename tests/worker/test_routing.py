@@ -6,7 +6,9 @@ upstream's streams across workers, and /v1/models.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import requests
 from relay.dev.simulator import reply_text
 from tests.conftest import Stack, free_port, wait_for
 from tests.conftest import simulator_process as upstream
-from tests.helpers import chat_body, read_stream
+from tests.helpers import chat_body, children, read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -153,6 +155,65 @@ upstreams = ["first", "second"]
     assert received.done and received.errors  # the viewer sees the failure...
     assert sim_models(b) == []  # ...and the second upstream never saw the job
     assert requests.get(job["status_url"], timeout=5).json()["status"] == "failed"
+
+
+def test_a_changed_routes_file_takes_effect_on_hup_and_a_broken_one_changes_nothing(
+    stack: Stack, two, tmp_path
+):
+    """Operators edit the routes file, then HUP gunicorn and the workers (``systemctl reload``).
+    Until then, every web process serves the routes gunicorn started with, even one started
+    again after a crash; a file broken by the edit is refused, and the relay keeps serving."""
+    a, b = two
+    table = f'[upstreams.a]\nbase_url = "{a}/v1"\n[upstreams.b]\nbase_url = "{b}/v1"\n'
+    env = routes_file(tmp_path, table + '[[routes]]\nmodel = "m"\nupstreams = ["a"]\n')
+    path = Path(env["RELAY_UPSTREAMS_FILE"])
+    stack.env.update(env)
+    base = stack.start_web()
+    web = stack.procs[-1]
+    worker = stack.start_worker()
+
+    def served_by(model: str) -> str:
+        job = job_for(base, model, tokens=3)
+        received, _ = read_stream(job["events_url"])
+        assert received.done and not received.errors, received.errors
+        return requests.get(job["status_url"], timeout=5).json()["upstream"]
+
+    def replaced(old: set[int]) -> bool:
+        """gunicorn's processes are all new ones, and answer."""
+        now = children(web.popen.pid)
+        return bool(now) and not now & old and requests.get(f"{base}/healthz", timeout=1).ok
+
+    def refused(model: str) -> bool:
+        response = requests.post(f"{base}/v1/jobs", json={**chat_body(), "model": model}, timeout=5)
+        return response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+    assert served_by("m") == "a"
+    path.write_text(table + '[[routes]]\nmodel = "*"\nupstreams = ["b"]\n')
+    crashed = children(web.popen.pid)
+    for pid in crashed:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: replaced(crashed), 20, "gunicorn to start its process again")
+    assert refused("n")  # the routes gunicorn started with, not the file's
+
+    for process in (worker, web):
+        os.kill(process.popen.pid, signal.SIGHUP)
+    before = children(web.popen.pid)
+    wait_for(lambda: "routes reloaded" in worker.output(), 10, "the worker's reload")
+    wait_for(lambda: "routes reloaded" in web.output() and replaced(before), 20, "gunicorn's")
+    assert served_by("n") == "b" and served_by("m") == "b"
+
+    path.write_text("[upstreams\n")  # an edit that broke it
+    for process in (worker, web):
+        os.kill(process.popen.pid, signal.SIGHUP)
+    before = children(web.popen.pid)
+    wait_for(lambda: "routes not reloaded" in worker.output(), 10, "the worker's refusal")
+    wait_for(lambda: "routes not reloaded" in web.output() and replaced(before), 20, "gunicorn's")
+    crashed = children(web.popen.pid)
+    for pid in crashed:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: replaced(crashed), 20, "gunicorn to start its process again")
+    assert web.alive() and worker.alive()
+    assert served_by("n") == "b" and "not valid TOML" in worker.output()
 
 
 def test_a_capped_upstream_never_carries_more_than_its_cap(stack: Stack, log_dir, tmp_path):

@@ -198,3 +198,33 @@ def test_the_token_counters_encoding_is_loaded_as_a_process_starts(monkeypatch):
     hooks = runpy.run_path(str(GUNICORN_CONF))
     hooks["post_worker_init"](SimpleNamespace(wsgi=object(), age=2))  # not the relay's app
     assert tokens._encoder.cache_info().currsize == 1
+
+
+def test_reloading_the_routes_takes_the_new_file_and_a_broken_one_keeps_the_last_good(
+    tmp_path, monkeypatch, caplog
+):
+    from relay.core.settings import Settings
+    from worker import main, runner
+
+    path = tmp_path / "routes.toml"
+    table = "[upstreams.{0}]\nbase_url='http://{0}/v1'\napi_key_env='{1}'\n[[routes]]\nmodel='m'\n"
+    path.write_text(table.format("a", "KEY_A") + "upstreams=['a']")
+    monkeypatch.setenv("KEY_A", "sk-old-a")
+    monkeypatch.setenv("KEY_B", "sk-new-b")
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", upstreams_file=str(path))
+    worker = main.Worker(settings, worker_id="w-hup")
+    try:
+        assert worker.ctx.routes.targets("m")[0].upstream.name == "a"
+        path.write_text(table.format("b", "KEY_B") + "upstreams=['b']")
+        worker.reload_routes()
+        assert worker.ctx.routes.targets("m")[0].upstream.name == "b"
+        # A job still streaming from the old upstream may have its key echoed in an error.
+        assert {"sk-old-a", "sk-new-b"} <= set(runner._secrets(worker.ctx))
+        path.write_text("[upstreams\n")
+        with caplog.at_level("ERROR", logger="worker.main"):
+            worker.reload_routes()
+        assert worker.ctx.routes.targets("m")[0].upstream.name == "b"
+        assert "routes not reloaded, the worker keeps the last good ones" in caplog.text
+        assert "not valid TOML" in caplog.text
+    finally:
+        worker.redis.close()

@@ -96,3 +96,31 @@ def test_an_unreadable_or_invalid_file_names_itself(tmp_path):
     broken.write_text("[upstreams\n")
     with pytest.raises(RoutesError, match="not valid TOML"):
         routes.load(Settings(upstreams_file=str(broken)))
+
+
+def test_load_returns_the_routes_held_for_their_file_and_read_the_file_as_it_is(
+    tmp_path, monkeypatch
+):
+    """gunicorn's master holds the routes it read: the processes it forks serve those, not a
+    file changed (or broken) since, until a HUP reads it again."""
+    monkeypatch.setattr(routes, "_held", None)
+    path = tmp_path / "routes.toml"
+    path.write_text(
+        "[upstreams.x]\nbase_url='http://x'\n[[routes]]\nmodel='first'\nupstreams=['x']"
+    )
+    settings = Settings(upstreams_file=str(path))
+    routes.hold(routes.read(settings))
+    path.write_text(
+        "[upstreams.x]\nbase_url='http://x'\n[[routes]]\nmodel='second'\nupstreams=['x']"
+    )
+    assert routes.load(settings).describe() == "upstreams x; routes first -> x"
+    assert routes.read(settings).describe() == "upstreams x; routes second -> x"
+    path.write_text("[upstreams\n")
+    assert routes.load(settings).targets("first")  # a broken file: the held routes still serve
+    other = tmp_path / "other.toml"
+    other.write_text("[upstreams.y]\nbase_url='http://y'\n[[routes]]\nmodel='*'\nupstreams=['y']")
+    assert routes.load(Settings(upstreams_file=str(other))).source == str(other)  # not held
+    shorthand = routes.load(Settings(upstream_base_url="http://up:1/v1"))
+    assert not shorthand.from_file and shorthand.targets("any")[0].upstream.base_url == (
+        "http://up:1/v1"
+    )
