@@ -3,8 +3,10 @@
 Chat front ends (Open WebUI, LibreChat, LobeChat, Chatbox, editors' assistants) ask this first
 and offer what it lists. The list is every model an upstream lists (its own ``/v1/models``) that
 a route takes, plus every model a route names exactly. Each upstream's list is cached in Redis
-(shared by every web process) and fetched again in the background once it is a minute old; an
-upstream that is down keeps its last list, and says so in the log, never in a 500.
+(shared by every web process) with the base URL it came from, and fetched again in the
+background once it is a minute old; an upstream that is down keeps its last list, and says so
+in the log, never in a 500. An upstream given another base URL (a reloaded routes file) is
+fetched anew: the old server's list is not its.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class ModelCatalog:
         if not raw:
             return None
         data = orjson.loads(raw)
+        if data.get("base_url") != upstream.base_url:
+            return None  # another server's list: the routes file gave the name a new one
         return [(m, int(c)) for m, c in data["models"]], float(data["fetched_at"])
 
     def _refresh_later(self, upstream: Upstream) -> None:
@@ -96,7 +100,9 @@ class ModelCatalog:
             )  # fmt: skip
             return None
         self._next_try.pop(upstream.name, None)
-        record = orjson.dumps({"fetched_at": time.time(), "models": models})
+        record = orjson.dumps(
+            {"fetched_at": time.time(), "base_url": upstream.base_url, "models": models}
+        )
         try:
             self.redis.set(keys.upstream_models(upstream.name), record, ex=KEEP_SECONDS)
         except RedisError as exc:
