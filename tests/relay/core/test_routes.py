@@ -124,3 +124,27 @@ def test_load_returns_the_routes_held_for_their_file_and_read_the_file_as_it_is(
     assert not shorthand.from_file and shorthand.targets("any")[0].upstream.base_url == (
         "http://up:1/v1"
     )
+
+
+def test_the_check_command_says_what_a_file_routes_or_what_is_wrong(tmp_path, monkeypatch, capsys):
+    """``python -m relay.routes check``: a file checked before a reload."""
+    from relay import routes as cli
+
+    monkeypatch.delenv("RELAY_UPSTREAMS_FILE", raising=False)
+    monkeypatch.delenv("HOSTED_KEY", raising=False)
+    path = tmp_path / "routes.toml"
+    path.write_text(EXAMPLE.replace('api_key_env = "HOSTED_KEY"\n', ""))
+    assert cli.main(["check", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"{path}: upstreams local, hosted; routes small -> local; gpt-* -> hosted, local\n"
+    )
+    monkeypatch.setenv("RELAY_UPSTREAMS_FILE", str(path))  # the relay's own file by default
+    path.write_text(EXAMPLE)  # names a key variable this environment does not have
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check"])
+    assert exited.value.code == 1
+    assert "[upstreams.hosted].api_key_env: HOSTED_KEY is not set" in capsys.readouterr().err
+    monkeypatch.delenv("RELAY_UPSTREAMS_FILE")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check"])
+    assert exited.value.code == 2 and "name a file" in capsys.readouterr().err
