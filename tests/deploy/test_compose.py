@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import os
 import re
 import shlex
 import shutil
@@ -211,6 +212,13 @@ def unit(name: str) -> configparser.ConfigParser:
     return parser
 
 
+def reload_commands(name: str) -> list[list[str]]:
+    """A unit's ``ExecReload=`` lines in order (systemd runs them in turn and stops at a failure);
+    configparser would keep only the last."""
+    lines = (UNITS / name).read_text().splitlines()
+    return [shlex.split(line.split("=", 1)[1]) for line in lines if line.startswith("ExecReload=")]
+
+
 @pytest.mark.parametrize("name", ["chat-relay-web.service", "chat-relay-worker.service"])
 def test_units_share_settings_restart_and_hardening(name: str) -> None:
     service = unit(name)["Service"]
@@ -223,8 +231,43 @@ def test_units_share_settings_restart_and_hardening(name: str) -> None:
     assert service["PrivateTmp"] == "yes"
     assert int(service["LimitNOFILE"]) >= 65536
     assert unit(name)["Install"]["WantedBy"] == "multi-user.target"
-    # `systemctl reload` reads the routes file again (tests/worker/test_routing.py).
-    assert service["ExecReload"] == "/bin/kill -s HUP $MAINPID"
+    # `systemctl reload` checks the routes file (the test below), then has it read again
+    # (tests/worker/test_routing.py).
+    assert reload_commands(name)[-1] == ["/bin/kill", "-s", "HUP", "$MAINPID"]
+
+
+@pytest.mark.parametrize("name", ["chat-relay-web.service", "chat-relay-worker.service"])
+def test_reload_checks_the_routes_file_before_its_hup(name: str, tmp_path: Path) -> None:
+    """The first ``ExecReload=`` fails on a broken routes file, so systemd sends no HUP and
+    ``systemctl reload`` says why; a good file, or none (one upstream), passes."""
+    *checks, _hup = reload_commands(name)
+    assert len(checks) == 1
+    check = checks[0]
+    assert in_repo(check[0]) == ROOT / ".venv/bin/python"
+    argv = [sys.executable, *check[1:]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+
+    def run(**relay: str) -> subprocess.CompletedProcess[str]:
+        # The unit's WorkingDirectory is the checkout; its EnvironmentFile gives RELAY_*.
+        return subprocess.run(
+            argv, cwd=ROOT, env={**env, **relay}, capture_output=True, text=True, timeout=20
+        )
+
+    one_upstream = run(RELAY_UPSTREAM_BASE_URL="http://127.0.0.1:9/v1")
+    assert one_upstream.returncode == 0, one_upstream.stderr
+    assert "nothing to check" in one_upstream.stdout
+    routes_file = tmp_path / "routes.toml"
+    routes_file.write_text(
+        '[upstreams.local]\nbase_url = "http://127.0.0.1:9/v1"\n\n'
+        '[[routes]]\nmodel = "small"\nupstreams = ["local"]\n'
+    )
+    good = run(RELAY_UPSTREAMS_FILE=str(routes_file))
+    assert good.returncode == 0, good.stderr
+    assert "routes small -> local" in good.stdout
+    routes_file.write_text(routes_file.read_text().replace('["local"]', '["lcoal"]'))
+    broken = run(RELAY_UPSTREAMS_FILE=str(routes_file))
+    assert broken.returncode != 0
+    assert "lcoal" in broken.stderr
 
 
 def test_web_unit_runs_gunicorn_with_the_config() -> None:
