@@ -1,5 +1,5 @@
-"""The project as a wheel: it carries the page's static files and templates, and building it
-says nothing to worry about (no "Package would be ignored" for the data directories)."""
+"""The project as a wheel: it carries the page's static files and templates, and building it,
+or installing it editable as deploy/lib.sh does, says nothing to worry about."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_the_wheel_holds_the_static_files_and_templates_and_builds_quietly(tmp_path: Path):
-    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the code
+def source_copy(tmp_path: Path) -> Path:
+    """The project's packaged files, copied: building writes build/ and *.egg-info beside them."""
+    source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
@@ -25,6 +26,11 @@ def test_the_wheel_holds_the_static_files_and_templates_and_builds_quietly(tmp_p
         shutil.copytree(
             ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
         )
+    return source
+
+
+def test_the_wheel_holds_the_static_files_and_templates_and_builds_quietly(tmp_path: Path):
+    source = source_copy(tmp_path)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
          "-w", str(tmp_path / "dist"), str(source)],
@@ -44,3 +50,25 @@ def test_the_wheel_holds_the_static_files_and_templates_and_builds_quietly(tmp_p
     assert shipped and shipped <= names, sorted(shipped - names)
     assert {"relay/core/jobs.py", "relay/web/app.py", "worker/main.py"} <= names
     assert not {n for n in names if n.startswith("tests/")}
+
+
+def test_the_editable_install_is_a_plain_path_entry_and_quiet(tmp_path: Path):
+    """What ``deploy/run.sh`` prints on a fresh clone: no setuptools warning about folders
+    that "may take precedence during imports" (its import-hook strategy)."""
+    source = source_copy(tmp_path)
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    built = subprocess.run(
+        [sys.executable, "-W", "always", "-c",
+         "import sys; from setuptools import build_meta; build_meta.build_editable(sys.argv[1])",
+         str(dist)],
+        cwd=source, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    output = built.stdout + built.stderr
+    assert built.returncode == 0, output[-3000:]
+    assert "careful" not in output and "Warning" not in output, output[-3000:]
+    (wheel,) = dist.glob("chat_relay-*.whl")
+    files = zipfile.ZipFile(wheel)
+    (pth,) = [n for n in files.namelist() if n.endswith(".pth")]
+    assert files.read(pth).decode().strip() == str(source)
+    assert not [n for n in files.namelist() if n.endswith("_finder.py")]
