@@ -126,9 +126,12 @@ def _upstream_request(ctx: JobContext, body: dict) -> tuple[dict, bool]:
 
 
 def _default_model(ctx: JobContext, body: dict) -> None:
-    """A request that names no model asks for the relay's default."""
-    if not body.get("model") and ctx.default_model:
-        body["model"] = ctx.default_model
+    """A request that names no model asks for the relay's default (the web tier fills it in:
+    this is for jobs queued by code of its own)."""
+    if not body.get("model"):
+        model = ctx.routes.implied_model() if ctx.routes is not None else ctx.default_model
+        if model:
+            body["model"] = model
 
 
 def _sent_to(target: Target, body: dict) -> dict:

@@ -114,14 +114,17 @@ class Routes:
         table = "; ".join(f"{r.pattern} -> {', '.join(r.upstreams)}" for r in self.routes)
         return f"upstreams {upstreams}; routes {table}"
 
+    def implied_model(self) -> str:
+        """The model of a request that names none: ``RELAY_DEFAULT_MODEL`` if a route takes it,
+        else the first route's model if it names one (else ``RELAY_DEFAULT_MODEL``, unknown)."""
+        if not self._route(self.default_model) and self.routes[0].exact:
+            return self.routes[0].pattern
+        return self.default_model
+
     def targets(self, model: str) -> list[Target]:
         """Where a job for ``model`` goes, in order of preference; [] for a model no route
-        takes (``""``: ``RELAY_DEFAULT_MODEL`` if a route takes it, else the first route's
-        model if it names one)."""
-        if not model:
-            model = self.default_model
-            if not self._route(model) and self.routes[0].exact:
-                model = self.routes[0].pattern
+        takes (``""``: :meth:`implied_model`)."""
+        model = model or self.implied_model()
         route = self._route(model)
         if route is None:
             return []

@@ -170,7 +170,7 @@ def _store(throttle: Throttle, caller: str, concurrency: int, body: Any, job_id:
         max_input_chars=config.max_input_chars,
         max_tokens=config.max_tokens,
     )
-    body = validate_chat_request(body, default_model=config.default_model, limits=limits)
+    body = validate_chat_request(body, default_model=relay.routes.implied_model(), limits=limits)
     model = body.get("model") or ""
     if not relay.routes.targets(model):
         raise NotFound(

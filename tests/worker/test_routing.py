@@ -37,6 +37,8 @@ def routes_file(tmp_path: Path, text: str) -> dict[str, str]:
 
 def job_for(base: str, model: str, **simulator: object) -> dict:
     body = {**chat_body(f"for {model}", **simulator), "model": model}
+    if not model:
+        del body["model"]
     response = requests.post(f"{base}/v1/jobs", json=body, timeout=10)
     assert response.status_code == 202, response.text
     return response.json()
@@ -60,24 +62,27 @@ base_url = "{a}/v1"
 [upstreams.b]
 base_url = "{b}/v1"
 [[routes]]
-model = "alpha*"
-upstreams = ["a"]
-[[routes]]
 model = "fast"
 upstreams = ["b"]
 rename = {{ b = "beta" }}
+[[routes]]
+model = "alpha*"
+upstreams = ["a"]
 """,
         )
     )
     base = stack.start_web()
     stack.start_worker()
-    for model, served_by, sent_as in (("alpha-mini", "a", "alpha-mini"), ("fast", "b", "beta")):
+    # No route takes RELAY_DEFAULT_MODEL (gpt-4o-mini): a request without a model gets the
+    # first route's.
+    cases = (("alpha-mini", "a", "alpha-mini"), ("fast", "b", "beta"), ("", "b", "beta"))
+    for model, served_by, sent_as in cases:
         job = job_for(base, model, tokens=5)
         received, _ = read_stream(job["events_url"])
         assert received.done and not received.errors
         assert received.text == reply_text({"simulator": {"tokens": 5}})
         status = requests.get(job["status_url"], timeout=5).json()
-        assert status["upstream"] == served_by and status["model"] == model
+        assert status["upstream"] == served_by and status["model"] == (model or "fast")
         assert sent_as in sim_models(a if served_by == "a" else b)
     refused = requests.post(f"{base}/v1/jobs", json={**chat_body(), "model": "gamma"}, timeout=5)
     assert refused.status_code == 404

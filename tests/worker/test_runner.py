@@ -485,3 +485,12 @@ def test_a_capped_upstream_gets_no_head_start():
     assert target.upstream.name == "free"
     assert runner._head_start_target(ctx, fresh({**body, "model": "small"})) is None
     assert runner._head_start_target(ctx, fresh({**body, "model": "unknown"})) is None
+
+
+def test_a_job_stored_without_a_model_gets_the_one_its_routes_imply():
+    """RELAY_DEFAULT_MODEL (gpt-4o-mini) is routed nowhere here: the first route's model."""
+    ctx = context_for(
+        routes=routes.parse(tomllib.loads(CAPPED), Settings(), {}), default_model="gpt-4o-mini"
+    )
+    sent, target = runner._head_start_target(ctx, fresh({"messages": [], "stream": True}))
+    assert sent["model"] == "big" and target.upstream.name == "free"

@@ -45,7 +45,9 @@ def test_models_go_to_their_routes_in_order_with_renames():
     ]
     assert table.targets("claude") == []
     assert table.targets("")[0].model == Settings().default_model  # gpt-* takes the default
+    assert table.implied_model() == Settings().default_model
     assert parsed(default_model="claude").targets("") == table.targets("small")  # the first
+    assert parsed(default_model="claude").implied_model() == "small"
     assert parsed(default_model="gpt-x").targets("")[0].model == "gpt-x"
     hosted = table.upstreams["hosted"]
     assert hosted.api_key == "sk-h" and dict(hosted.headers) == {"X-Team": "drafts"}
