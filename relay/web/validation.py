@@ -2,7 +2,10 @@
 with a clear 400 at the door instead of failing later in the worker.
 
 Parameters the relay does not know are passed through to the upstream unchanged, so newer
-OpenAI parameters and server-specific ones (vLLM, llama.cpp) keep working.
+OpenAI parameters and server-specific ones (vLLM, llama.cpp) keep working. A parameter it knows
+given as ``null`` is one not given, as OpenAI takes it: clients built on Python's ``None`` send
+``"stop": null`` or ``"seed": null``. It is dropped, so no upstream that chokes on a null
+(several OpenAI-compatible servers do) ever sees one.
 """
 
 from __future__ import annotations
@@ -59,11 +62,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 def _check_param(name: str, value: Any) -> None:
     types, described = _PARAMS[name]
     # bool is an int in Python, but JSON true is not a valid number or integer.
-    if (
-        value is None
-        or not isinstance(value, types)
-        or (isinstance(value, bool) and bool not in types)
-    ):
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise InvalidRequest(f"'{name}' must be {described}.", param=name, code="invalid_type")
     if name in _RANGES:
         low, high = _RANGES[name]
@@ -166,6 +165,7 @@ def validate_chat_request(
     """The request to store, or :class:`InvalidRequest` naming the first thing wrong with it."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    body = {name: value for name, value in body.items() if value is not None or name not in _PARAMS}
     messages = body.get("messages")
     if messages is None and isinstance(body.get("prompt"), str):
         messages = []  # the prompt is the new user message

@@ -11,6 +11,21 @@ def test_valid_request_passes_through_with_unknown_fields():
     assert validate_chat_request(body) == body
 
 
+def test_a_null_parameter_is_one_not_given_and_is_not_sent_on():
+    """As OpenAI takes it; ChatDev-style clients send ``"stop": null`` and the like."""
+    nulls = dict.fromkeys(["stop", "seed", "max_tokens", "temperature", "stream", "tools",
+                           "stream_options", "parentMessageId", "model"])  # fmt: skip
+    body = {**OK, **nulls, "vendor_option": None}
+    assert validate_chat_request(body, default_model="gpt") == {
+        "messages": OK["messages"],
+        "model": "gpt",
+        "vendor_option": None,  # not the relay's to judge: passed through as ever
+    }
+    with pytest.raises(InvalidRequest) as info:
+        validate_chat_request({"model": "m", "messages": None})
+    assert info.value.to_dict()["error"]["code"] == "missing_required"
+
+
 def test_default_model_fills_a_missing_model():
     body = {"messages": OK["messages"]}
     assert validate_chat_request(body, default_model="gpt")["model"] == "gpt"
