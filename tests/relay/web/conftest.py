@@ -3,7 +3,10 @@ Playwright's sync API with ``executable_path`` (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,3 +49,30 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
         yield context
     finally:
         context.close()
+
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "node"
+
+
+@pytest.fixture(scope="session")
+def node_clients() -> Path:
+    """tests/node with its npm packages installed (``npm ci``: the versions its lock file
+    pins) where they are not already; Node and npm come from the machine (deploy/test.sh
+    installs them where missing)."""
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: run the tests with deploy/test.sh")
+    wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    if not all(_installed(name) == version for name, version in wanted.items()):
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR,
+            check=True,
+            timeout=150,
+        )
+    return NODE_DIR
+
+
+def _installed(package: str) -> str | None:
+    manifest = NODE_DIR / "node_modules" / package / "package.json"
+    return json.loads(manifest.read_text())["version"] if manifest.exists() else None

@@ -1,8 +1,7 @@
 """The `chatgpt` npm package's ChatGPTAPI (what chatgpt-web's back end runs) pointed at the relay.
 
-The package is installed from the npm registry into tests/node by the fixture below
-(`npm ci`, pinned by tests/node/package-lock.json); Node itself comes from the machine
-(deploy/test.sh installs Debian's nodejs and npm where missing).
+The package is installed from the npm registry into tests/node by the ``node_clients`` fixture
+(tests/relay/web/conftest.py).
 """
 
 from __future__ import annotations
@@ -10,36 +9,16 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
 
 from relay.dev.simulator import reply_text
-from tests.conftest import ROOT
 from tests.helpers import read_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-NODE_DIR = ROOT / "tests" / "node"
-
-
-@pytest.fixture(scope="session")
-def node_clients() -> Path:
-    for tool in ("node", "npm"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed: run the tests with deploy/test.sh")
-    if not (NODE_DIR / "node_modules" / "chatgpt").is_dir():
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            check=True,
-            timeout=150,
-        )
-    return NODE_DIR
 
 
 def test_chatgpt_api_holds_a_three_turn_conversation_with_a_key(node_clients, stack):
