@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, sync_playwright
@@ -54,8 +56,24 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 NODE_DIR = Path(__file__).resolve().parents[2] / "node"
 
 
+@dataclass(frozen=True)
+class NodeClients:
+    """tests/node, its npm packages installed: runs its scripts against the relay."""
+
+    directory: Path
+
+    def run(self, script: str, *args: str) -> Any:
+        """What the script printed (one JSON value); a script that fails fails the test."""
+        result = subprocess.run(
+            ["node", script, *args], cwd=self.directory, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
 @pytest.fixture(scope="session")
-def node_clients() -> Path:
+def node_clients() -> NodeClients:
     """tests/node with its npm packages installed (``npm ci``: the versions its lock file
     pins) where they are not already; Node and npm come from the machine (deploy/test.sh
     installs them where missing)."""
@@ -70,7 +88,7 @@ def node_clients() -> Path:
             check=True,
             timeout=150,
         )
-    return NODE_DIR
+    return NodeClients(NODE_DIR)
 
 
 def _installed(package: str) -> str | None:

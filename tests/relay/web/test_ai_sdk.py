@@ -7,9 +7,6 @@ before it.
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 import pytest
 
 from relay.dev.simulator import reply_text
@@ -20,15 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 def test_the_ai_sdk_streams_reads_usage_and_sees_failures(node_clients, stack):
     base = stack.start_web(env={"RELAY_API_KEYS": "sdk-key"})
     stack.start_worker()
-    result = subprocess.run(
-        ["node", "ai_sdk.mjs", base, "sdk-key", "simulator"],
-        cwd=node_clients,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = node_clients.run("ai_sdk.mjs", base, "sdk-key", "simulator")
     expected = reply_text({})
 
     streamed = out["streamed"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import subprocess
 import uuid
 
 import pytest
@@ -24,15 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 def test_chatgpt_api_holds_a_three_turn_conversation_with_a_key(node_clients, stack):
     base = stack.start_web(env={"RELAY_API_KEYS": "npm-key-1"})
     stack.start_worker()
-    result = subprocess.run(
-        ["node", "chatgpt_api.mjs", base, "npm-key-1"],
-        cwd=node_clients,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = node_clients.run("chatgpt_api.mjs", base, "npm-key-1")
     expected = reply_text({})  # the simulator's default reply
     assert out["first"]["text"] == expected
     assert out["finishReason"] == "stop"
@@ -57,15 +48,7 @@ UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-
 def test_chatgpt_unofficial_proxy_api_holds_a_two_turn_conversation(node_clients, stack):
     base = stack.start_web(env={"RELAY_API_KEYS": "npm-key-2"})
     stack.start_worker()
-    result = subprocess.run(
-        ["node", "chatgpt_proxy_api.mjs", base, "npm-key-2"],
-        cwd=node_clients,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = node_clients.run("chatgpt_proxy_api.mjs", base, "npm-key-2")
     expected = reply_text({})
     first, second = out["first"], out["second"]
     assert first["text"] == expected and second["text"] == expected
