@@ -49,6 +49,8 @@ def test_models_go_to_their_routes_in_order_with_renames():
     assert parsed(default_model="claude").targets("") == table.targets("small")  # the first
     assert parsed(default_model="claude").implied_model() == "small"
     assert parsed(default_model="gpt-x").targets("")[0].model == "gpt-x"
+    pattern_first = parsed(EXAMPLE.replace('model = "small"', 'model = "sm*"'), default_model="x")
+    assert pattern_first.implied_model() == "x" and pattern_first.targets("") == []  # a 404
     hosted = table.upstreams["hosted"]
     assert hosted.api_key == "sk-h" and dict(hosted.headers) == {"X-Team": "drafts"}
     assert hosted.read_timeout == 90 and hosted.chat_url.endswith("/v1/chat/completions")
