@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings = Settings.from_env(**{k: v for k, v in given.items() if v is not None})
-        routes.load(settings)  # a bad routes file stops the worker here, naming the problem
+        # A bad routes file stops the worker here, naming the problem; a good one is read once.
+        routes.hold(routes.read(settings))
     except (SettingsError, routes.RoutesError) as exc:
         parser.exit(2, f"python -m worker: {exc}\n")
     logs.configure(args.log_level, args.log_format)
