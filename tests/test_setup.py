@@ -106,6 +106,7 @@ def test_run_command_brings_up_the_stack_from_a_fresh_clone(tmp_path):
         text = "".join(output)
         assert "the stack is running" in text, text[-3000:]
         assert "The quick brown fox" in text  # the demo reply streamed from the simulator
+        assert "Models served (GET /v1/models): simulator" in text  # asked with the key
         assert f"The relay is up at http://127.0.0.1:{port}" in text
         # Each connection closed with its answer: one left open (requests keeps a 401's until
         # its response is collected) holds a web process in gunicorn's keep-alive wait through

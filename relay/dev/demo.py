@@ -29,12 +29,25 @@ def demo_key(environ: Mapping[str, str] = os.environ) -> str:
     return next((k.strip() for k in environ.get("RELAY_API_KEYS", "").split(",") if k.strip()), "")
 
 
+def served_models(base: str, headers: Mapping[str, str]) -> list[str]:
+    """What ``GET /v1/models`` lists ([] if it refuses). Asked before the demo's job, as the
+    page and chat front ends ask first: the relay caches the list while the upstream is idle
+    (a local model server answers nothing else while it writes a reply)."""
+    try:
+        answer = requests.get(f"{base}/v1/models", headers=headers, timeout=10)
+        return [m["id"] for m in answer.json()["data"]] if answer.ok else []
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return []
+
+
 def main(argv: list[str]) -> int:
     base = (argv[0] if argv else "http://127.0.0.1:8000").rstrip("/")
     wait_ready(base)
     prompt = "Say hello to a new chat-relay user."
     key = demo_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    models = served_models(base, headers)
+    print(f"\nModels served (GET /v1/models): {', '.join(models) or 'none listed'}", flush=True)
     answer = requests.post(
         f"{base}/v1/jobs",
         json={"messages": [{"role": "user", "content": prompt}]},
