@@ -310,11 +310,12 @@ ui.keyDialog.addEventListener("close", () => {
 
 // ---- the model picker ----------------------------------------------------------------------
 
+/** The model picked here before ("" for the relay's default), or null if none ever was. */
 function storedModel() {
   try {
-    return localStorage.getItem(MODEL_STORAGE) || "";
+    return localStorage.getItem(MODEL_STORAGE);
   } catch {
-    return "";
+    return null;
   }
 }
 
@@ -333,7 +334,9 @@ async function loadModels() {
   ui.model.replaceChildren(ui.model.options[0]);
   for (const id of models) ui.model.append(new Option(id, id));
   const wanted = storedModel();
-  ui.model.value = models.includes(wanted) ? wanted : "";
+  // A relay serving one model shows its name until someone picks "Default" instead.
+  const first = wanted === null && models.length === 1 ? models[0] : "";
+  ui.model.value = models.includes(wanted) ? wanted : first;
   ui.model.hidden = models.length === 0;
 }
 

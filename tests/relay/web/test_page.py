@@ -568,17 +568,18 @@ def test_the_model_picker_lists_the_relays_models_and_remembers_the_choice(
     picker = page.locator("#model")
     expect(picker).to_be_visible()
     expect(picker.locator("option")).to_have_text(["Default", "simulator"])
+    expect(picker).to_have_value("simulator")  # the relay serves one model: its name shows
     posted: list[dict] = []
     page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")
             and posted.append(r.post_data_json))  # fmt: skip
+    send(page, "With the one model")
+    expect(last_reply(page)).to_have_attribute("data-status", "done")
+    picker.select_option("")  # "Default": the relay's own choice
+    page.reload()
+    expect(page.locator("#model")).to_have_value("")  # remembered, over the one model
     send(page, "With the default")
     expect(last_reply(page)).to_have_attribute("data-status", "done")
-    picker.select_option("simulator")
-    page.reload()
-    expect(page.locator("#model")).to_have_value("simulator")  # remembered
-    send(page, "With a model")
-    expect(last_reply(page)).to_have_attribute("data-status", "done")
-    assert "model" not in posted[0] and posted[1]["model"] == "simulator"
+    assert posted[0]["model"] == "simulator" and "model" not in posted[1]
     assert not problems
 
 
