@@ -122,7 +122,6 @@ class Worker:
         if ctx.routes is not None:  # a running job may still meet (and echo) an old key
             ctx.retired_keys |= {u.api_key for u in ctx.routes.upstreams.values() if u.api_key}
         ctx.routes = fresh
-        routes.hold(fresh)
         logger.info("routes reloaded: %s", fresh.describe())
 
     def request_stop(self) -> None:

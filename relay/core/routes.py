@@ -38,7 +38,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,8 +184,8 @@ def read(settings: Settings, environ: Mapping[str, str] | None = None) -> Routes
         raise RoutesError(f"RELAY_UPSTREAMS_FILE={str(path)!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RoutesError(f"RELAY_UPSTREAMS_FILE={str(path)!r}: not valid TOML: {exc}") from None
-    table = parse(data, settings, os.environ if environ is None else environ, str(path))
-    return replace(table, source=settings.upstreams_file)
+    environ = os.environ if environ is None else environ
+    return parse(data, settings, environ, settings.upstreams_file)  # its source: as load compares
 
 
 def parse(
