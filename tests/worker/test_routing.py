@@ -90,13 +90,15 @@ upstreams = ["a"]
     assert refused.json()["error"]["param"] == "model"
 
 
-@pytest.mark.parametrize("failure", ["refused", "status_429", "status_500"])
+@pytest.mark.parametrize("failure", ["refused", "status_429", "status_500", "hang"])
 def test_a_failure_before_the_first_chunk_moves_the_job_to_the_next_upstream(
     stack: Stack, two, tmp_path, failure: str
 ):
     a, b = two
     first = f"http://127.0.0.1:{free_port()}/v1" if failure == "refused" else f"{a}/v1"
     headers = "" if failure == "refused" else f'headers = {{ "X-Sim-Fail" = "{failure}" }}'
+    if failure == "hang":  # silent until its read timeout: a second, not the stack's three
+        headers += "\nread_timeout = 1"
     stack.env.update(
         routes_file(
             tmp_path,
@@ -120,7 +122,8 @@ upstreams = ["first", "second"]
     assert received.ids == list(range(1, len(received.ids) + 1))  # one clean stream
     assert received.text == reply_text({"simulator": {"tokens": 8}})
     assert requests.get(job["status_url"], timeout=5).json()["upstream"] == "second"
-    klass = {"refused": "unreachable", "status_429": "http_429", "status_500": "http_5xx"}
+    klass = {"refused": "unreachable", "status_429": "http_429", "status_500": "http_5xx",
+             "hang": "timeout"}  # fmt: skip
 
     def counted() -> bool:
         """The job's counters, written after its first chunk (off the first token's path)."""
