@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Response, jsonify
-from werkzeug.exceptions import HTTPException
+from flask import Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, NotFound
 
 from relay.core.errors import RelayError, RequestTooLarge
 
@@ -20,7 +20,30 @@ def from_http_exception(exc: HTTPException) -> RelayError:
     status = exc.code or 500
     if status == 413:
         return RequestTooLarge()
-    error = RelayError(exc.description or exc.name, code=exc.name.lower().replace(" ", "_"))
+    message = exc.description or exc.name
+    if isinstance(exc, NotFound) and request.url_rule is None and (meant := _meant_path()):
+        message = (
+            f"Nothing is served at {request.path}; did you mean {request.method} {meant}? "
+            "The relay's OpenAI API is under /v1: a client's base URL ends in /v1, once."
+        )
+    error = RelayError(message, code=exc.name.lower().replace(" ", "_"))
     error.status = status
     error.type = "invalid_request_error" if 400 <= status < 500 else "server_error"
     return error
+
+
+def _meant_path() -> str | None:
+    """The path a client most likely meant when its base URL left out /v1 or added it twice
+    (``/models``, ``/v1/v1/models``): one the relay serves for this method, or None."""
+    path = request.path
+    if path.startswith("/v1/v1/"):
+        candidate = path.removeprefix("/v1")
+    elif path.startswith("/v1/"):
+        return None
+    else:
+        candidate = "/v1" + path
+    try:
+        current_app.url_map.bind("relay").match(candidate, method=request.method)
+    except HTTPException:  # not served, another method only, or a redirect
+        return None
+    return candidate

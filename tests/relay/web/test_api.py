@@ -216,9 +216,25 @@ def test_usage_reaches_the_status_and_clients_that_asked(base):
 
 
 def test_unknown_route_and_method_are_json(base):
-    assert requests.get(f"{base}/v2/nothing", timeout=5).json()["error"]["code"] == "not_found"
+    nothing = requests.get(f"{base}/v2/nothing", timeout=5).json()["error"]
+    assert nothing["code"] == "not_found" and "/v1" not in nothing["message"]
     response = requests.delete(f"{base}/v1/jobs", timeout=5)
     assert response.status_code == 405 and "error" in response.json()
+
+
+def test_a_base_url_without_v1_or_with_it_twice_is_told_the_path_it_meant(base):
+    """Front ends ask for a base URL and append ``/models``; users leave out ``/v1`` or type it
+    twice. The 404 names the path the relay serves, for the request's own method."""
+    without = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        without.models.list()
+    assert "did you mean GET /v1/models?" in str(info.value)
+    twice = requests.post(f"{base}/v1/v1/chat/completions", json=chat_body("x"), timeout=5)
+    assert twice.status_code == 404
+    assert "did you mean POST /v1/chat/completions?" in twice.json()["error"]["message"]
+    # Only a path served for that method is suggested (GET /v1/chat/completions is a 405).
+    wrong_method = requests.get(f"{base}/chat/completions", timeout=5)
+    assert wrong_method.status_code == 404 and "/v1" not in wrong_method.json()["error"]["message"]
 
 
 def test_bad_last_event_id_is_a_400(base):
