@@ -73,11 +73,12 @@ def _check_param(name: str, value: Any) -> None:
                 param=name,
                 code="invalid_value",
             )
-    if name == "stop" and isinstance(value, list):
-        if len(value) > 4 or not all(isinstance(s, str) for s in value):
-            raise InvalidRequest(
-                "'stop' must be a string or up to 4 strings.", param=name, code="invalid_value"
-            )
+    # Any number of stop strings: OpenAI takes 4, but local servers (llama.cpp, vLLM) take more
+    # and editors' completions send 9 or more; an upstream with a limit answers for itself.
+    if name == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
+        raise InvalidRequest(
+            "'stop' must be a string or an array of strings.", param=name, code="invalid_value"
+        )
 
 
 def _check_message(index: int, message: Any) -> None:

@@ -26,6 +26,13 @@ def test_a_null_parameter_is_one_not_given_and_is_not_sent_on():
     assert info.value.to_dict()["error"]["code"] == "missing_required"
 
 
+def test_stop_may_name_more_strings_than_openai_takes():
+    """Local upstreams take more than OpenAI's 4 (editors' completions send 9 or more); the
+    upstream, not the relay, says whether it does."""
+    body = {**OK, "stop": [f"<|stop{n}|>" for n in range(12)]}
+    assert validate_chat_request(body) == body
+
+
 def test_default_model_fills_a_missing_model():
     body = {"messages": OK["messages"]}
     assert validate_chat_request(body, default_model="gpt")["model"] == "gpt"
