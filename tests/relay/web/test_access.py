@@ -120,6 +120,15 @@ def test_keys_and_tokens_decide_who_may_watch_and_cancel(stack):
         response = requests.request(method, url, params=params, headers=headers, timeout=5)
         assert response.status_code == 404, what
         assert_refused_like_unknown(response, job_id, secret_text)
+    # The model list is the API's, not the job's: any key reads it, the watch link does not.
+    for path in ("/v1/models", "/v1/models/simulator"):
+        assert requests.get(f"{base}{path}", headers=as_b, timeout=5).status_code == 200
+        for params, headers in (({"token": read_token}, {}),
+                                ({}, {"Authorization": f"Bearer {read_token}"})):  # fmt: skip
+            refused_models = requests.get(f"{base}{path}", params=params, headers=headers,
+                                          timeout=5)  # fmt: skip
+            assert refused_models.status_code == 401, path
+            assert refused_models.json()["error"]["code"] == "invalid_api_key"
     # An unknown job gets the very same answer, so a refusal does not confirm existence.
     unknown = "job_" + "Q" * 24
     assert_refused_like_unknown(requests.get(f"{base}/v1/jobs/{unknown}", timeout=5), unknown, "")
