@@ -181,9 +181,20 @@ def _targets(ctx: JobContext, model: str) -> list[Target]:
     return targets
 
 
+# Answers about the upstream, not the request: its key (401), its account's rights (403), the
+# models it has (404). The next upstream has its own, so a revoked key or a model one server
+# lacks does not fail every job of a route that names another.
+_UPSTREAM_REFUSALS = (401, 403, 404)
+
+
 def _falls_back(error: UpstreamError) -> bool:
-    """A failure the next upstream of the route may not have: refused, silent, 429, 5xx."""
-    return error.retryable or error.code in ("upstream_timeout", "upstream_unreachable")
+    """A failure the next upstream of the route may not have: refused, silent, 429, 5xx, or
+    the upstream's own refusal (401, 403, 404); never the request's (400, 413, 422...)."""
+    return (
+        error.retryable
+        or error.code in ("upstream_timeout", "upstream_unreachable")
+        or error.status in _UPSTREAM_REFUSALS
+    )
 
 
 def _follow(
@@ -418,7 +429,8 @@ def _stream(
     """Relay the upstream's chunks; raises UpstreamError or JobLost, else completes the job.
 
     The job goes to the first upstream of its model's route; if that one fails before the first
-    chunk was published (refused, timed out, 429, 5xx, after its retries), to the next. Once
+    chunk was published (refused, timed out, 429, 5xx after its retries; 401, 403, 404), to the
+    next. Once
     a chunk is out, the job stays where it is: viewers see one clean stream.
     """
     tally = ender.tally

@@ -23,13 +23,14 @@ says: for an upstream whose routes-file headers set it):
 - ``format`` (str or list): ``crlf`` (``\\r\\n`` line endings), ``comments`` (``: ping``
   before each event), ``multiline`` (pretty-printed JSON over several ``data:`` lines).
 - ``fail`` (str) with ``fail_after`` (int, chunks sent first, counting the role chunk):
-  ``status_500``, ``status_429`` (with ``Retry-After: 1``), ``json_error`` (an error object in
-  a 200 ``application/json`` answer), ``hang`` (silence for up to 600 s), ``drop_after``
-  (abort the connection without the chunked terminator), ``error_after`` (an SSE error
-  event, then the end of the stream without ``[DONE]``); hostile ones: ``odd_chunk`` (valid
-  JSON of an unusable shape, ``"choices": [1]``, then ``[DONE]``), ``retry_after_nan`` (429
-  with ``Retry-After: nan``), ``echo_key`` (a 401 whose message repeats the request's
-  ``Authorization`` header, as some servers do).
+  ``status_500``, ``status_429`` (with ``Retry-After: 1``), ``status_404`` (an unknown
+  model, as OpenAI and vLLM answer it), ``status_400`` (a request refused), ``json_error``
+  (an error object in a 200 ``application/json`` answer), ``hang`` (silence for up to
+  600 s), ``drop_after`` (abort the connection without the chunked terminator),
+  ``error_after`` (an SSE error event, then the end of the stream without ``[DONE]``);
+  hostile ones: ``odd_chunk`` (valid JSON of an unusable shape, ``"choices": [1]``, then
+  ``[DONE]``), ``retry_after_nan`` (429 with ``Retry-After: nan``), ``echo_key`` (a 401 whose
+  message repeats the request's ``Authorization`` header, as some servers do).
 
 ``max_tokens`` / ``max_completion_tokens`` truncate the pieces (finish_reason ``length``), and
 ``stream_options.include_usage`` adds OpenAI's usage chunk.
@@ -66,8 +67,8 @@ MAX_TOKENS = 100_000
 MAX_RECORDED = 1000
 HANG_SECONDS = 600.0
 FAULTS = frozenset(
-    {"status_500", "status_429", "json_error", "hang", "drop_after", "error_after", "odd_chunk",
-     "retry_after_nan", "echo_key"}
+    {"status_500", "status_429", "status_404", "status_400", "json_error", "hang", "drop_after",
+     "error_after", "odd_chunk", "retry_after_nan", "echo_key"}
 )  # fmt: skip
 FORMATS = frozenset({"crlf", "comments", "multiline"})
 
@@ -348,6 +349,14 @@ class Simulator:
         if plan.fail == "status_429":
             error = _error("simulated rate limit", "rate_limit_error", "rate_limit_exceeded")
             return _json(start_response, 429, error, ("Retry-After", "1"))
+        if plan.fail == "status_404":
+            model = body.get("model")
+            error = _error(f"The model '{model}' does not exist.", "invalid_request_error",
+                           "model_not_found")  # fmt: skip
+            return _json(start_response, 404, error)
+        if plan.fail == "status_400":
+            error = _error("simulated bad request", "invalid_request_error", "invalid_value")
+            return _json(start_response, 400, error)
         if plan.fail == "retry_after_nan":
             error = _error("simulated rate limit", "rate_limit_error", "rate_limit_exceeded")
             return _json(start_response, 429, error, ("Retry-After", "nan"))

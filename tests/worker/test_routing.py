@@ -90,7 +90,9 @@ upstreams = ["a"]
     assert refused.json()["error"]["param"] == "model"
 
 
-@pytest.mark.parametrize("failure", ["refused", "status_429", "status_500", "hang"])
+@pytest.mark.parametrize(
+    "failure", ["refused", "status_429", "status_500", "hang", "echo_key", "status_404"]
+)
 def test_a_failure_before_the_first_chunk_moves_the_job_to_the_next_upstream(
     stack: Stack, two, tmp_path, failure: str
 ):
@@ -123,7 +125,7 @@ upstreams = ["first", "second"]
     assert received.text == reply_text({"simulator": {"tokens": 8}})
     assert requests.get(job["status_url"], timeout=5).json()["upstream"] == "second"
     klass = {"refused": "unreachable", "status_429": "http_429", "status_500": "http_5xx",
-             "hang": "timeout"}  # fmt: skip
+             "hang": "timeout", "echo_key": "http_4xx", "status_404": "http_4xx"}  # fmt: skip
 
     def counted() -> bool:
         """The job's counters, written after its first chunk (off the first token's path)."""
@@ -139,7 +141,10 @@ upstreams = ["first", "second"]
     wait_for(counted, 5, "the fallback, the second upstream's request and the first's failure")
 
 
-def test_a_failure_after_the_first_chunk_stays_where_it_is(stack: Stack, two, tmp_path):
+@pytest.mark.parametrize("failure", ["after_the_first_chunk", "the_requests_own"])
+def test_a_failure_after_the_first_chunk_or_of_the_request_stays_where_it_is(
+    stack: Stack, two, tmp_path, failure: str
+):
     a, b = two
     stack.env.update(
         routes_file(
@@ -158,9 +163,14 @@ upstreams = ["first", "second"]
     base = stack.start_web()
     stack.start_worker()
     requests.delete(f"{b}/_sim/requests", timeout=5)
-    job = job_for(base, "anything", tokens=8, fail="error_after", fail_after=3)
+    if failure == "after_the_first_chunk":
+        job = job_for(base, "anything", tokens=8, fail="error_after", fail_after=3)
+    else:  # a 400: the request's fault, which the next upstream would refuse as well
+        job = job_for(base, "anything", tokens=8, fail="status_400")
     received, _ = read_stream(job["events_url"])
     assert received.done and received.errors  # the viewer sees the failure...
+    if failure == "the_requests_own":
+        assert received.errors[0]["message"].endswith("simulated bad request")
     assert sim_models(b) == []  # ...and the second upstream never saw the job
     assert requests.get(job["status_url"], timeout=5).json()["status"] == "failed"
 

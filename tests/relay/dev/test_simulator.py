@@ -275,6 +275,8 @@ def test_multiline_format(sim):
     [
         ("status_500", 500, "server_error", None),
         ("status_429", 429, "rate_limit_error", "rate_limit_exceeded"),
+        ("status_404", 404, "invalid_request_error", "model_not_found"),
+        ("status_400", 400, "invalid_request_error", "invalid_value"),
         ("json_error", 200, "server_error", None),
     ],
 )
