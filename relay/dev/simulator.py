@@ -15,6 +15,8 @@ A request steers the simulator with an optional ``"simulator": {...}`` body fiel
 says: for an upstream whose routes-file headers set it):
 
 - ``reply`` (str): this exact text; pieces keep whitespace attached to the following word.
+- ``reasoning`` (str): streamed first as ``reasoning_content`` deltas (as llama.cpp, vLLM and
+  DeepSeek send a reasoning model's thinking), in pieces like ``reply``'s.
 - ``tokens`` (int, default 12): number of generated words when there is no ``reply``.
 - ``interval`` (float s): pause before each content chunk (default: the server's interval).
 - ``first_delay`` (float s): pause after the headers, before the first chunk.
@@ -88,6 +90,7 @@ class Plan:
     """Everything one request asks of the simulator, validated."""
 
     pieces: list[str]
+    thoughts: list[str]  # reasoning_content pieces, streamed before the content
     finish_reason: str
     interval: float
     first_delay: float
@@ -117,19 +120,26 @@ def _number(options: dict, key: str, default: float, integer: bool = False) -> A
     return value
 
 
+def _pieces(options: dict, name: str) -> list[str] | None:
+    """``options[name]`` cut into word pieces (each with the whitespace before it), or None."""
+    text = options.get(name)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"simulator.{name} must be a string")
+    pieces = re.findall(r"\s*\S+", text)
+    tail = text[sum(map(len, pieces)) :]
+    # Trailing whitespace has no following word: keep it so "".join(pieces) == text.
+    if tail:
+        pieces = [*pieces[:-1], pieces[-1] + tail] if pieces else [tail]
+    return pieces
+
+
 def _content(body: dict) -> tuple[list[str], str]:
     """The content pieces and the finish_reason a body gets (before ``finish_reason``)."""
     options = _options(body)
-    reply = options.get("reply")
-    if reply is not None:
-        if not isinstance(reply, str):
-            raise ValueError("simulator.reply must be a string")
-        pieces = re.findall(r"\s*\S+", reply)
-        tail = reply[sum(map(len, pieces)) :]
-        # Trailing whitespace has no following word: keep it so "".join(pieces) == reply.
-        if tail:
-            pieces = [*pieces[:-1], pieces[-1] + tail] if pieces else [tail]
-    else:
+    pieces = _pieces(options, "reply")
+    if pieces is None:
         tokens = _number(options, "tokens", DEFAULT_TOKENS, integer=True)
         if tokens > MAX_TOKENS:
             raise ValueError(f"simulator.tokens must be at most {MAX_TOKENS}")
@@ -173,6 +183,7 @@ def make_plan(body: dict, default_interval: float) -> Plan:
         raise ValueError(f"simulator.format must be among {sorted(FORMATS)}")
     return Plan(
         pieces=pieces,
+        thoughts=_pieces(options, "reasoning") or [],
         finish_reason=override or finish,
         interval=float(_number(options, "interval", default_interval)),
         first_delay=float(_number(options, "first_delay", 0.0)),
@@ -240,8 +251,10 @@ class Simulator:
         tokens: int = DEFAULT_TOKENS,
         reply: str | None = None,
         models: tuple[str, ...] = ("simulator",),
+        reasoning: str | None = None,
     ) -> None:
         self.models = models
+        self.reasoning = reasoning
         self.interval = interval
         self.api_key = api_key
         self.tokens = tokens
@@ -285,15 +298,17 @@ class Simulator:
         return _invalid(start_response, 404, f"No route {method} {path}")
 
     def _with_defaults(self, body: dict) -> dict:
-        """``body`` with the server's default reply or word count, unless it names its own."""
-        options = _options(body)
-        if "reply" in options or "tokens" in options:
-            return body
-        if self.reply is not None:
-            return {**body, "simulator": {**options, "reply": self.reply}}
-        if self.tokens != DEFAULT_TOKENS:
-            return {**body, "simulator": {**options, "tokens": self.tokens}}
-        return body
+        """``body`` with the server's default reply or word count, and reasoning, unless it
+        names its own."""
+        options = defaults = _options(body)
+        if self.reasoning is not None and "reasoning" not in options:
+            defaults = {**defaults, "reasoning": self.reasoning}
+        if "reply" not in options and "tokens" not in options:
+            if self.reply is not None:
+                defaults = {**defaults, "reply": self.reply}
+            elif self.tokens != DEFAULT_TOKENS:
+                defaults = {**defaults, "tokens": self.tokens}
+        return body if defaults is options else {**body, "simulator": defaults}
 
     def _authorized(self, environ: dict) -> bool:
         if not self.api_key:
@@ -385,6 +400,9 @@ class Simulator:
         if plan.fail in ("hang", "error_after"):
             return _json(start_response, 500, _error("simulated server error", "server_error"))
         text = "".join(plan.pieces)
+        message = {"role": "assistant", "content": text, "refusal": None}
+        if plan.thoughts:
+            message["reasoning_content"] = "".join(plan.thoughts)
         answer = {
             "id": f"chatcmpl-sim-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -394,7 +412,7 @@ class Simulator:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": plan.finish_reason,
                 }
@@ -473,6 +491,8 @@ def _chunks(body: dict, plan: Plan, model: str) -> Iterator[tuple[bool, dict]]:
         return {**base, "choices": [choice], **({"usage": None} if include_usage else {})}
 
     yield False, chunk({"role": "assistant", "content": ""})
+    for thought in plan.thoughts:
+        yield True, chunk({"reasoning_content": thought})
     for piece in plan.pieces:
         yield True, chunk({"content": piece})
     yield False, chunk({}, plan.finish_reason)
@@ -495,10 +515,11 @@ def create_app(
     tokens: int = DEFAULT_TOKENS,
     reply: str | None = None,
     models: tuple[str, ...] = ("simulator",),
+    reasoning: str | None = None,
 ) -> Simulator:
     """The simulator as a WSGI application (serve it with gevent.pywsgi for streaming)."""
     return Simulator(interval=interval, api_key=api_key, tokens=tokens, reply=reply,
-                     models=models)  # fmt: skip
+                     models=models, reasoning=reasoning)  # fmt: skip
 
 
 class QuietHandler(WSGIHandler):
@@ -540,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reply", default=None, help="the exact reply when a request names none")
     parser.add_argument(
+        "--reasoning", default=None, help="reasoning streamed before each reply that names none"
+    )
+    parser.add_argument(
         "--models", default="simulator", help="comma-separated model names /v1/models lists"
     )
     args = parser.parse_args(argv)
@@ -554,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokens,
             args.reply,
             tuple(m for m in args.models.split(",") if m),
+            args.reasoning,
         ),  # fmt: skip
         backlog=4096,
         log=None,  # no access log: thousands of streams must stay cheap

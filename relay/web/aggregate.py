@@ -52,6 +52,11 @@ class Aggregate:
             message["content"] = (message["content"] or "") + delta["content"]
         if delta.get("refusal") is not None:
             message["refusal"] = (message.get("refusal") or "") + delta["refusal"]
+        # A reasoning model's thinking, under the name its server uses (llama.cpp, vLLM and
+        # DeepSeek: reasoning_content; Ollama and OpenRouter: reasoning), kept beside content.
+        for name in ("reasoning_content", "reasoning"):
+            if isinstance(delta.get(name), str):
+                message[name] = (message.get(name) or "") + delta[name]
         for call in delta.get("tool_calls") or ():
             self._add_tool_call(message, call)
         if choice.get("finish_reason"):

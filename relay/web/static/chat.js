@@ -26,13 +26,14 @@ const ui = {
 };
 const KEY_HELP = ui.keyHelp.textContent;
 
-// A message: {role: "user" | "assistant", text} and, for a reply, jobId, messageId, the job's
+// A message: {role: "user" | "assistant", text} and, for a reply, reasoning (a reasoning
+// model's thinking, if it streamed any), jobId, messageId, the job's
 // eventsUrl, watchUrl (share link) and cancelUrl (each carrying its token), status
 // ("waiting" | "streaming" | "done" | "length" | "stopped" | "failed") and error.
 // Keys starting with "_" are for this page view only and are not saved.
 let chat = load(); // {messages, parentMessageId}
 let current = null; // the reply being written, with its stream: {reply, stream}
-const views = new WeakMap(); // message -> {el, body, meta}
+const views = new WeakMap(); // message -> {el, body, meta, thinking, thoughts}
 
 const NOTES = {
   waiting: "Waiting for the relay…",
@@ -72,11 +73,27 @@ function element(tag, className, text) {
 function view(message) {
   const el = element("article", `msg ${message.role}`);
   const body = element("div", message.role === "user" ? "body" : "body markdown");
-  const meta = message.role === "assistant" ? element("footer", "meta") : null;
-  el.append(...[body, meta].filter(Boolean));
-  views.set(message, { el, body, meta });
+  const reply = message.role === "assistant";
+  const meta = reply ? element("footer", "meta") : null;
+  // A reasoning model's thinking, folded away once its answer starts: plain text, never HTML.
+  const thinking = reply ? element("details", "thinking") : null;
+  const thoughts = reply ? element("div", "reasoning") : null;
+  thinking?.append(element("summary"), thoughts);
+  el.append(...[thinking, body, meta].filter(Boolean));
+  views.set(message, { el, body, meta, thinking, thoughts });
   update(message);
   return el;
+}
+
+/** Show a reply's reasoning, if it has any: "Thinking…" until its answer starts. */
+function drawThoughts(message) {
+  const { thinking, thoughts } = views.get(message) ?? {};
+  if (!thinking) return;
+  thinking.hidden = !message.reasoning;
+  if (!message.reasoning) return;
+  thoughts.textContent = message.reasoning;
+  const busy = ["waiting", "streaming"].includes(message.status) && !message.text;
+  thinking.firstChild.textContent = busy ? "Thinking…" : "Thought";
 }
 
 /** Redraw a message completely: text, status and footer. */
@@ -91,6 +108,7 @@ function update(message) {
   if (message.jobId) el.dataset.jobId = message.jobId;
   el.classList.toggle("streaming", ["waiting", "streaming"].includes(message.status));
   renderMarkdown(body, message.text);
+  drawThoughts(message);
   meta.replaceChildren(...footer(message));
 }
 
@@ -127,6 +145,7 @@ function drawText(message) {
     message._frame = 0;
     const stick = nearBottom();
     renderMarkdown(views.get(message).body, message.text);
+    drawThoughts(message);
     if (stick) scrollDown();
   });
 }
@@ -214,11 +233,19 @@ function follow(reply) {
   let finishReason = null;
   let error = null;
   reply.text = "";
+  reply.reasoning = "";
   current = { reply, stream: null };
+  const thinking = views.get(reply)?.thinking;
   current.stream = followJob(
     reply.eventsUrl,
     {
+      reasoning(delta) {
+        if (!reply.reasoning && !reply.text && thinking) thinking.open = true;
+        reply.reasoning += delta;
+        drawText(reply);
+      },
       text(delta) {
+        if (!reply.text && thinking) thinking.open = false; // the answer starts
         reply.text += delta;
         drawText(reply);
       },

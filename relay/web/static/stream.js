@@ -12,7 +12,8 @@ export const samePath = (url) => {
 
 /**
  * @param {string} url the job's events URL
- * @param {object} on callbacks: text(delta), finish(reason), error({message, code}),
+ * @param {object} on callbacks: text(delta), reasoning(delta) (a reasoning model's thinking,
+ *   streamed before its answer), finish(reason), error({message, code}),
  *   done() once at the end (after [DONE] or a fatal error), state("live" | "reconnecting")
  * @param {object} options `giveUp`: treat a failure before any event as fatal (the chat page)
  *   instead of waiting for the browser's reconnect (the watch page)
@@ -42,6 +43,9 @@ export function followJob(url, on, { giveUp = false } = {}) {
     }
     if (chunk.error) return on.error?.(chunk.error);
     const choice = chunk.choices?.[0];
+    // llama.cpp, vLLM and DeepSeek name the thinking reasoning_content; Ollama, OpenRouter reasoning.
+    const thought = choice?.delta?.reasoning_content ?? choice?.delta?.reasoning;
+    if (typeof thought === "string" && thought) on.reasoning?.(thought);
     if (choice?.delta?.content) on.text?.(choice.delta.content);
     if (choice?.finish_reason) on.finish?.(choice.finish_reason);
   };

@@ -7,11 +7,14 @@ import { followJob } from "./stream.js";
 
 const jobId = document.body.dataset.jobId;
 const reply = document.getElementById("reply");
+const thinking = document.getElementById("thinking"); // a reasoning model's thinking
+const thoughts = thinking.querySelector(".reasoning");
 const badge = document.getElementById("status");
 const problem = document.getElementById("problem");
 const article = reply.closest(".msg");
 
 let text = "";
+let reasoning = "";
 let finishReason = null;
 let error = null;
 let frame = 0;
@@ -26,12 +29,22 @@ function draw() {
   cancelAnimationFrame(frame);
   frame = 0;
   renderMarkdown(reply, text);
+  thinking.hidden = !reasoning;
+  thoughts.textContent = reasoning; // plain text, never HTML
+  const busy = article.classList.contains("streaming") && !text;
+  thinking.firstElementChild.textContent = busy ? "Thinking…" : "Thought";
 }
 
 // The share link's read token (?token=...) is what grants watching: the job id alone does not.
 const token = new URLSearchParams(location.search).get("token") ?? "";
 followJob(`/v1/jobs/${encodeURIComponent(jobId)}/events?token=${encodeURIComponent(token)}`, {
+  reasoning(delta) {
+    if (!reasoning && !text) thinking.open = true;
+    reasoning += delta;
+    frame ||= requestAnimationFrame(draw);
+  },
   text(delta) {
+    if (!text && reasoning) thinking.open = false; // the answer starts
     text += delta;
     frame ||= requestAnimationFrame(draw);
   },
@@ -45,7 +58,6 @@ followJob(`/v1/jobs/${encodeURIComponent(jobId)}/events?token=${encodeURICompone
     setStatus(state, state === "reconnecting" ? "reconnecting…" : state);
   },
   done() {
-    draw();
     if (error) {
       setStatus("failed");
       problem.textContent = error.message || "The reply failed.";
@@ -53,5 +65,6 @@ followJob(`/v1/jobs/${encodeURIComponent(jobId)}/events?token=${encodeURICompone
     } else {
       setStatus(finishReason === "cancelled" ? "cancelled" : "finished");
     }
+    draw(); // after the status: the reasoning's label says the thinking is over
   },
 });

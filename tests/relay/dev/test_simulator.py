@@ -494,3 +494,24 @@ def test_announces_itself_and_stops_cleanly_on_sigterm(tmp_path):
         output = s.log.read_text()
         assert output.splitlines()[0] == f"simulator listening on http://127.0.0.1:{port}"
         assert "Traceback" not in output, output
+
+
+def test_reasoning_streams_first_as_reasoning_content_and_can_be_the_servers_default(sim, tmp_path):
+    body = chat(tokens=3, reasoning="Let me think. <b>Twice</b>")
+    _, _, events = stream(sim, body)
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    thoughts = [d["reasoning_content"] for d in deltas if "reasoning_content" in d]
+    assert thoughts == ["Let", " me", " think.", " <b>Twice</b>"]
+    first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert all("reasoning_content" not in d for d in deltas[first_content:])
+    assert content_of(chunks) == reply_text(body)  # the reasoning is not content
+    whole = sim.post(body).json()["choices"][0]["message"]
+    assert whole["reasoning_content"] == "Let me think. <b>Twice</b>"
+    assert whole["content"] == reply_text(body)
+    assert "reasoning_content" not in sim.post(chat(tokens=1)).json()["choices"][0]["message"]
+    with run_simulator(tmp_path, "--reasoning", "Hmm.", "--reply", "Yes.") as s:
+        message = s.post(chat()).json()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == ("Hmm.", "Yes.")
+        own = s.post(chat(reasoning="Own.", tokens=1)).json()["choices"][0]["message"]
+        assert (own["reasoning_content"], own["content"]) == ("Own.", reply_text(chat(tokens=1)))

@@ -30,6 +30,17 @@ def test_text_and_tool_calls_fold_into_one_message():
     assert result.error is None
 
 
+@pytest.mark.parametrize("name", ["reasoning_content", "reasoning"])
+def test_a_reasoning_models_thinking_folds_beside_its_content(name: str):
+    """Under the name its server streamed it: llama.cpp and vLLM, or Ollama and OpenRouter."""
+    thoughts = [chunk(role="assistant"), chunk(**{name: "Let me"}), chunk(**{name: " think."})]
+    result = aggregate([*thoughts, chunk(content="Yes."), b"[DONE]"])
+    message = result.completion("job_x")["choices"][0]["message"]
+    assert (message[name], message["content"]) == ("Let me think.", "Yes.")
+    plain = aggregate([chunk(content="Yes."), b"[DONE]"]).completion("job_x")
+    assert name not in plain["choices"][0]["message"]
+
+
 @pytest.mark.parametrize(
     "odd",
     [b'{"choices": [1]}', b"[1, 2]", chunk(content=5),

@@ -61,6 +61,10 @@ def greet(name: str) -> str:
 - [a safe link](https://example.com/)
 """
 
+# A reasoning model's thinking (2 s of it at the slow pace), with markup that must stay text.
+THOUGHTS = '<img src=x onerror="window.__pwned=1"> ' + " ".join(f"step{n}" for n in range(40))
+ANSWER = "The answer is **42**."
+
 
 # ---- processes ---------------------------------------------------------------------------
 
@@ -100,6 +104,15 @@ def keyed(redis_server: str, slow_sim: str, log_dir: Path) -> Iterator[str]:
 def markdown(redis_server: str, log_dir: Path) -> Iterator[str]:
     sim_args = ("--interval", "0.01", "--reply", HOSTILE_REPLY)
     with simulator_process(log_dir, "simulator-markdown", *sim_args) as (sim, _):
+        with relay_stack(redis_server, f"{sim}/v1", log_dir) as (_, base):
+            yield base
+
+
+@pytest.fixture(scope="module")
+def thinking(redis_server: str, log_dir: Path) -> Iterator[str]:
+    """A stack whose upstream is a reasoning model: THOUGHTS streamed, then ANSWER."""
+    sim_args = ("--interval", str(SLOW_INTERVAL), "--reasoning", THOUGHTS, "--reply", ANSWER)
+    with simulator_process(log_dir, "simulator-thinking", *sim_args) as (sim, _):
         with relay_stack(redis_server, f"{sim}/v1", log_dir) as (_, base):
             yield base
 
@@ -458,6 +471,53 @@ def test_model_output_is_rendered_harmlessly(browser: Browser, markdown: str, ca
         screenshot(page, "chat-page.png", capsys)
     finally:
         context.close()
+
+
+def test_a_reasoning_models_thinking_shows_first_then_folds_away(
+    browser: Browser, thinking: str, capsys
+):
+    author, watcher = browser.new_context(), browser.new_context()
+    try:
+        page, problems = open_page(author, f"{thinking}/")
+        send(page, "What is six times seven?")
+        reply = last_reply(page)
+        details = reply.locator("details.thinking")
+        label = details.locator("summary")
+        expect(label).to_have_text("Thinking…")  # while it thinks, open and growing
+        expect(details).to_have_attribute("open", "")
+        expect(reply.locator(".body")).to_have_text("")
+        expect(reply).to_have_attribute("data-status", "done")
+        expect(label).to_have_text("Thought")  # once it answered, folded away
+        expect(details).not_to_have_attribute("open", "")
+        expect(reply.locator(".reasoning")).to_have_text(THOUGHTS)  # markup shown as text
+        expect(reply.locator(".body strong")).to_have_text("42")
+        assert reply.locator("img").count() == 0
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        # The conversation's text is the answer alone, as the next turn's history will be.
+        assert job_status(thinking, reply)["text"] == ANSWER
+
+        share = reply.locator("a.share").get_attribute("href")
+        view, view_problems = open_page(watcher, share)
+        expect(view.locator("#status")).to_have_text("finished")
+        expect(view.locator("#thinking summary")).to_have_text("Thought")
+        expect(view.locator("#thinking .reasoning")).to_have_text(THOUGHTS)
+        expect(view.locator("#reply strong")).to_have_text("42")
+        assert view.locator("img").count() == 0
+
+        page.reload()  # the thinking is kept with the conversation
+        expect(last_reply(page).locator(".reasoning")).to_have_text(THOUGHTS)
+        screenshot(page, "chat-reasoning.png", capsys)
+        assert not problems and not view_problems
+    finally:
+        author.close()
+        watcher.close()
+
+    # An API client that does not stream gets the thinking beside the answer.
+    whole = requests.post(
+        f"{thinking}/v1/chat/completions", timeout=30,
+        json={"messages": [{"role": "user", "content": "Again?"}], "stream": False},
+    ).json()["choices"][0]["message"]  # fmt: skip
+    assert (whole["reasoning_content"], whole["content"]) == (THOUGHTS, ANSWER)
 
 
 def test_errors_are_shown(context: BrowserContext, fast: str):
