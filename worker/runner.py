@@ -135,7 +135,10 @@ def _default_model(ctx: JobContext, body: dict) -> None:
 
 
 def _sent_to(target: Target, body: dict) -> dict:
-    """The body as the target's upstream gets it: under the route's name for the model."""
+    """The body as the target's upstream gets it: under the route's name for the model, and
+    without ``stream_options`` for an upstream that refuses them."""
+    if not target.upstream.stream_options and "stream_options" in body:
+        body = {k: v for k, v in body.items() if k != "stream_options"}
     return {**body, "model": target.model} if target.model else body
 
 

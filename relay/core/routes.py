@@ -14,6 +14,10 @@ them; a job goes to the first, and to the next one if the first fails before its
     api_key_env = "OPENAI_API_KEY"   # the key comes from this environment variable
     headers = { "OpenAI-Organization" = "org-123" }
 
+    [upstreams.legacy]
+    base_url = "https://proxy.example/v1"
+    stream_options = false           # it refuses the parameter: never sent (no usage stored)
+
     [[routes]]
     model = "smollm2"
     upstreams = ["local"]
@@ -55,7 +59,7 @@ class RoutesError(ValueError):
 @dataclass(frozen=True)
 class Upstream:
     """One upstream server: where it is, how to authenticate, how long to wait, how many
-    streams it may carry at once (0: no cap)."""
+    streams it may carry at once (0: no cap), and whether it takes ``stream_options``."""
 
     base_url: str
     api_key: str = ""
@@ -64,6 +68,7 @@ class Upstream:
     name: str = "default"
     headers: tuple[tuple[str, str], ...] = ()
     max_streams: int = 0
+    stream_options: bool = True  # False: a server that refuses the parameter never gets it
 
     @property
     def chat_url(self) -> str:
@@ -220,7 +225,7 @@ def _upstream(
     if not isinstance(spec, dict):
         raise fail(f"[upstreams.{name}] must be a table")
     known = {"base_url", "api_key_env", "headers", "connect_timeout", "read_timeout",
-             "max_streams"}  # fmt: skip
+             "max_streams", "stream_options"}  # fmt: skip
     if unknown := set(spec) - known:
         raise fail(f"[upstreams.{name}]: unknown keys: {', '.join(sorted(unknown))}")
     base_url = spec.get("base_url")
@@ -237,6 +242,10 @@ def _upstream(
     ):
         raise fail(f"[upstreams.{name}].headers must map header names to strings")
 
+    stream_options = spec.get("stream_options", True)
+    if not isinstance(stream_options, bool):
+        raise fail(f"[upstreams.{name}].stream_options must be true or false")
+
     def number(key: str, default: float, low: float, integer: bool = False) -> Any:
         value = spec.get(key, default)
         kind = int if integer else (int, float)
@@ -252,6 +261,7 @@ def _upstream(
         name,
         tuple(headers.items()),
         number("max_streams", 0, 0, integer=True),
+        stream_options,
     )
 
 

@@ -252,9 +252,12 @@ class Simulator:
         reply: str | None = None,
         models: tuple[str, ...] = ("simulator",),
         reasoning: str | None = None,
+        refuse_stream_options: bool = False,
     ) -> None:
         self.models = models
         self.reasoning = reasoning
+        # As some servers do (Azure OpenAI's older API versions, some proxies): a 400.
+        self.refuse_stream_options = refuse_stream_options
         self.interval = interval
         self.api_key = api_key
         self.tokens = tokens
@@ -352,6 +355,10 @@ class Simulator:
         if not isinstance(body, dict):
             return _invalid(start_response, 400, "The body must be a JSON object.")
         self.requests.append(body)
+        if self.refuse_stream_options and "stream_options" in body:
+            error = _error("Unrecognized request argument supplied: stream_options",
+                           "invalid_request_error", "unknown_parameter")  # fmt: skip
+            return _json(start_response, 400, error)
         if forced := environ.get("HTTP_X_SIM_FAIL"):  # a header a routes file may set
             body = {**body, "simulator": {**_options(body), "fail": forced, "fail_after": 0}}
         try:
@@ -516,10 +523,12 @@ def create_app(
     reply: str | None = None,
     models: tuple[str, ...] = ("simulator",),
     reasoning: str | None = None,
+    refuse_stream_options: bool = False,
 ) -> Simulator:
     """The simulator as a WSGI application (serve it with gevent.pywsgi for streaming)."""
     return Simulator(interval=interval, api_key=api_key, tokens=tokens, reply=reply,
-                     models=models, reasoning=reasoning)  # fmt: skip
+                     models=models, reasoning=reasoning,
+                     refuse_stream_options=refuse_stream_options)  # fmt: skip
 
 
 class QuietHandler(WSGIHandler):
@@ -564,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         "--reasoning", default=None, help="reasoning streamed before each reply that names none"
     )
     parser.add_argument(
+        "--refuse-stream-options",
+        action="store_true",
+        help="answer 400 to a request with stream_options, as some servers do",
+    )
+    parser.add_argument(
         "--models", default="simulator", help="comma-separated model names /v1/models lists"
     )
     args = parser.parse_args(argv)
@@ -579,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             args.reply,
             tuple(m for m in args.models.split(",") if m),
             args.reasoning,
+            args.refuse_stream_options,
         ),  # fmt: skip
         backlog=4096,
         log=None,  # no access log: thousands of streams must stay cheap

@@ -90,6 +90,33 @@ upstreams = ["a"]
     assert refused.json()["error"]["param"] == "model"
 
 
+def test_an_upstream_that_refuses_stream_options_is_sent_none(stack: Stack, log_dir, tmp_path):
+    """Some servers answer 400 to ``stream_options``, which the relay adds to ask for usage:
+    ``stream_options = false`` in the routes file keeps it (and the client's own) from them."""
+    with upstream(log_dir, "sim-strict", "--refuse-stream-options") as (strict, _):
+        stack.env.update(routes_file(tmp_path, f"""
+[upstreams.strict]
+base_url = "{strict}/v1"
+stream_options = false
+[[routes]]
+model = "*"
+upstreams = ["strict"]
+"""))  # fmt: skip
+        base = stack.start_web()
+        stack.start_worker()
+        body = {**chat_body("strict", tokens=5), "model": "m", "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        received, _ = read_stream(f"{base}/v1/chat/completions", method="POST", json_body=body)
+        assert received.done and not received.errors, received.errors
+        assert received.text == reply_text({"simulator": {"tokens": 5}})
+        (sent,) = requests.get(f"{strict}/_sim/requests", timeout=5).json()
+        assert "stream_options" not in sent and sent["stream"] is True
+        # The simulator does refuse them: without the setting, the same job fails.
+        requests.delete(f"{strict}/_sim/requests", timeout=5)
+        direct = requests.post(f"{strict}/v1/chat/completions", json=body, timeout=5)
+        assert direct.status_code == 400 and "stream_options" in direct.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     "failure", ["refused", "status_429", "status_500", "hang", "echo_key", "status_404"]
 )

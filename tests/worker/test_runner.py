@@ -487,6 +487,21 @@ def test_a_capped_upstream_gets_no_head_start():
     assert runner._head_start_target(ctx, fresh({**body, "model": "unknown"})) is None
 
 
+def test_an_upstream_that_refuses_stream_options_never_gets_them():
+    """Neither the relay's own ask for usage nor the client's: the request would be a 400."""
+    table = routes.parse(tomllib.loads(CAPPED.replace(
+        'base_url = "http://free/v1"', 'base_url = "http://free/v1"\nstream_options = false'
+    )), Settings(), {})  # fmt: skip
+    ctx = context_for(routes=table)
+    body = {"model": "big", "messages": [], "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    sent, target = runner._head_start_target(ctx, fresh(body))
+    assert target.upstream.name == "free" and "stream_options" not in sent
+    assert sent == {k: v for k, v in body.items() if k != "stream_options"}
+    (local, _) = table.targets("small")
+    assert runner._sent_to(local, body)["stream_options"] == {"include_usage": True}
+
+
 def test_a_job_stored_without_a_model_gets_the_one_its_routes_imply():
     """RELAY_DEFAULT_MODEL (gpt-4o-mini) is routed nowhere here: the first route's model."""
     ctx = context_for(

@@ -55,6 +55,9 @@ def test_models_go_to_their_routes_in_order_with_renames():
     assert hosted.api_key == "sk-h" and dict(hosted.headers) == {"X-Team": "drafts"}
     assert hosted.read_timeout == 90 and hosted.chat_url.endswith("/v1/chat/completions")
     assert table.upstreams["local"].max_streams == 4 and hosted.max_streams == 0
+    assert hosted.stream_options  # unless a file says the upstream refuses them
+    refusing = parsed(EXAMPLE.replace("max_streams = 4", "max_streams = 4\nstream_options = false"))
+    assert not refusing.upstreams["local"].stream_options
     assert table.declared_models() == [("small", "local")]
 
 
@@ -80,6 +83,8 @@ def test_without_a_file_every_model_goes_to_the_one_upstream():
          "upstreams=['x']", "max_streams must be a number of at least 0"),
         ("[upstreams.x]\nbase_url='http://x'\ncolour='red'\n[[routes]]\nmodel='a'\n"
          "upstreams=['x']", "unknown keys: colour"),
+        ("[upstreams.x]\nbase_url='http://x'\nstream_options='no'\n[[routes]]\nmodel='a'\n"
+         "upstreams=['x']", "stream_options must be true or false"),
         ("[upstreams.'a b']\nbase_url='http://x'\n[[routes]]\nmodel='a'\nupstreams=['a b']",
          "upstream name 'a b'"),
         ("[upstreams.x]\nbase_url='http://x'\n[[routes]]\nmodel='a'\nupstreams=['x']\n"
