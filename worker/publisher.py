@@ -9,7 +9,9 @@ grow by themselves while the previous one is on the wire.
 Under saturation a job may read its next chunk before its previous one was sent. Plain text
 deltas then merge into the queued event (its content grows, it keeps the first chunk's id,
 timestamps and fields) instead of queueing behind it: viewers get the same text in fewer,
-larger events, and the worker's lag stays bounded instead of growing with every chunk.
+larger events, and the worker's lag stays bounded instead of growing with every chunk. A
+reasoning model's thinking (``reasoning_content`` or ``reasoning`` deltas, often most of its
+stream) merges the same way, never into content or content into it.
 """
 
 from __future__ import annotations
@@ -40,22 +42,26 @@ REFUSALS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 REFUSED_TRIES = 12
 
 
-def mergeable(chunk: dict[str, Any]) -> bool:
-    """A chunk that only adds text to choice 0: what may merge with its neighbour."""
+# The delta fields whose text may merge with a neighbour's of the same field.
+TEXT_FIELDS = frozenset({"content", "reasoning_content", "reasoning"})
+
+
+def mergeable(chunk: dict[str, Any]) -> str | None:
+    """The field of a chunk that only adds text to choice 0 (what may merge with its
+    neighbour's same field), else None."""
     choices = chunk.get("choices")
     if not isinstance(choices, list) or len(choices) != 1 or chunk.get("usage"):
-        return False
+        return None
     choice = choices[0]
     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-        return False
+        return None
     if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
-        return False
+        return None
     delta = choice.get("delta")
-    return (
-        isinstance(delta, dict)
-        and delta.keys() == {"content"}
-        and isinstance(delta["content"], str)
-    )
+    if not isinstance(delta, dict) or len(delta) != 1:
+        return None
+    ((name, text),) = delta.items()
+    return name if name in TEXT_FIELDS and isinstance(text, str) else None
 
 
 @dataclass
@@ -66,21 +72,27 @@ class _Queued:
     events: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     last: dict[str, Any] | None = None  # the last event's chunk, while more text may merge in
+    last_field: str | None = None  # which of its delta's fields that text is in
     merged: bool = False  # ``last`` grew since ``events[-1]`` was serialised
     merges: int = 0  # chunks that merged instead of becoming events of their own
     sent: AsyncResult = field(default_factory=AsyncResult)
 
-    def add(self, events: list[str], text: str, chunk: dict[str, Any] | None) -> None:
-        """Queue ``events``, or merge ``chunk``'s text into the last one if both may merge."""
+    def add(
+        self, events: list[str], text: str, chunk: dict[str, Any] | None, into: str | None = None
+    ) -> None:
+        """Queue ``events``, or merge ``chunk``'s text into the last one if both may merge
+        (``into``: :func:`mergeable`'s answer for ``chunk``, the delta field its text is in)."""
         self.texts.append(text)
         if chunk is not None and self.last is not None and len(events) == 1:
-            self.last["choices"][0]["delta"]["content"] += chunk["choices"][0]["delta"]["content"]
-            self.merged = True
-            self.merges += 1
-            return
+            if into == self.last_field:
+                self.last["choices"][0]["delta"][into] += chunk["choices"][0]["delta"][into]
+                self.merged = True
+                self.merges += 1
+                return
         self.freeze()
         self.events += events
         self.last = chunk if len(events) == 1 else None
+        self.last_field = into
 
     def freeze(self) -> None:
         if self.merged and self.last is not None:
@@ -138,7 +150,8 @@ class Publisher:
         if queued is None:
             queued = lane.queued[key] = _Queued(attempt)
             lane.wake.set()
-        queued.add(events, text_delta, chunk if chunk and mergeable(chunk) else None)
+        into = mergeable(chunk) if chunk else None
+        queued.add(events, text_delta, chunk if into else None, into)
         return result or 1
 
     def flush(self, job_id: str, attempt: int) -> int:

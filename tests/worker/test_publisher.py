@@ -113,8 +113,42 @@ def test_jobs_queued_together_go_out_in_one_batch_each_in_order(store: JobStore)
     ],
 )
 def test_only_plain_text_deltas_merge(chunk: dict) -> None:
-    assert mergeable(delta("plain"))
-    assert not mergeable(chunk)
+    assert mergeable(delta("plain")) == "content"
+    assert mergeable(thought("hmm")) == "reasoning_content"
+    reasoning = thought("hmm")
+    reasoning["choices"][0]["delta"] = {"reasoning": "hmm"}  # Ollama's and OpenRouter's name
+    assert mergeable(reasoning) == "reasoning"
+    assert mergeable(chunk) is None
+    both = thought("hmm")
+    both["choices"][0]["delta"]["content"] = "x"
+    assert mergeable(both) is None
+
+
+def thought(text: str, stamp: float = 0.0) -> dict:
+    chunk = delta("", stamp)
+    chunk["choices"][0]["delta"] = {"reasoning_content": text}
+    return chunk
+
+
+def test_a_lagging_reasoning_models_thinking_merges_but_never_into_its_answer(
+    store: JobStore,
+) -> None:
+    pub, job = Publisher(store), running_job(store)
+    steps = [(thought, "Let"), (thought, " me"), (thought, " see."), (delta, "Four"),
+             (delta, "."), (thought, " Hm.")]  # fmt: skip
+    # No switch between these: the job read them all before the publisher could send any.
+    for i, (make, text) in enumerate(steps):
+        chunk = make(text, stamp=i)
+        answer = chunk["choices"][0]["delta"].get("content", "")
+        assert pub.publish(*job, [dumps(chunk)], answer, chunk)
+    assert pub.flush(*job) == 3
+    assert [e["choices"][0]["delta"] for e in logged(store, job[0])] == [
+        {"reasoning_content": "Let me see."},
+        {"content": "Four."},
+        {"reasoning_content": " Hm."},
+    ]
+    assert store.status(job[0])["text"] == "Four."  # the answer alone
+    assert coalesced(store) == 3
 
 
 def test_a_job_no_longer_ours_is_reported_by_the_next_publish_and_the_flush(
