@@ -433,8 +433,7 @@ def _stream(
 
     The job goes to the first upstream of its model's route; if that one fails before the first
     chunk was published (refused, timed out, 429, 5xx after its retries; 401, 403, 404), to the
-    next. Once
-    a chunk is out, the job stays where it is: viewers see one clean stream.
+    next. Once a chunk is out, the job stays where it is: viewers see one clean stream.
     """
     tally = ender.tally
     body, wants_usage = _upstream_request(ctx, body)
