@@ -234,9 +234,17 @@ def cancel_job(job_id: str):
 
 @api.get("/v1/models")
 def list_models():
-    """The models the relay serves (OpenAI's shape); a key is needed when keys exist."""
+    """The models the relay serves (OpenAI's shape); a key is needed when keys exist.
+
+    ``X-Relay-Default-Model`` names the model a request without one gets (absent when such a
+    request is refused): a picker's "Default" can say what it is, and the body stays OpenAI's.
+    """
     require_api_key()
-    return jsonify({"object": "list", "data": state().models.listing()})
+    response = jsonify({"object": "list", "data": state().models.listing()})
+    routes = state().routes
+    if routes.targets(implied := routes.implied_model()):
+        response.headers["X-Relay-Default-Model"] = implied
+    return response
 
 
 @api.get("/v1/models/<path:model_id>")

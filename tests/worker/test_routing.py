@@ -88,6 +88,9 @@ upstreams = ["a"]
     assert refused.status_code == 404
     assert refused.json()["error"]["code"] == "model_not_found"
     assert refused.json()["error"]["param"] == "model"
+    # The model list names that default, beside OpenAI's body, for a picker's "Default".
+    listed = requests.get(f"{base}/v1/models", timeout=10)
+    assert listed.headers["X-Relay-Default-Model"] == "fast"
 
 
 def test_an_upstream_that_refuses_stream_options_is_sent_none(stack: Stack, log_dir, tmp_path):
@@ -330,6 +333,9 @@ upstreams = ["down"]
             # alpha and alpha-mini from a ("other" routes nowhere), beta from b, and the
             # down upstream's model because a route names it.
             assert ids == ["alpha", "alpha-mini", "beta", "offline-model"]
+            # The first route is a pattern that gpt-4o-mini does not match: a request without
+            # a model is refused, so there is no default to name.
+            assert "X-Relay-Default-Model" not in listed.headers
             assert {m["owned_by"] for m in body["data"]} == {"a", "b", "down"}
             client = openai.OpenAI(base_url=f"{web}/v1", api_key="unused", max_retries=0)
             assert [m.id for m in client.models.list()] == ids

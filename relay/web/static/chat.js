@@ -350,14 +350,19 @@ function storedModel() {
 async function loadModels() {
   const key = apiKey();
   let models = [];
+  let fallback = null; // the model "Default" stands for, as the relay names it
   try {
     const response = await fetch("/v1/models", {
       headers: key ? { Authorization: `Bearer ${key}` } : {},
     });
-    if (response.ok) models = ((await response.json()).data || []).map((m) => m.id);
+    if (response.ok) {
+      models = ((await response.json()).data || []).map((m) => m.id);
+      fallback = response.headers.get("X-Relay-Default-Model");
+    }
   } catch {
     // the relay is unreachable: sending will say so
   }
+  ui.model.options[0].textContent = fallback ? `Default (${fallback})` : "Default";
   ui.model.replaceChildren(ui.model.options[0]);
   for (const id of models) ui.model.append(new Option(id, id));
   const wanted = storedModel();

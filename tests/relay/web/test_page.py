@@ -627,7 +627,8 @@ def test_the_model_picker_lists_the_relays_models_and_remembers_the_choice(
     page, problems = open_page(context, f"{fast}/")
     picker = page.locator("#model")
     expect(picker).to_be_visible()
-    expect(picker.locator("option")).to_have_text(["Default", "simulator"])
+    # "Default" names the model a request without one gets (RELAY_DEFAULT_MODEL here).
+    expect(picker.locator("option")).to_have_text(["Default (gpt-4o-mini)", "simulator"])
     expect(picker).to_have_value("simulator")  # the relay serves one model: its name shows
     posted: list[dict] = []
     page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/jobs")
