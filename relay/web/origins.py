@@ -19,7 +19,7 @@ from relay.core.errors import InvalidRequest
 from relay.core.settings import Settings
 
 EXPOSED = "X-Relay-Job-Id, X-Relay-Message-Id, X-Relay-Events-Url, X-Relay-Watch-Url, " \
-    "X-Relay-Cancel-Url"  # fmt: skip
+    "X-Relay-Cancel-Url, X-Relay-Default-Model"  # fmt: skip
 UNCHECKED_PATHS = ("/healthz",)  # load balancers probe by address: nothing there to steal
 
 

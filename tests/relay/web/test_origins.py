@@ -155,3 +155,6 @@ def test_every_answer_says_it_varies_by_origin_keeping_what_it_varied_by():
     answer = client.get("/_varies", headers={"Origin": "http://a.test"})
     assert answer.headers["Vary"] == "Accept-Encoding, Origin"
     assert answer.headers["Access-Control-Allow-Origin"] == "http://a.test"
+    # A front end on an allowed origin may read the relay's own headers.
+    exposed = {h.strip() for h in answer.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"X-Relay-Watch-Url", "X-Relay-Cancel-Url", "X-Relay-Default-Model"} <= exposed
