@@ -26,7 +26,7 @@ from gevent.lock import Semaphore
 from redis.exceptions import RedisError, ResponseError
 
 from relay.core import keys, metrics
-from relay.core.chunks import dumps
+from relay.core.chunks import REASONING_FIELDS, dumps
 from relay.core.connections import RawConnection, Router
 from relay.core.jobs import JobStore
 
@@ -43,7 +43,7 @@ REFUSED_TRIES = 12
 
 
 # The delta fields whose text may merge with a neighbour's of the same field.
-TEXT_FIELDS = frozenset({"content", "reasoning_content", "reasoning"})
+TEXT_FIELDS = frozenset({"content", *REASONING_FIELDS})
 
 
 def mergeable(chunk: dict[str, Any]) -> str | None:

@@ -14,6 +14,9 @@ import orjson
 
 DONE = "[DONE]"
 DONE_BYTES = b"[DONE]"
+# A reasoning model's thinking in a delta, under the name its server uses: llama.cpp, vLLM and
+# DeepSeek send reasoning_content; Ollama and OpenRouter, reasoning. It is not the answer.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 def dumps(obj: Any) -> str:

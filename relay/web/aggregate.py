@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from relay.core.chunks import DONE_BYTES, completion_id, error_body, loads, malformed
+from relay.core.chunks import (
+    DONE_BYTES,
+    REASONING_FIELDS,
+    completion_id,
+    error_body,
+    loads,
+    malformed,
+)
 
 
 class Aggregate:
@@ -52,9 +59,7 @@ class Aggregate:
             message["content"] = (message["content"] or "") + delta["content"]
         if delta.get("refusal") is not None:
             message["refusal"] = (message.get("refusal") or "") + delta["refusal"]
-        # A reasoning model's thinking, under the name its server uses (llama.cpp, vLLM and
-        # DeepSeek: reasoning_content; Ollama and OpenRouter: reasoning), kept beside content.
-        for name in ("reasoning_content", "reasoning"):
+        for name in REASONING_FIELDS:  # a reasoning model's thinking, kept beside content
             if isinstance(delta.get(name), str):
                 message[name] = (message.get(name) or "") + delta[name]
         for call in delta.get("tool_calls") or ():
