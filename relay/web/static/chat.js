@@ -1,7 +1,7 @@
 // The chat page. A prompt becomes a job (POST /v1/jobs); its reply is followed through the
 // job's event stream and drawn as it grows. Follow-ups name the last reply's messageId as
 // parentMessageId, and the conversation is kept in localStorage across reloads.
-import { renderMarkdown } from "./markdown.js";
+import { renderMarkdown, renderThoughts } from "./markdown.js";
 import { followJob, samePath } from "./stream.js";
 
 const STORAGE_KEY = "chat-relay:conversation";
@@ -33,7 +33,7 @@ const KEY_HELP = ui.keyHelp.textContent;
 // Keys starting with "_" are for this page view only and are not saved.
 let chat = load(); // {messages, parentMessageId}
 let current = null; // the reply being written, with its stream: {reply, stream}
-const views = new WeakMap(); // message -> {el, body, meta, thinking, thoughts}
+const views = new WeakMap(); // message -> {el, body, meta, thinking}
 
 const NOTES = {
   waiting: "Waiting for the relay…",
@@ -77,23 +77,18 @@ function view(message) {
   const meta = reply ? element("footer", "meta") : null;
   // A reasoning model's thinking, folded away once its answer starts: plain text, never HTML.
   const thinking = reply ? element("details", "thinking") : null;
-  const thoughts = reply ? element("div", "reasoning") : null;
-  thinking?.append(element("summary"), thoughts);
+  thinking?.append(element("summary"), element("div", "reasoning"));
   el.append(...[thinking, body, meta].filter(Boolean));
-  views.set(message, { el, body, meta, thinking, thoughts });
+  views.set(message, { el, body, meta, thinking });
   update(message);
   return el;
 }
 
 /** Show a reply's reasoning, if it has any: "Thinking…" until its answer starts. */
 function drawThoughts(message) {
-  const { thinking, thoughts } = views.get(message) ?? {};
-  if (!thinking) return;
-  thinking.hidden = !message.reasoning;
-  if (!message.reasoning) return;
-  thoughts.textContent = message.reasoning;
+  const thinking = views.get(message)?.thinking;
   const busy = ["waiting", "streaming"].includes(message.status) && !message.text;
-  thinking.firstChild.textContent = busy ? "Thinking…" : "Thought";
+  if (thinking) renderThoughts(thinking, message.reasoning, busy);
 }
 
 /** Redraw a message completely: text, status and footer. */

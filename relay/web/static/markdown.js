@@ -20,6 +20,16 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
+/** Show a reasoning model's thinking in `details` (a <details> holding a <summary> and a
+ * `.reasoning` block) as plain text, never HTML: labelled "Thinking…" while `busy` (no answer
+ * yet), "Thought" after; hidden when there is none. */
+export function renderThoughts(details, reasoning, busy) {
+  details.hidden = !reasoning;
+  if (!reasoning) return;
+  details.querySelector(".reasoning").textContent = reasoning;
+  details.querySelector("summary").textContent = busy ? "Thinking…" : "Thought";
+}
+
 /** Show `text` (Markdown) in `element`, replacing what was there. */
 export function renderMarkdown(element, text) {
   // RETURN_TRUSTED_TYPE: the page's CSP lets only DOMPurify's policy write HTML.

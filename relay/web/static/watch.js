@@ -2,13 +2,12 @@
 // the start, so a late visitor sees the whole text, and across a dropped connection relies on
 // the browser's EventSource reconnect: the relay resumes right after Last-Event-ID, so the text
 // is only ever appended to, never reset.
-import { renderMarkdown } from "./markdown.js";
+import { renderMarkdown, renderThoughts } from "./markdown.js";
 import { followJob } from "./stream.js";
 
 const jobId = document.body.dataset.jobId;
 const reply = document.getElementById("reply");
 const thinking = document.getElementById("thinking"); // a reasoning model's thinking
-const thoughts = thinking.querySelector(".reasoning");
 const badge = document.getElementById("status");
 const problem = document.getElementById("problem");
 const article = reply.closest(".msg");
@@ -29,10 +28,7 @@ function draw() {
   cancelAnimationFrame(frame);
   frame = 0;
   renderMarkdown(reply, text);
-  thinking.hidden = !reasoning;
-  thoughts.textContent = reasoning; // plain text, never HTML
-  const busy = article.classList.contains("streaming") && !text;
-  thinking.firstElementChild.textContent = busy ? "Thinking…" : "Thought";
+  renderThoughts(thinking, reasoning, article.classList.contains("streaming") && !text);
 }
 
 // The share link's read token (?token=...) is what grants watching: the job id alone does not.
